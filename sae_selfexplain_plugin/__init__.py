@@ -1,0 +1,46 @@
+"""sae-selfexplain: make a language model explain its own SAE features.
+
+The core engine (this package, no sae_lens or nnsight imports):
+
+    from sae_selfexplain_plugin import SelfExplainer, SelfExplainConfig
+    explainer = SelfExplainer(backend, SelfExplainConfig(layer=2))
+    records = explainer.explain(decoder_rows, feature_ids)
+
+Backends and loaders for transformers, SAELens, nnsight live in `sae_selfexplain_plugin.adapters`.
+"""
+
+from __future__ import annotations
+
+from .backend import Backend, GenerationRequest, GenerationResult, Injection, StepModel
+from .config import DEFAULT_LAYER, DEFAULT_SCALES, SelfExplainConfig
+from .engine import SelfExplainer
+from .errors import InputError, ModelCacheError, SelfExplainError, TemplateError
+from .results import Explanation, FeatureExplanations
+from .templates import PromptTemplate, RenderedPrompt, get_template, register_template, render, template_names
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_LAYER",
+    "DEFAULT_SCALES",
+    "Backend",
+    "Explanation",
+    "FeatureExplanations",
+    "GenerationRequest",
+    "GenerationResult",
+    "InputError",
+    "Injection",
+    "ModelCacheError",
+    "PromptTemplate",
+    "RenderedPrompt",
+    "SelfExplainConfig",
+    "SelfExplainError",
+    "SelfExplainer",
+    "StepModel",
+    "TemplateError",
+    "__version__",
+    "get_template",
+    "register_template",
+    "render",
+    "template_names",
+]

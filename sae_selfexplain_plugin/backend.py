@@ -1,0 +1,120 @@
+"""The one interface the engine uses to run a model.
+
+A backend (transformers, TransformerLens, nnsight, ...) turns a GenerationRequest into texts. Backends
+that can run one forward step at a time with a KV cache get the batching, stopping and row-dropping
+logic for free from `decoding.decode` by implementing `StepModel`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol, runtime_checkable
+
+import torch
+
+StopReason = Literal["stop_string", "eos", "length"]
+
+
+@dataclass
+class Injection:
+    """Write `vectors[b]` into the residual stream entering block `layer`, at `positions[b]` of row b.
+
+    Applies on the prompt pass only; the KV cache carries the patched positions forward.
+    """
+
+    layer: int
+    positions: torch.Tensor  # bool [B, T]
+    vectors: torch.Tensor  # [B, d_model]
+    mode: Literal["replace", "add"] = "replace"
+
+    def apply(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Patched copy of a [B, T, d] residual (the original is left untouched)."""
+        mask = self.positions.to(hidden.device)[..., None]
+        vec = self.vectors.to(device=hidden.device, dtype=hidden.dtype)[:, None, :]
+        if self.mode == "replace":
+            return torch.where(mask, vec, hidden)
+        return hidden + mask * vec
+
+
+@dataclass
+class GenerationRequest:
+    """A batch of left-padded prompts, each with its own injected vector."""
+
+    input_ids: torch.Tensor  # long [B, T], left-padded
+    attention_mask: torch.Tensor  # long [B, T], 0 on padding
+    injection: Injection
+    max_new_tokens: int
+    stop_strings: tuple[str, ...] = ()
+    temperature: float = 0.0  # 0 = greedy
+    seed: int = 0
+
+
+@dataclass
+class GenerationResult:
+    """Per row: generated token ids (up to the stop), the text cut before the stop, and why it stopped."""
+
+    tokens: list[list[int]]
+    texts: list[str]
+    stop_reasons: list[StopReason]
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """What the engine needs from a model."""
+
+    @property
+    def tokenizer(self) -> Any:
+        """A Hugging Face fast tokenizer (offsets, chat template, decode)."""
+
+    @property
+    def n_layers(self) -> int: ...
+
+    @property
+    def d_model(self) -> int: ...
+
+    @property
+    def device(self) -> torch.device: ...
+
+    @property
+    def model_id(self) -> str:
+        """A name for the model, recorded with every result."""
+
+    def residual(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, layer: int) -> torch.Tensor:
+        """The residual stream entering block `layer`, [B, T, d_model], with no injection."""
+
+    def generate(self, request: GenerationRequest) -> GenerationResult:
+        """Generate a continuation for every row, injecting on the prompt pass."""
+
+
+class StepModel(Protocol):
+    """A model that can prefill with injection and then decode one token at a time with a KV cache."""
+
+    def prefill(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, injection: Injection
+    ) -> tuple[torch.Tensor, Any]:
+        """Run the prompt with the injection; return last-position logits [B, V] and the cache."""
+
+    def step(
+        self, token_ids: torch.Tensor, attention_mask: torch.Tensor, cache: Any
+    ) -> tuple[torch.Tensor, Any]:
+        """Feed one new token per row ([B]); `attention_mask` covers prompt + generated so far."""
+
+    def select_rows(self, cache: Any, rows: torch.Tensor) -> Any:
+        """Keep only `rows` of the cache (finished rows leave the batch)."""
+
+
+def left_pad(sequences: list[list[int]] | list[tuple[int, ...]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token sequences into (input_ids, attention_mask)."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, seq in enumerate(sequences):
+        if seq:
+            ids[i, width - len(seq) :] = torch.tensor(list(seq), dtype=torch.long)
+            mask[i, width - len(seq) :] = 1
+    return ids, mask
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that ignore left padding: the first real token of every row is position 0."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)

@@ -1,0 +1,70 @@
+"""Batched KV-cached decoding shared by every StepModel backend.
+
+Greedy (argmax) or temperature sampling; each row stops at its first stop string or EOS and then leaves
+the batch, so a long-running row never makes finished rows pay for more forward passes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .backend import GenerationRequest, GenerationResult, StepModel, StopReason
+
+
+def cut_at_stop(text: str, stop_strings: tuple[str, ...]) -> tuple[str, bool]:
+    """Text before the earliest stop string, and whether one occurred."""
+    cut = min((i for i in (text.find(s) for s in stop_strings if s) if i >= 0), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+def _next_tokens(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def decode(
+    model: StepModel, request: GenerationRequest, tokenizer: Any, eos_token_ids: set[int]
+) -> GenerationResult:
+    """Run prefill with injection, then decode every row until it stops."""
+    batch = request.input_ids.shape[0]
+    generator = None
+    if request.temperature > 0:
+        generator = torch.Generator(device=request.input_ids.device).manual_seed(request.seed)
+
+    tokens: list[list[int]] = [[] for _ in range(batch)]
+    texts = [""] * batch
+    reasons: list[StopReason] = ["length"] * batch
+    active = list(range(batch))  # original row index of each row still in the batch
+    mask = request.attention_mask
+
+    logits, cache = model.prefill(request.input_ids, mask, request.injection)
+    for step in range(request.max_new_tokens):
+        new = _next_tokens(logits, request.temperature, generator)
+        keep: list[int] = []
+        for local, row in enumerate(active):
+            tok = int(new[local])
+            if tok in eos_token_ids:
+                reasons[row] = "eos"
+                continue
+            tokens[row].append(tok)
+            text, hit = cut_at_stop(tokenizer.decode(tokens[row], skip_special_tokens=True), request.stop_strings)
+            texts[row] = text
+            if hit:
+                reasons[row] = "stop_string"
+                continue
+            keep.append(local)
+        if not keep or step == request.max_new_tokens - 1:
+            break
+        if len(keep) < len(active):
+            rows = torch.tensor(keep, device=new.device)
+            cache = model.select_rows(cache, rows)
+            mask, new = mask[rows], new[rows]
+            active = [active[i] for i in keep]
+        mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
+        logits, cache = model.step(new, mask, cache)
+    return GenerationResult(tokens=tokens, texts=texts, stop_reasons=reasons)

@@ -1,0 +1,89 @@
+"""Typed results with a JSON round trip."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import InputError
+
+
+@dataclass
+class Explanation:
+    """One generated explanation of one feature at one scale."""
+
+    feature_id: int
+    text: str
+    scale: float
+    layer: int
+    template: str
+    scale_mode: str = "relative"
+    sample: int = 0
+    stop_reason: str = "stop_string"
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Explanation:
+        return cls(**_known_fields(cls, d))
+
+
+@dataclass
+class FeatureExplanations:
+    """Every explanation tried for one feature, and which one was chosen."""
+
+    feature_id: int
+    candidates: list[Explanation]
+    chosen_index: int | None = None
+    policy: str = "fixed"
+    model_id: str = ""
+    settings_hash: str = ""
+
+    @property
+    def chosen(self) -> Explanation | None:
+        """The chosen explanation (None when the policy declined to choose)."""
+        return None if self.chosen_index is None else self.candidates[self.chosen_index]
+
+    def at_scale(self, scale: float) -> list[Explanation]:
+        """The candidates generated at `scale` (several when sampling)."""
+        return [c for c in self.candidates if c.scale == scale]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["candidates"] = [c.to_dict() for c in self.candidates]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> FeatureExplanations:
+        d = _known_fields(cls, d)
+        d["candidates"] = [Explanation.from_dict(c) for c in d.get("candidates", [])]
+        return cls(**d)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), ensure_ascii=False)
+
+    @classmethod
+    def from_json(cls, s: str) -> FeatureExplanations:
+        try:
+            data = json.loads(s)
+        except json.JSONDecodeError as e:
+            raise InputError(f"not a FeatureExplanations JSON record ({e}); check the file is JSONL.") from e
+        if not isinstance(data, dict):
+            raise InputError("a FeatureExplanations record must be a JSON object.")
+        return cls.from_dict(data)
+
+
+def _known_fields(cls: type, d: dict[str, Any]) -> dict[str, Any]:
+    names = {f.name for f in dataclasses.fields(cls)}
+    missing = [f.name for f in dataclasses.fields(cls) if f.name not in d and _required(f)]
+    if missing:
+        raise InputError(f"{cls.__name__} record lacks required keys {missing}.")
+    return {k: v for k, v in d.items() if k in names}
+
+
+def _required(f: dataclasses.Field[Any]) -> bool:
+    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING

@@ -1,0 +1,147 @@
+"""Ground-truth benchmark: inject a residual vector that stands for a known word; is the word named?
+
+Two cases:
+- same-layer: the word's residual at the injection layer, the word alone after BOS (a sanity check);
+- cross-layer, in context: the residual at the word's position inside a sentence, read at a later
+  layer (where SAEs usually sit) and injected at the engine's layer. This is the realistic case.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from importlib.resources import files
+from typing import Any
+
+import torch
+
+from .backend import Backend, left_pad
+from .config import SelfExplainConfig
+from .engine import SelfExplainer
+from .errors import InputError
+
+CARRIER = "We talked about{word} and other things."
+"""Sentence the cross-layer case reads each word from; `{word}` takes the word with its leading space."""
+
+
+def load_words() -> list[str]:
+    """The shipped list of common English words."""
+    text = files("sae_selfexplain_plugin").joinpath("data/words.txt").read_text(encoding="utf-8")
+    return [w.strip() for w in text.splitlines() if w.strip() and not w.startswith("#")]
+
+
+def single_token_words(tokenizer: Any, words: Sequence[str]) -> list[str]:
+    """The words whose space-prefixed form (" cat") is one token for this tokenizer."""
+    return [w for w in words if len(tokenizer(" " + w, add_special_tokens=False)["input_ids"]) == 1]
+
+
+def recovered(text: str, word: str) -> bool:
+    """Whether `text` names `word` as a whole word (case-insensitive)."""
+    return re.search(rf"(?<![A-Za-z]){re.escape(word)}(?![A-Za-z])", text, flags=re.IGNORECASE) is not None
+
+
+def word_vectors(backend: Backend, words: Sequence[str], layer: int, in_context: bool) -> torch.Tensor:
+    """One residual vector per word, read at the input of block `layer`: [n_words, d_model]."""
+    tok = backend.tokenizer
+    seqs: list[list[int]] = []
+    where: list[int] = []  # index of the word's token within its own (unpadded) sequence
+    for w in words:
+        if in_context:
+            text = CARRIER.format(word=" " + w)
+            start = text.index(" " + w)
+            enc = tok(text, return_offsets_mapping=True)
+            hits = [i for i, (s, e) in enumerate(enc["offset_mapping"]) if e > s and s < start + len(w) + 1 and e > start]
+            if len(hits) != 1:
+                raise InputError(f"word {w!r} is not a single token in the carrier sentence; filter the word list.")
+            seqs.append(list(enc["input_ids"]))
+            where.append(hits[0])
+        else:
+            bos = getattr(tok, "bos_token_id", None)
+            ids = tok(" " + w, add_special_tokens=False)["input_ids"]
+            seqs.append(([bos] if bos is not None else []) + list(ids))
+            where.append(len(seqs[-1]) - 1)
+    pad = getattr(tok, "pad_token_id", None) or 0
+    out = []
+    for start in range(0, len(seqs), 64):
+        batch = seqs[start : start + 64]
+        ids, mask = left_pad(batch, pad)
+        resid = backend.residual(ids, mask, layer)
+        width = ids.shape[1]
+        for row, (seq, pos) in enumerate(zip(batch, where[start : start + 64])):
+            out.append(resid[row, width - len(seq) + pos].float().cpu())
+    return torch.stack(out)
+
+
+@dataclass
+class RecoveryRow:
+    """Recovery rate per scale for one (template, source) pair."""
+
+    model_id: str
+    template: str
+    source: str  # "same-layer" or "block N"
+    source_layer: int
+    inject_layer: int
+    n_words: int
+    rate_by_scale: dict[float, float]
+    default_scale: float
+    examples: dict[str, str] = field(default_factory=dict)  # word -> explanation at the default scale
+
+    @property
+    def best_scale(self) -> float:
+        return max(self.rate_by_scale, key=lambda s: self.rate_by_scale[s])
+
+    @property
+    def best_rate(self) -> float:
+        return self.rate_by_scale[self.best_scale]
+
+    @property
+    def default_rate(self) -> float:
+        return self.rate_by_scale[self.default_scale]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["rate_by_scale"] = {str(k): v for k, v in self.rate_by_scale.items()}
+        return d
+
+
+def default_source_layers(n_layers: int) -> list[int]:
+    """Blocks at 1/3 and 1/2 depth: 6 and 9 on an 18-layer model, 10 and 15 on a 30-layer one."""
+    return sorted({round(n_layers / 3), round(n_layers / 2)})
+
+
+def run_word_recovery(
+    backend: Backend,
+    *,
+    templates: Sequence[str],
+    config: SelfExplainConfig,
+    source_layers: Sequence[int] | None = None,
+    words: Sequence[str] | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> list[RecoveryRow]:
+    """Recovery per template, source (same-layer and each cross-layer source) and scale."""
+    tok = backend.tokenizer
+    words = single_token_words(tok, load_words() if words is None else words)
+    if not words:
+        raise InputError("no word of the list is a single token for this tokenizer.")
+    sources = [("same-layer", config.layer, False)] + [
+        (f"block {layer}", layer, True)
+        for layer in (default_source_layers(backend.n_layers) if source_layers is None else source_layers)
+    ]
+    default_scale = min(config.scales, key=lambda s: abs(s - config.chosen_scale))
+    vectors = {name: word_vectors(backend, words, layer, ctx) for name, layer, ctx in sources}
+    rows = []
+    for template in templates:
+        explainer = SelfExplainer(backend, config.replace(template=template))
+        for name, layer, _ in sources:
+            records = explainer.explain(vectors[name], progress=progress)
+            rate = {
+                s: sum(recovered(c.text, w) for r, w in zip(records, words) for c in r.at_scale(s))
+                / (len(words) * config.n_samples)
+                for s in config.scales
+            }
+            examples = {w: r.at_scale(default_scale)[0].text for r, w in zip(records, words)}
+            rows.append(
+                RecoveryRow(backend.model_id, template, name, layer, config.layer, len(words), rate, default_scale, examples)
+            )
+    return rows
