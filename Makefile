@@ -26,7 +26,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check sae_selfexplain_plugin adapters tests
 
 typecheck: $(STAMP)
-	$(BIN)/mypy sae_selfexplain_plugin
+	$(BIN)/mypy sae_selfexplain_plugin adapters
 
 pytest: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -11,7 +11,15 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TaskID,
+    TextColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 from sae_selfexplain_plugin import SelfExplainConfig, SelfExplainer, SelfExplainError
@@ -68,7 +76,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     source = default_source_layers(backend.n_layers)[0]
     config = SelfExplainConfig(scales=_scales(args.scales), max_new_tokens=args.max_new_tokens)
     console.print(
-        f"Explaining {len(words)} word directions read at block {source} (in context, like an SAE feature there), "
+        f"Explaining {len(words)} word directions read at block {source} "
+        "(in context, like an SAE feature there), "
         f"injected at block {config.layer}, with templates {', '.join(templates)}."
     )
     directions = word_vectors(backend, words, source, in_context=True)
@@ -77,7 +86,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
         for template in templates:
             explainer = SelfExplainer(backend, config.replace(template=template))
             task = progress.add_task(f"generating ({template})", total=len(words) * len(config.scales))
-            results[template] = explainer.explain(directions, progress=lambda n, t=task: progress.advance(t, n))
+
+            def advance(n: int, task: TaskID = task) -> None:
+                progress.advance(task, n)
+
+            results[template] = explainer.explain(directions, progress=advance)
     view = Console(width=max(Console().width, 150))
     for i, word in enumerate(words):
         table = Table(title=f"direction of {word!r} (block {source})", show_lines=False)
@@ -92,7 +105,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     view.print(f"* = the default choice (fixed relative scale {config.chosen_scale:g}).")
     if args.json:
         payload = {t: [r.to_dict() for r in recs] for t, recs in results.items()}
-        Path(args.json).write_text(json.dumps({"words": words, "source_layer": source, "results": payload}, indent=1))
+        Path(args.json).write_text(
+            json.dumps({"words": words, "source_layer": source, "results": payload}, indent=1)
+        )
         view.print(f"wrote {args.json}")
     return 0
 
@@ -100,16 +115,24 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_word_recovery(args: argparse.Namespace) -> int:
     backend = _load(args.model)
     chat = EMBEDDED_MODELS[args.model].chat
-    templates = args.templates.split(",") if args.templates else (["chat-meaning", "chat-repeat"] if chat else ["identity", "definition"])
+    templates = (
+        args.templates.split(",")
+        if args.templates
+        else (["chat-meaning", "chat-repeat"] if chat else ["identity", "definition"])
+    )
     sources = [int(s) for s in args.sources.split(",")] if args.sources else None
-    config = SelfExplainConfig(layer=args.layer, scales=_scales(args.scales), max_new_tokens=args.max_new_tokens)
+    config = SelfExplainConfig(
+        layer=args.layer, scales=_scales(args.scales), max_new_tokens=args.max_new_tokens
+    )
     from sae_selfexplain_plugin.word_recovery import load_words, single_token_words
 
     words = single_token_words(backend.tokenizer, load_words())[: args.limit or None]
     n_sources = 1 + len(sources if sources is not None else default_source_layers(backend.n_layers))
     start = time.perf_counter()
     with _progress() as progress:
-        task = progress.add_task("word recovery", total=len(words) * len(config.scales) * n_sources * len(templates))
+        task = progress.add_task(
+            "word recovery", total=len(words) * len(config.scales) * n_sources * len(templates)
+        )
         rows = run_word_recovery(
             backend,
             templates=templates,
@@ -120,7 +143,9 @@ def cmd_word_recovery(args: argparse.Namespace) -> int:
         )
     elapsed = time.perf_counter() - start
     view = Console(width=max(Console().width, 150))
-    table = Table(title=f"word recovery: {backend.model_id}, {len(words)} words, injected at block {config.layer}")
+    table = Table(
+        title=f"word recovery: {backend.model_id}, {len(words)} words, injected at block {config.layer}"
+    )
     table.add_column("template")
     table.add_column("source")
     for s in config.scales:
@@ -129,11 +154,19 @@ def cmd_word_recovery(args: argparse.Namespace) -> int:
     table.add_column(f"default ({rows[0].default_scale:g})", justify="right")
     for row in rows:
         rates = [f"{row.rate_by_scale[s]:.0%}" for s in config.scales]
-        table.add_row(row.template, row.source, *rates, f"{row.best_rate:.0%} @{row.best_scale:g}", f"{row.default_rate:.0%}")
+        table.add_row(
+            row.template,
+            row.source,
+            *rates,
+            f"{row.best_rate:.0%} @{row.best_scale:g}",
+            f"{row.default_rate:.0%}",
+        )
     view.print(table)
     view.print(f"{elapsed:.0f}s")
     if args.json:
-        Path(args.json).write_text(json.dumps({"elapsed_s": elapsed, "rows": [r.to_dict() for r in rows]}, indent=1))
+        Path(args.json).write_text(
+            json.dumps({"elapsed_s": elapsed, "rows": [r.to_dict() for r in rows]}, indent=1)
+        )
         view.print(f"wrote {args.json}")
     return 0
 
@@ -154,8 +187,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     wr = bench.add_parser("word-recovery", help="does the explanation name an injected word's residual?")
     wr.add_argument("--model", default=DEFAULT_MODEL, choices=models)
-    wr.add_argument("--templates", help="comma-separated template names (default: the model's two best kinds)")
-    wr.add_argument("--sources", help="comma-separated source blocks for the cross-layer case (default: 1/3 and 1/2 depth)")
+    wr.add_argument(
+        "--templates", help="comma-separated template names (default: the model's two best kinds)"
+    )
+    wr.add_argument(
+        "--sources",
+        help="comma-separated source blocks for the cross-layer case (default: 1/3 and 1/2 depth)",
+    )
     wr.add_argument("--layer", type=int, default=SelfExplainConfig().layer, help="injection block")
     wr.add_argument("--scales", help="comma-separated relative scales")
     wr.add_argument("--max-new-tokens", type=int, default=8)

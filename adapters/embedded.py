@@ -61,9 +61,11 @@ class EmbeddedModel:
 
         gguf = self.locate_gguf(workdir)
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+        )
         # Saved weights are plain fp32: the GGUF quantizer must not be re-applied on load.
-        model.hf_quantizer = None
+        model.hf_quantizer = None  # type: ignore[assignment]
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         model.config.architectures = [type(model).__name__]
@@ -120,7 +122,9 @@ def get_embedded(name: str) -> EmbeddedModel:
     try:
         return EMBEDDED_MODELS[name]
     except KeyError:
-        raise InputError(f"unknown embedded model {name!r}; choose one of {sorted(EMBEDDED_MODELS)}.") from None
+        raise InputError(
+            f"unknown embedded model {name!r}; choose one of {sorted(EMBEDDED_MODELS)}."
+        ) from None
 
 
 def _manifest_ok(folder: Path, spec: EmbeddedModel) -> bool:
@@ -146,7 +150,9 @@ def ensure_cached(spec: EmbeddedModel | str, root: Path | None = None, *, rebuil
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise ModelCacheError(f"cannot create the model cache at {final.parent} ({e}); set {CACHE_ENV}.") from e
+        raise ModelCacheError(
+            f"cannot create the model cache at {final.parent} ({e}); set {CACHE_ENV}."
+        ) from e
     with FileLock(str(final.parent / f"{spec.cache_key}.lock"), timeout=3600):
         if not rebuild and _manifest_ok(final, spec):  # another process built it while we waited
             return final
@@ -156,7 +162,12 @@ def ensure_cached(spec: EmbeddedModel | str, root: Path | None = None, *, rebuil
             out = tmp / "model"
             spec.convert(tmp, out)
             files = {p.name: p.stat().st_size for p in out.iterdir() if p.is_file()}
-            manifest = {"format": _CACHE_FORMAT, "cache_key": spec.cache_key, "hf_id": spec.hf_id, "files": files}
+            manifest = {
+                "format": _CACHE_FORMAT,
+                "cache_key": spec.cache_key,
+                "hf_id": spec.hf_id,
+                "files": files,
+            }
             (out / _MANIFEST).write_text(json.dumps(manifest, indent=1))
             if final.exists():
                 shutil.rmtree(final)
@@ -186,6 +197,7 @@ def load_embedded(
     spec = get_embedded(name)
     auto_device, auto_dtype = default_device_dtype()
     folder = ensure_cached(spec, root)
+    model: Any = None
     for attempt in range(2):
         try:
             model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype or auto_dtype)
@@ -196,7 +208,7 @@ def load_embedded(
                 raise ModelCacheError(f"the cached model at {folder} cannot be loaded ({e}).") from e
             folder = ensure_cached(spec, root, rebuild=True)
     model.config._name_or_path = spec.hf_id
-    return model.to(device or auto_device).eval(), tokenizer
+    return model.to(torch.device(device or auto_device)).eval(), tokenizer
 
 
 def load_backend(name: str = DEFAULT_MODEL, **kwargs: Any) -> TransformersBackend:

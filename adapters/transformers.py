@@ -14,7 +14,13 @@ from sae_selfexplain_plugin.decoding import decode
 from sae_selfexplain_plugin.errors import InputError
 
 # Where decoder blocks live, by architecture family (first match wins).
-_LAYER_PATHS = ("model.layers", "model.language_model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers")
+_LAYER_PATHS = (
+    "model.layers",
+    "model.language_model.layers",
+    "transformer.h",
+    "gpt_neox.layers",
+    "model.decoder.layers",
+)
 
 
 class _Captured(Exception):
@@ -38,7 +44,8 @@ def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 
 def _hidden_arg(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
-    return args[0] if args else kwargs["hidden_states"]
+    hidden: torch.Tensor = args[0] if args else kwargs["hidden_states"]
+    return hidden
 
 
 def _with_hidden(
@@ -144,7 +151,9 @@ class TransformersBackend:
             )
         return out.logits[:, -1], _cache_of(out)
 
-    def step(self, token_ids: torch.Tensor, attention_mask: torch.Tensor, cache: Any) -> tuple[torch.Tensor, Any]:
+    def step(
+        self, token_ids: torch.Tensor, attention_mask: torch.Tensor, cache: Any
+    ) -> tuple[torch.Tensor, Any]:
         out = self.model(
             input_ids=token_ids[:, None],
             attention_mask=attention_mask,
@@ -164,7 +173,10 @@ class TransformersBackend:
 
 def _eos_ids(model: nn.Module, tokenizer: Any) -> set[int]:
     ids: set[int] = set()
-    for value in (getattr(tokenizer, "eos_token_id", None), getattr(getattr(model, "generation_config", None), "eos_token_id", None)):
+    for value in (
+        getattr(tokenizer, "eos_token_id", None),
+        getattr(getattr(model, "generation_config", None), "eos_token_id", None),
+    ):
         if isinstance(value, int):
             ids.add(value)
         elif isinstance(value, (list, tuple)):

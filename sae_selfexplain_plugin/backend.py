@@ -103,7 +103,9 @@ class StepModel(Protocol):
         """Keep only `rows` of the cache (finished rows leave the batch)."""
 
 
-def left_pad(sequences: list[list[int]] | list[tuple[int, ...]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(
+    sequences: list[list[int]] | list[tuple[int, ...]], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-pad token sequences into (input_ids, attention_mask)."""
     width = max(len(s) for s in sequences)
     ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)

@@ -15,7 +15,8 @@ ScaleMode = Literal["relative", "absolute"]
 InjectionMode = Literal["replace", "add"]
 
 # Relative scales: multiples of the typical residual norm at the injection layer (see engine.reference_norm).
-# The grid brackets the useful range measured on Gemma 3 270M by the word-recovery benchmark (docs/benchmarks.md).
+# The grid brackets the useful range measured on Gemma 3 270M by the word-recovery benchmark
+# (docs/benchmarks.md).
 DEFAULT_SCALES: tuple[float, ...] = (0.5, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0)
 DEFAULT_LAYER = 2  # input of block 2, as the original work did on an 18-layer Gemma
 DEFAULT_SCALE = 4.0  # the `fixed` policy's choice when no metric-based policy is asked for

@@ -52,7 +52,9 @@ def decode(
                 reasons[row] = "eos"
                 continue
             tokens[row].append(tok)
-            text, hit = cut_at_stop(tokenizer.decode(tokens[row], skip_special_tokens=True), request.stop_strings)
+            text, hit = cut_at_stop(
+                tokenizer.decode(tokens[row], skip_special_tokens=True), request.stop_strings
+            )
             texts[row] = text
             if hit:
                 reasons[row] = "stop_string"

@@ -51,9 +51,15 @@ def word_vectors(backend: Backend, words: Sequence[str], layer: int, in_context:
             text = CARRIER.format(word=" " + w)
             start = text.index(" " + w)
             enc = tok(text, return_offsets_mapping=True)
-            hits = [i for i, (s, e) in enumerate(enc["offset_mapping"]) if e > s and s < start + len(w) + 1 and e > start]
+            hits = [
+                i
+                for i, (s, e) in enumerate(enc["offset_mapping"])
+                if e > s and s < start + len(w) + 1 and e > start
+            ]
             if len(hits) != 1:
-                raise InputError(f"word {w!r} is not a single token in the carrier sentence; filter the word list.")
+                raise InputError(
+                    f"word {w!r} is not a single token in the carrier sentence; filter the word list."
+                )
             seqs.append(list(enc["input_ids"]))
             where.append(hits[0])
         else:
@@ -142,6 +148,16 @@ def run_word_recovery(
             }
             examples = {w: r.at_scale(default_scale)[0].text for r, w in zip(records, words)}
             rows.append(
-                RecoveryRow(backend.model_id, template, name, layer, config.layer, len(words), rate, default_scale, examples)
+                RecoveryRow(
+                    backend.model_id,
+                    template,
+                    name,
+                    layer,
+                    config.layer,
+                    len(words),
+                    rate,
+                    default_scale,
+                    examples,
+                )
             )
     return rows

@@ -1,0 +1,135 @@
+"""Tiny random models and an offline tokenizer, built from configs (no hub), and the real embedded model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from sae_selfexplain_plugin.adapters.transformers import TransformersBackend
+from tokenizers import Tokenizer, decoders, models, processors
+from tokenizers.pre_tokenizers import ByteLevel
+from transformers import (
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    GPT2Config,
+    GPT2LMHeadModel,
+    PreTrainedTokenizerFast,
+)
+
+from sae_selfexplain_plugin import PromptTemplate, register_template
+
+# Random models emit a quote or newline early; for mechanics tests, a template that stops only at length.
+OPEN_TEMPLATE = register_template(
+    PromptTemplate(name="test-open", description="tests only", text="The meaning of X", stop_strings=()),
+    overwrite=True,
+)
+
+SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
+# Words that become single tokens (" cat" etc.), and "Xy" so that a placeholder "X" can merge with text.
+MERGED_WORDS = ["Ġcat", "Ġdog", "Ġsun", "Ġtree", "Ġblue", "Xy"]
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<start_of_turn>{{ m['role'] }}\n{{ m['content'] }}<end_of_turn>\n"
+    "{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+
+
+def build_tokenizer(chat: bool = False) -> PreTrainedTokenizerFast:
+    """Byte-level BPE: every byte is a token, plus a few merged words. Offsets work; no download."""
+    vocab = {tok: i for i, tok in enumerate(SPECIALS)}
+    for ch in sorted(ByteLevel.alphabet()):
+        vocab[ch] = len(vocab)
+    merges = []
+    for word in MERGED_WORDS:
+        for end in range(2, len(word) + 1):
+            left, right = word[: end - 1], word[end - 1]
+            if word[:end] not in vocab:
+                merges.append((left, right))
+                vocab[word[:end]] = len(vocab)
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tk.pre_tokenizer = ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.add_special_tokens(SPECIALS)  # atomic: never split into bytes
+    tk.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=tk, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
+    )
+    if chat:
+        tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def tiny_gemma(vocab_size: int, seed: int = 0) -> Gemma3ForCausalLM:
+    torch.manual_seed(seed)
+    cfg = Gemma3TextConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
+        max_position_embeddings=512,
+        sliding_window=16,
+        layer_types=["sliding_attention", "full_attention"] * 2,
+        initializer_range=0.2,  # large weights: well-separated logits, so greedy argmax has no near-ties
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=2,
+    )
+    cfg.architectures = ["Gemma3ForCausalLM"]
+    return Gemma3ForCausalLM(cfg).eval()
+
+
+def tiny_gpt2(vocab_size: int, seed: int = 0) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    cfg = GPT2Config(
+        vocab_size=vocab_size, n_embd=64, n_layer=3, n_head=4, n_positions=256, initializer_range=0.2,
+        bos_token_id=2, eos_token_id=1, pad_token_id=0,
+    )  # fmt: skip
+    return GPT2LMHeadModel(cfg).eval()
+
+
+@pytest.fixture(scope="session")
+def tokenizer() -> PreTrainedTokenizerFast:
+    return build_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def chat_tokenizer() -> PreTrainedTokenizerFast:
+    return build_tokenizer(chat=True)
+
+
+@pytest.fixture(scope="session")
+def gemma_backend(tokenizer: PreTrainedTokenizerFast) -> TransformersBackend:
+    return TransformersBackend(tiny_gemma(len(tokenizer)), tokenizer, model_id="tiny-gemma3")
+
+
+@pytest.fixture(scope="session")
+def chat_backend(chat_tokenizer: PreTrainedTokenizerFast) -> TransformersBackend:
+    return TransformersBackend(tiny_gemma(len(chat_tokenizer)), chat_tokenizer, model_id="tiny-gemma3-chat")
+
+
+@pytest.fixture(scope="session")
+def gpt2_backend(tokenizer: PreTrainedTokenizerFast) -> TransformersBackend:
+    return TransformersBackend(tiny_gpt2(len(tokenizer)), tokenizer, model_id="tiny-gpt2")
+
+
+@pytest.fixture(params=["gemma", "gpt2"])
+def backend(request: pytest.FixtureRequest) -> TransformersBackend:
+    """Each tiny architecture in turn."""
+    return request.getfixturevalue(f"{request.param}_backend")
+
+
+@pytest.fixture(scope="session")
+def real_backend() -> TransformersBackend:
+    """The embedded Gemma 3 270M (built into the user cache on first use, ~1 min; then ~3 s)."""
+    from sae_selfexplain_plugin.adapters.embedded import load_backend
+
+    return load_backend("gemma-3-270m")
+
+
+@pytest.fixture
+def tmp_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("SAE_SELFEXPLAIN_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"

@@ -1,0 +1,100 @@
+from __future__ import annotations
+
+import multiprocessing
+from pathlib import Path
+
+import pytest
+import torch
+from cache_worker import build_in_child, fake_spec
+from sae_selfexplain_plugin.adapters import embedded
+from sae_selfexplain_plugin.adapters.embedded import (
+    EmbeddedModel,
+    cache_root,
+    default_device_dtype,
+    ensure_cached,
+    get_embedded,
+)
+from transformers import AutoModelForCausalLM
+
+from sae_selfexplain_plugin import InputError, ModelCacheError
+
+
+def builds(log: Path) -> int:
+    return log.read_text().count("build") if log.exists() else 0
+
+
+def test_two_processes_build_the_cache_once(tmp_path):
+    log, results = tmp_path / "log", tmp_path / "results"
+    ctx = multiprocessing.get_context("spawn")
+    procs = [
+        ctx.Process(target=build_in_child, args=(str(tmp_path), str(log), str(results))) for _ in range(2)
+    ]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    folders = set(results.read_text().split())
+    assert len(folders) == 1 and builds(log) == 1
+    folder = Path(folders.pop())
+    AutoModelForCausalLM.from_pretrained(folder)  # complete and loadable
+    assert not [p for p in folder.parent.iterdir() if p.name.startswith(".tmp-")]  # no leftovers
+
+
+def test_corrupt_or_partial_cache_is_rebuilt(tmp_path):
+    log = tmp_path / "log"
+    spec = fake_spec(log)
+    folder = ensure_cached(spec, tmp_path)
+    assert ensure_cached(spec, tmp_path) == folder and builds(log) == 1  # valid cache: reused
+
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # truncated
+    ensure_cached(spec, tmp_path)
+    assert builds(log) == 2
+    AutoModelForCausalLM.from_pretrained(folder)
+
+    (folder / "manifest.json").unlink()  # partial: the manifest is written last
+    ensure_cached(spec, tmp_path)
+    assert builds(log) == 3
+
+    (folder / "manifest.json").write_text("{not json")
+    ensure_cached(spec, tmp_path)
+    assert builds(log) == 4
+
+
+def test_failed_build_leaves_no_partial_cache(tmp_path):
+    class Broken(EmbeddedModel):
+        def convert(self, workdir, out):
+            out.mkdir()
+            (out / "half.bin").write_bytes(b"x")
+            raise RuntimeError("disk full")
+
+    spec = Broken("b", "b/b", "none", "", False, lambda d: d, "broken")
+    with pytest.raises(RuntimeError, match="disk full"):
+        ensure_cached(spec, tmp_path)
+    assert [p.name for p in (tmp_path / "models").iterdir()] == ["broken.lock"]
+
+
+def test_missing_package_names_the_install_command(tmp_path):
+    def locate(workdir: Path) -> Path:
+        return embedded._package_dir("not_a_pkg_zz", "pip install zz")
+
+    spec = EmbeddedModel("x", "x/x", "not-a-pkg", "pip install zz", False, locate, "x")
+    with pytest.raises(ModelCacheError, match="pip install zz"):
+        ensure_cached(spec, tmp_path)
+
+
+def test_cache_root_honours_the_environment(tmp_cache):
+    assert cache_root() == tmp_cache
+
+
+def test_unknown_embedded_model():
+    with pytest.raises(InputError, match="gemma-3-270m"):
+        get_embedded("llama-70b")
+
+
+def test_device_and_dtype_are_picked_automatically(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert default_device_dtype() == (torch.device("cpu"), torch.float32)  # bf16 is slower on CPU
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert default_device_dtype() == (torch.device("cuda"), torch.bfloat16)

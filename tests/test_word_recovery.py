@@ -1,0 +1,69 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sae_selfexplain_plugin import SelfExplainConfig
+from sae_selfexplain_plugin.word_recovery import (
+    CARRIER,
+    default_source_layers,
+    load_words,
+    recovered,
+    run_word_recovery,
+    single_token_words,
+    word_vectors,
+)
+
+
+def test_shipped_word_list():
+    words = load_words()
+    assert len(words) >= 200 and len(set(w.lower() for w in words)) == len(words)
+    assert all(w.isalpha() for w in words)
+
+
+def test_recovered_matches_whole_words_only():
+    assert recovered("Paris\n", "Paris")
+    assert recovered("the city of paris", "Paris")
+    assert not recovered("Parisian food", "Paris")
+    assert not recovered("1135", "cat")
+    assert recovered("cat.", "cat")
+
+
+def test_single_token_filter(tokenizer):
+    assert single_token_words(tokenizer, ["cat", "dog", "zebra", "sun"]) == ["cat", "dog", "sun"]
+
+
+def test_default_source_layers():
+    assert default_source_layers(18) == [6, 9]
+    assert default_source_layers(30) == [10, 15]
+
+
+@pytest.mark.parametrize("in_context", [False, True])
+def test_word_vectors_read_the_word_position_despite_padding(gemma_backend, in_context):
+    tok = gemma_backend.tokenizer
+    words = ["cat", "tree"]
+    batched = word_vectors(gemma_backend, words, 2, in_context)
+    for w, vec in zip(words, batched):
+        if in_context:
+            text = CARRIER.format(word=" " + w)
+            ids = tok(text)["input_ids"]
+            pos = ids.index(tok(" " + w, add_special_tokens=False)["input_ids"][0])
+        else:
+            ids = [tok.bos_token_id, *tok(" " + w, add_special_tokens=False)["input_ids"]]
+            pos = len(ids) - 1
+        x = torch.tensor([ids])
+        alone = gemma_backend.residual(x, torch.ones_like(x), 2)[0, pos]
+        assert torch.allclose(vec, alone, atol=1e-4)
+
+
+def test_run_reports_every_template_source_and_scale(gemma_backend):
+    cfg = SelfExplainConfig(scales=(1.0, 4.0), max_new_tokens=3)
+    rows = run_word_recovery(
+        gemma_backend, templates=["test-open"], config=cfg, source_layers=[3], words=["cat", "dog", "zebra"]
+    )
+    assert [(r.template, r.source) for r in rows] == [("test-open", "same-layer"), ("test-open", "block 3")]
+    for r in rows:
+        assert r.n_words == 2  # "zebra" is not a single token here
+        assert set(r.rate_by_scale) == {1.0, 4.0}
+        assert all(0 <= v <= 1 for v in r.rate_by_scale.values())
+        assert r.default_scale == 4.0 and set(r.examples) == {"cat", "dog"}
