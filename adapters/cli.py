@@ -46,16 +46,16 @@ def _progress() -> Progress:
 
 
 @contextmanager
-def _status(message: str) -> Iterator[None]:
+def _status(message: str, done: str) -> Iterator[None]:
     start = time.perf_counter()
     with console.status(message):
         yield
-    console.print(f"[dim]{message.rstrip('.')} done in {time.perf_counter() - start:.1f}s[/dim]")
+    console.print(f"[dim]{done} in {time.perf_counter() - start:.1f}s[/dim]")
 
 
 def _load(name: str) -> TransformersBackend:
     get_embedded(name)  # fail fast on an unknown name
-    with _status(f"Loading {name} (the first run converts its GGUF, about a minute)..."):
+    with _status(f"Loading {name} (the first run converts its GGUF, about a minute)...", f"loaded {name}"):
         return load_backend(name)
 
 
