@@ -105,9 +105,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     view.print(f"* = the default choice (fixed relative scale {config.chosen_scale:g}).")
     if args.json:
         payload = {t: [r.to_dict() for r in recs] for t, recs in results.items()}
-        Path(args.json).write_text(
-            json.dumps({"words": words, "source_layer": source, "results": payload}, indent=1)
-        )
+        Path(args.json).write_text(json.dumps({"words": words, "source_layer": source, "results": payload}, indent=1))
         view.print(f"wrote {args.json}")
     return 0
 
@@ -121,18 +119,14 @@ def cmd_word_recovery(args: argparse.Namespace) -> int:
         else (["chat-meaning", "chat-repeat"] if chat else ["identity", "definition"])
     )
     sources = [int(s) for s in args.sources.split(",")] if args.sources else None
-    config = SelfExplainConfig(
-        layer=args.layer, scales=_scales(args.scales), max_new_tokens=args.max_new_tokens
-    )
+    config = SelfExplainConfig(layer=args.layer, scales=_scales(args.scales), max_new_tokens=args.max_new_tokens)
     from sae_selfexplain_plugin.word_recovery import load_words, single_token_words
 
     words = single_token_words(backend.tokenizer, load_words())[: args.limit or None]
     n_sources = 1 + len(sources if sources is not None else default_source_layers(backend.n_layers))
     start = time.perf_counter()
     with _progress() as progress:
-        task = progress.add_task(
-            "word recovery", total=len(words) * len(config.scales) * n_sources * len(templates)
-        )
+        task = progress.add_task("word recovery", total=len(words) * len(config.scales) * n_sources * len(templates))
         rows = run_word_recovery(
             backend,
             templates=templates,
@@ -143,9 +137,7 @@ def cmd_word_recovery(args: argparse.Namespace) -> int:
         )
     elapsed = time.perf_counter() - start
     view = Console(width=max(Console().width, 150))
-    table = Table(
-        title=f"word recovery: {backend.model_id}, {len(words)} words, injected at block {config.layer}"
-    )
+    table = Table(title=f"word recovery: {backend.model_id}, {len(words)} words, injected at block {config.layer}")
     table.add_column("template")
     table.add_column("source")
     for s in config.scales:
@@ -164,9 +156,7 @@ def cmd_word_recovery(args: argparse.Namespace) -> int:
     view.print(table)
     view.print(f"{elapsed:.0f}s")
     if args.json:
-        Path(args.json).write_text(
-            json.dumps({"elapsed_s": elapsed, "rows": [r.to_dict() for r in rows]}, indent=1)
-        )
+        Path(args.json).write_text(json.dumps({"elapsed_s": elapsed, "rows": [r.to_dict() for r in rows]}, indent=1))
         view.print(f"wrote {args.json}")
     return 0
 
@@ -187,9 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     wr = bench.add_parser("word-recovery", help="does the explanation name an injected word's residual?")
     wr.add_argument("--model", default=DEFAULT_MODEL, choices=models)
-    wr.add_argument(
-        "--templates", help="comma-separated template names (default: the model's two best kinds)"
-    )
+    wr.add_argument("--templates", help="comma-separated template names (default: the model's two best kinds)")
     wr.add_argument(
         "--sources",
         help="comma-separated source blocks for the cross-layer case (default: 1/3 and 1/2 depth)",

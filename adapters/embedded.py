@@ -61,9 +61,7 @@ class EmbeddedModel:
 
         gguf = self.locate_gguf(workdir)
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(
-            str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
-        )
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
         # Saved weights are plain fp32: the GGUF quantizer must not be re-applied on load.
         model.hf_quantizer = None  # type: ignore[assignment]
         if hasattr(model.config, "quantization_config"):
@@ -122,9 +120,7 @@ def get_embedded(name: str) -> EmbeddedModel:
     try:
         return EMBEDDED_MODELS[name]
     except KeyError:
-        raise InputError(
-            f"unknown embedded model {name!r}; choose one of {sorted(EMBEDDED_MODELS)}."
-        ) from None
+        raise InputError(f"unknown embedded model {name!r}; choose one of {sorted(EMBEDDED_MODELS)}.") from None
 
 
 def _manifest_ok(folder: Path, spec: EmbeddedModel) -> bool:
@@ -150,9 +146,7 @@ def ensure_cached(spec: EmbeddedModel | str, root: Path | None = None, *, rebuil
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise ModelCacheError(
-            f"cannot create the model cache at {final.parent} ({e}); set {CACHE_ENV}."
-        ) from e
+        raise ModelCacheError(f"cannot create the model cache at {final.parent} ({e}); set {CACHE_ENV}.") from e
     with FileLock(str(final.parent / f"{spec.cache_key}.lock"), timeout=3600):
         if not rebuild and _manifest_ok(final, spec):  # another process built it while we waited
             return final

@@ -71,7 +71,7 @@ class TransformersBackend:
         config: Any = model.config
         self._d_model = int(getattr(config, "hidden_size", None) or config.n_embd)
         self._model_id = model_id or str(getattr(config, "_name_or_path", "") or type(model).__name__)
-        self.eos_token_ids = _eos_ids(model, tokenizer)
+        self.eos_token_ids = eos_token_ids(model, tokenizer)
 
     @property
     def tokenizer(self) -> Any:
@@ -151,9 +151,7 @@ class TransformersBackend:
             )
         return out.logits[:, -1], _cache_of(out)
 
-    def step(
-        self, token_ids: torch.Tensor, attention_mask: torch.Tensor, cache: Any
-    ) -> tuple[torch.Tensor, Any]:
+    def step(self, token_ids: torch.Tensor, attention_mask: torch.Tensor, cache: Any) -> tuple[torch.Tensor, Any]:
         out = self.model(
             input_ids=token_ids[:, None],
             attention_mask=attention_mask,
@@ -171,7 +169,8 @@ class TransformersBackend:
         return decode(self, request, self._tokenizer, self.eos_token_ids)
 
 
-def _eos_ids(model: nn.Module, tokenizer: Any) -> set[int]:
+def eos_token_ids(model: nn.Module | None, tokenizer: Any) -> set[int]:
+    """End-of-sequence ids from the tokenizer and the model's generation config."""
     ids: set[int] = set()
     for value in (
         getattr(tokenizer, "eos_token_id", None),

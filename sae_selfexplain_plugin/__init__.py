@@ -11,6 +11,7 @@ Backends and loaders for transformers, SAELens, nnsight live in `sae_selfexplain
 
 from __future__ import annotations
 
+from . import integrations
 from .backend import Backend, GenerationRequest, GenerationResult, Injection, StepModel
 from .config import DEFAULT_LAYER, DEFAULT_SCALES, SelfExplainConfig
 from .engine import SelfExplainer
@@ -19,6 +20,21 @@ from .results import Explanation, FeatureExplanations
 from .templates import PromptTemplate, RenderedPrompt, get_template, register_template, render, template_names
 
 __version__ = "0.1.0"
+
+
+def install() -> None:
+    """Add `self_explain` to the libraries this package integrates with (SAELens SAEs, ...).
+
+    Runs on import; idempotent. A library not imported yet is extended on its first import."""
+    integrations.activate()
+
+
+def uninstall() -> None:
+    """Remove everything `install` added; the libraries are left as they were."""
+    integrations.deactivate()
+
+
+install()
 
 __all__ = [
     "DEFAULT_LAYER",
@@ -40,7 +56,9 @@ __all__ = [
     "TemplateError",
     "__version__",
     "get_template",
+    "install",
     "register_template",
     "render",
     "template_names",
+    "uninstall",
 ]

@@ -94,18 +94,14 @@ class StepModel(Protocol):
     ) -> tuple[torch.Tensor, Any]:
         """Run the prompt with the injection; return last-position logits [B, V] and the cache."""
 
-    def step(
-        self, token_ids: torch.Tensor, attention_mask: torch.Tensor, cache: Any
-    ) -> tuple[torch.Tensor, Any]:
+    def step(self, token_ids: torch.Tensor, attention_mask: torch.Tensor, cache: Any) -> tuple[torch.Tensor, Any]:
         """Feed one new token per row ([B]); `attention_mask` covers prompt + generated so far."""
 
     def select_rows(self, cache: Any, rows: torch.Tensor) -> Any:
         """Keep only `rows` of the cache (finished rows leave the batch)."""
 
 
-def left_pad(
-    sequences: list[list[int]] | list[tuple[int, ...]], pad_id: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(sequences: list[list[int]] | list[tuple[int, ...]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-pad token sequences into (input_ids, attention_mask)."""
     width = max(len(s) for s in sequences)
     ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)

@@ -27,9 +27,7 @@ def _next_tokens(logits: torch.Tensor, temperature: float, generator: torch.Gene
 
 
 @torch.no_grad()
-def decode(
-    model: StepModel, request: GenerationRequest, tokenizer: Any, eos_token_ids: set[int]
-) -> GenerationResult:
+def decode(model: StepModel, request: GenerationRequest, tokenizer: Any, eos_token_ids: set[int]) -> GenerationResult:
     """Run prefill with injection, then decode every row until it stops."""
     batch = request.input_ids.shape[0]
     generator = None
@@ -52,9 +50,7 @@ def decode(
                 reasons[row] = "eos"
                 continue
             tokens[row].append(tok)
-            text, hit = cut_at_stop(
-                tokenizer.decode(tokens[row], skip_special_tokens=True), request.stop_strings
-            )
+            text, hit = cut_at_stop(tokenizer.decode(tokens[row], skip_special_tokens=True), request.stop_strings)
             texts[row] = text
             if hit:
                 reasons[row] = "stop_string"

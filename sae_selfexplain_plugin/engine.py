@@ -52,9 +52,7 @@ class SelfExplainer:
         ids = torch.tensor([self.prompt.input_ids])
         resid = self.backend.residual(ids, torch.ones_like(ids), self.config.layer)[0]
         special = set(getattr(self.backend.tokenizer, "all_special_ids", []) or [])
-        keep = [i for i, t in enumerate(self.prompt.input_ids) if t not in special] or list(
-            range(ids.shape[1])
-        )
+        keep = [i for i, t in enumerate(self.prompt.input_ids) if t not in special] or list(range(ids.shape[1]))
         return float(resid[keep].float().norm(dim=-1).median())
 
     def injected_vectors(self, directions: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -77,9 +75,7 @@ class SelfExplainer:
         directions = self._check_directions(directions)
         ids = list(range(len(directions))) if feature_ids is None else [int(i) for i in feature_ids]
         if len(ids) != len(directions):
-            raise InputError(
-                f"got {len(directions)} directions but {len(ids)} feature ids; pass one id per row."
-            )
+            raise InputError(f"got {len(directions)} directions but {len(ids)} feature ids; pass one id per row.")
         cfg = self.config
         rows = [(f, s, k) for f in range(len(ids)) for s in cfg.scales for k in range(cfg.n_samples)]
         candidates: list[list[Explanation]] = [[] for _ in ids]
@@ -129,9 +125,7 @@ class SelfExplainer:
         request = GenerationRequest(
             input_ids=input_ids.to(device),
             attention_mask=mask.to(device),
-            injection=Injection(
-                self.config.layer, positions.to(device), vectors.to(device), self.config.injection
-            ),
+            injection=Injection(self.config.layer, positions.to(device), vectors.to(device), self.config.injection),
             max_new_tokens=self.config.max_new_tokens,
             stop_strings=prompt.stop_strings,
             temperature=self.config.temperature,
@@ -149,15 +143,11 @@ class SelfExplainer:
 
     def _check_directions(self, directions: torch.Tensor) -> torch.Tensor:
         if not isinstance(directions, torch.Tensor):
-            raise InputError(
-                f"directions must be a torch.Tensor [n_features, d_model], got {type(directions)}."
-            )
+            raise InputError(f"directions must be a torch.Tensor [n_features, d_model], got {type(directions)}.")
         if directions.ndim == 1:
             directions = directions[None]
         if directions.ndim != 2:
-            raise InputError(
-                f"directions must be [n_features, d_model], got shape {tuple(directions.shape)}."
-            )
+            raise InputError(f"directions must be [n_features, d_model], got shape {tuple(directions.shape)}.")
         if directions.shape[0] == 0:
             raise InputError("the feature list is empty: pass at least one direction.")
         if directions.shape[1] != self.backend.d_model:

@@ -42,6 +42,7 @@ class FeatureExplanations:
     policy: str = "fixed"
     model_id: str = ""
     settings_hash: str = ""
+    sae: dict[str, Any] = field(default_factory=dict)  # identity of the SAE the directions came from
 
     @property
     def chosen(self) -> Explanation | None:

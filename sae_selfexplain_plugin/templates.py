@@ -179,9 +179,7 @@ def render(template: PromptTemplate | str, tokenizer: Any) -> RenderedPrompt:
     with_sentinels = _render_text(template, tokenizer)
     parts = with_sentinels.split(_SENTINEL)
     if len(parts) < 2:
-        raise TemplateError(
-            f"template {template.name!r}: placeholder {placeholder!r} is absent from the prompt."
-        )
+        raise TemplateError(f"template {template.name!r}: placeholder {placeholder!r} is absent from the prompt.")
     text, spans = parts[0], []
     for part in parts[1:]:
         spans.append((len(text), len(text) + len(placeholder)))

@@ -52,14 +52,10 @@ def word_vectors(backend: Backend, words: Sequence[str], layer: int, in_context:
             start = text.index(" " + w)
             enc = tok(text, return_offsets_mapping=True)
             hits = [
-                i
-                for i, (s, e) in enumerate(enc["offset_mapping"])
-                if e > s and s < start + len(w) + 1 and e > start
+                i for i, (s, e) in enumerate(enc["offset_mapping"]) if e > s and s < start + len(w) + 1 and e > start
             ]
             if len(hits) != 1:
-                raise InputError(
-                    f"word {w!r} is not a single token in the carrier sentence; filter the word list."
-                )
+                raise InputError(f"word {w!r} is not a single token in the carrier sentence; filter the word list.")
             seqs.append(list(enc["input_ids"]))
             where.append(hits[0])
         else:

@@ -26,9 +26,7 @@ def builds(log: Path) -> int:
 def test_two_processes_build_the_cache_once(tmp_path):
     log, results = tmp_path / "log", tmp_path / "results"
     ctx = multiprocessing.get_context("spawn")
-    procs = [
-        ctx.Process(target=build_in_child, args=(str(tmp_path), str(log), str(results))) for _ in range(2)
-    ]
+    procs = [ctx.Process(target=build_in_child, args=(str(tmp_path), str(log), str(results))) for _ in range(2)]
     for p in procs:
         p.start()
     for p in procs:

@@ -101,9 +101,7 @@ def test_batched_equals_unbatched_with_left_padding(backend):
     assert len({len(p.input_ids) for p in prompts}) == 2  # rows really need padding
     vecs = directions(backend, 4) * 20
     batched = backend.generate(request_for(backend, prompts, vecs, max_new_tokens=8))
-    single = [
-        backend.generate(request_for(backend, [p], v[None], max_new_tokens=8)) for p, v in zip(prompts, vecs)
-    ]
+    single = [backend.generate(request_for(backend, [p], v[None], max_new_tokens=8)) for p, v in zip(prompts, vecs)]
     assert batched.texts == [s.texts[0] for s in single]
     assert batched.tokens == [s.tokens[0] for s in single]
     assert batched.stop_reasons == [s.stop_reasons[0] for s in single]

@@ -37,17 +37,13 @@ def test_scale_decides_cross_layer_recovery(real_backend):
 
 def test_definition_prompt_explains_rather_than_repeats(real_backend):
     vecs = word_vectors(real_backend, ["banana"], 2, in_context=False)
-    (record,) = SelfExplainer(real_backend, SelfExplainConfig(template="definition", scales=(1.0,))).explain(
-        vecs
-    )
+    (record,) = SelfExplainer(real_backend, SelfExplainConfig(template="definition", scales=(1.0,))).explain(vecs)
     assert "fruit" in record.candidates[0].text
 
 
 def test_injection_changes_real_output(real_backend):
     vecs = word_vectors(real_backend, ["dog", "winter"], 2, in_context=False)
-    records = SelfExplainer(real_backend, SelfExplainConfig(scales=(0.0, 1.0), max_new_tokens=4)).explain(
-        vecs
-    )
+    records = SelfExplainer(real_backend, SelfExplainConfig(scales=(0.0, 1.0), max_new_tokens=4)).explain(vecs)
     assert records[0].candidates[0].text == records[1].candidates[0].text  # zero vector: same text
     assert records[0].candidates[1].text != records[1].candidates[1].text
 
@@ -62,17 +58,13 @@ def test_batched_equals_unbatched_on_the_real_model(real_backend):
 
 def test_word_recovery_same_layer_is_near_perfect(real_backend):
     cfg = SelfExplainConfig(scales=(1.0,), max_new_tokens=4)
-    rows = run_word_recovery(
-        real_backend, templates=["identity"], config=cfg, source_layers=[], words=WORDS * 4
-    )
+    rows = run_word_recovery(real_backend, templates=["identity"], config=cfg, source_layers=[], words=WORDS * 4)
     assert rows[0].source == "same-layer" and rows[0].rate_by_scale[1.0] == 1.0
 
 
 def test_cli_demo_prints_a_table_and_writes_json(tmp_path, capsys):
     out = tmp_path / "demo.json"
-    code = main(
-        ["demo", "--words", "Paris,cat", "--scales", "1,4", "--max-new-tokens", "6", "--json", str(out)]
-    )
+    code = main(["demo", "--words", "Paris,cat", "--scales", "1,4", "--max-new-tokens", "6", "--json", str(out)])
     assert code == 0
     printed = capsys.readouterr().out
     assert "'Paris'" in printed and "definition" in printed

@@ -1,0 +1,213 @@
+"""SAELens integration: `sae.self_explain(feature)` on every SAELens SAE.
+
+`import sae_selfexplain_plugin` calls `install()` (through the integrations entry point), which adds
+`self_explain` to SAELens's base class `SAE`, so every architecture and every already-loaded instance
+has it. SAELens's registry is never touched. `sae_selfexplain_plugin.uninstall()` removes the method.
+The functional form is `self_explain(sae, features, model=...)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from sae_lens import SAE
+
+from sae_selfexplain_plugin import Backend, Explanation, FeatureExplanations, SelfExplainConfig, SelfExplainer
+from sae_selfexplain_plugin.errors import InputError
+
+from .embedded import EMBEDDED_MODELS, load_backend
+from .transformers import TransformersBackend
+
+# Hook names whose activations live in the residual stream, with the block whose *input* they equal.
+_RESIDUAL_HOOKS = [
+    (re.compile(r"^blocks\.(\d+)\.hook_resid_pre$"), 0),
+    (re.compile(r"^blocks\.(\d+)\.hook_in$"), 0),  # TransformerBridge alias of hook_resid_pre
+    (re.compile(r"^blocks\.(\d+)\.hook_resid_mid$"), 0),
+    (re.compile(r"^blocks\.(\d+)\.hook_(attn|mlp)_out$"), 0),  # sublayer outputs, written into the residual
+    (re.compile(r"^blocks\.(\d+)\.hook_resid_post$"), 1),
+    (re.compile(r"^blocks\.(\d+)\.hook_out$"), 1),
+    (re.compile(r"^model\.layers\.(\d+)\.output$"), 1),  # Hugging Face / nnsight names (hf_hook_name)
+    (re.compile(r"^model\.layers\.(\d+)\.input$"), 0),
+]
+_CONFIG_FIELDS = {f.name for f in dataclasses.fields(SelfExplainConfig)}
+_backends: dict[str, Backend] = {}  # embedded models loaded on demand, once per process
+
+
+def sae_layer(sae: SAE[Any]) -> int:
+    """The block whose input residual the SAE reads (e.g. 7 for blocks.6.hook_resid_post)."""
+    meta = sae.cfg.metadata
+    for name in (meta.hook_name, meta.hf_hook_name):
+        for pattern, offset in _RESIDUAL_HOOKS:
+            m = pattern.match(name or "")
+            if m:
+                return int(m.group(1)) + offset
+    raise InputError(
+        f"cannot map the SAE's hook {meta.hook_name!r} to a residual-stream layer: self-explanation injects "
+        "decoder rows into the residual stream, so the SAE must read or write it (hook_resid_pre/mid/post, "
+        "hook_attn_out, hook_mlp_out). Pass check_hook=False to inject its decoder rows anyway."
+    )
+
+
+def sae_identity(sae: SAE[Any]) -> dict[str, Any]:
+    """What identifies the SAE in results and exports."""
+    meta = sae.cfg.metadata
+    keys = ("model_name", "hook_name", "hf_hook_name", "neuronpedia_id", "prepend_bos", "sae_lens_version")
+    ident = {k: meta[k] for k in keys if meta[k] is not None}
+    ident.update(architecture=sae.cfg.architecture(), d_in=sae.cfg.d_in, d_sae=sae.cfg.d_sae)
+    return ident
+
+
+def _short_name(name: str) -> str:
+    return name.rstrip("/").split("/")[-1].lower()
+
+
+def resolve_backend(sae: SAE[Any], model: Any = None, tokenizer: Any = None) -> Backend:
+    """A backend for `model`; with no model, the embedded model named by the SAE's metadata."""
+    if model is None:
+        wanted = sae.cfg.metadata.model_name
+        for spec in EMBEDDED_MODELS.values():
+            if wanted and _short_name(wanted) in (spec.name, _short_name(spec.hf_id)):
+                if spec.name not in _backends:
+                    _backends[spec.name] = load_backend(spec.name)
+                return _backends[spec.name]
+        raise InputError(
+            f"the SAE was trained on {wanted!r}, which is not an embedded model ({sorted(EMBEDDED_MODELS)}); "
+            "pass the model: sae.self_explain(feature, model=HookedTransformer.from_pretrained(...))."
+        )
+    if isinstance(model, Backend):
+        return model
+    from transformer_lens import HookedTransformer
+    from transformer_lens.model_bridge import TransformerBridge
+
+    from .transformer_lens import TransformerBridgeBackend, TransformerLensBackend
+
+    if isinstance(model, HookedTransformer):  # HookedSAETransformer too: attached SAEs stay active
+        return TransformerLensBackend(model)
+    if isinstance(model, TransformerBridge):
+        return TransformerBridgeBackend(model)
+    from transformers import PreTrainedModel
+
+    if isinstance(model, PreTrainedModel):
+        if tokenizer is None:
+            raise InputError(
+                "a transformers model needs its tokenizer: pass tokenizer=AutoTokenizer.from_pretrained(...)."
+            )
+        return TransformersBackend(model, tokenizer)
+    raise InputError(
+        f"unsupported model type {type(model).__name__}: pass a HookedTransformer, HookedSAETransformer, "
+        "TransformerBridge, a transformers PreTrainedModel (with tokenizer=), or a sae_selfexplain Backend."
+    )
+
+
+def _feature_indices(features: int | Sequence[int] | torch.Tensor, d_sae: int) -> list[int]:
+    if isinstance(features, torch.Tensor):
+        if features.is_floating_point() or features.dtype == torch.bool or features.ndim > 1:
+            raise InputError("a tensor of features must be a 0-d or 1-d tensor of integer indices.")
+        indices = [int(i) for i in features.flatten().tolist()]
+    elif isinstance(features, int) and not isinstance(features, bool):
+        indices = [features]
+    elif isinstance(features, Sequence):
+        indices = list(features)
+        if not all(isinstance(i, int) and not isinstance(i, bool) for i in indices):
+            raise InputError(f"feature indices must be integers, got {indices[:5]}...")
+    else:
+        raise InputError(f"features must be an int, a sequence of ints or an integer tensor, got {type(features)}.")
+    bad = [i for i in indices if not 0 <= i < d_sae]
+    if bad:
+        raise InputError(f"feature indices {bad[:10]} are out of range: this SAE has features 0..{d_sae - 1}.")
+    if not indices:
+        raise InputError("the feature list is empty: pass at least one feature index.")
+    return indices
+
+
+def self_explain(
+    sae: SAE[Any],
+    features: int | Sequence[int] | torch.Tensor,
+    model: Any = None,
+    *,
+    tokenizer: Any = None,
+    config: SelfExplainConfig | None = None,
+    return_all: bool = False,
+    check_model: bool = True,
+    check_hook: bool = True,
+    **options: Any,
+) -> Explanation | list[Explanation] | FeatureExplanations | list[FeatureExplanations]:
+    """Explain SAE features by injecting their decoder rows (W_dec) into the model's residual stream.
+
+    Args:
+        sae: any SAELens SAE whose decoder writes to the residual stream.
+        features: an index, a list/range of indices, or an integer tensor of indices.
+        model: HookedTransformer, HookedSAETransformer, TransformerBridge, a transformers model (with
+            `tokenizer=`) or a Backend. None: the embedded model named by `sae.cfg.metadata.model_name`.
+        config / options: a SelfExplainConfig, or its fields as keywords (layer=, template=, scales=, ...).
+        return_all: return FeatureExplanations (every scale tried) instead of the chosen Explanation.
+        check_model: refuse a model whose name differs from the SAE's `model_name`.
+        check_hook: refuse an SAE that does not read or write the residual stream (e.g. transcoders).
+
+    Returns an Explanation for an int feature, a list otherwise (FeatureExplanations with return_all).
+    """
+    unknown = sorted(set(options) - _CONFIG_FIELDS)
+    if unknown:
+        raise InputError(
+            f"unknown options {unknown}; self_explain takes SelfExplainConfig fields {sorted(_CONFIG_FIELDS)}."
+        )
+    cfg = (config or SelfExplainConfig()).replace(**options) if options else (config or SelfExplainConfig())
+    indices = _feature_indices(features, sae.cfg.d_sae)
+    d_out = int(sae.W_dec.shape[1])
+    if check_hook:
+        if d_out != sae.cfg.d_in or sae.cfg.metadata.hook_name_out:
+            raise InputError(
+                f"this SAE ({type(sae).__name__}) decodes into {sae.cfg.metadata.hook_name_out or 'another space'} "
+                f"(d_out={d_out}, d_in={sae.cfg.d_in}), not the residual stream it reads; its decoder rows are not "
+                "residual directions. Pass check_hook=False to inject them anyway (d_out must equal d_model)."
+            )
+        sae_layer(sae)
+    backend = resolve_backend(sae, model, tokenizer)
+    if d_out != backend.d_model:
+        raise InputError(
+            f"the SAE's decoder width {d_out} != the model's d_model {backend.d_model}: "
+            "this SAE belongs to another model."
+        )
+    wanted = sae.cfg.metadata.model_name
+    if check_model and wanted and _short_name(wanted) != _short_name(backend.model_id):
+        raise InputError(
+            f"the SAE was trained on {wanted!r} but the model is {backend.model_id!r}; pass the matching model, "
+            "or check_model=False to explain it through another model on purpose (e.g. the -it variant)."
+        )
+    directions = sae.W_dec.detach()[indices].float().cpu()
+    records = SelfExplainer(backend, cfg).explain(directions, indices)
+    identity = sae_identity(sae)
+    for r in records:
+        r.sae = identity
+    if return_all:
+        return records[0] if isinstance(features, int) else records
+    chosen = [r.chosen or r.candidates[0] for r in records]
+    return chosen[0] if isinstance(features, int) else chosen
+
+
+def _method(
+    self: SAE[Any], features: int | Sequence[int] | torch.Tensor, model: Any = None, **options: Any
+) -> Explanation | list[Explanation] | FeatureExplanations | list[FeatureExplanations]:
+    return self_explain(self, features, model, **options)
+
+
+_method.__doc__ = self_explain.__doc__
+_method.__name__ = "self_explain"
+
+
+def install() -> None:
+    """Give every SAELens SAE a `self_explain` method (idempotent)."""
+    existing = SAE.__dict__.get("self_explain")
+    if existing is not None and existing is not _method:
+        raise InputError("sae_lens.SAE already has a self_explain attribute that is not ours; not overwriting it.")
+    SAE.self_explain = _method
+
+
+def uninstall() -> None:
+    """Remove the method `install` added (anything else named self_explain is left alone)."""
+    if SAE.__dict__.get("self_explain") is _method:
+        del SAE.self_explain

@@ -1,0 +1,165 @@
+"""TransformerLens backends: HookedTransformer / HookedSAETransformer, and TransformerBridge.
+
+Injection goes through TL hook points (`blocks.{L}.hook_resid_pre`), attached with `model.hooks(...)`:
+TL's `generate(fwd_hooks=...)` silently ignores hooks, so we run our own decode loop over TL's KV cache.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformer_lens import HookedTransformer
+from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+
+from sae_selfexplain_plugin.backend import GenerationRequest, GenerationResult, Injection, position_ids
+from sae_selfexplain_plugin.decoding import decode
+from sae_selfexplain_plugin.errors import InputError
+
+from .transformers import TransformersBackend, eos_token_ids
+
+
+def _injection_hook(injection: Injection) -> Any:
+    def hook(resid: torch.Tensor, hook: Any) -> torch.Tensor:
+        return injection.apply(resid)
+
+    return hook
+
+
+class TransformerLensBackend:
+    """Runs self-explanation on a HookedTransformer (SAEs attached to a HookedSAETransformer stay active)."""
+
+    def __init__(self, model: HookedTransformer, model_id: str | None = None) -> None:
+        if model.tokenizer is None:
+            raise InputError("this HookedTransformer has no tokenizer; load it with one (tokenizer=...).")
+        self.model = model.eval()
+        self._model_id = model_id or str(model.cfg.model_name)
+        self.eos_token_ids = eos_token_ids(None, model.tokenizer)
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.model.tokenizer
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.model.cfg.n_layers)
+
+    @property
+    def d_model(self) -> int:
+        return int(self.model.cfg.d_model)
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device(self.model.cfg.device or "cpu")
+
+    @property
+    def model_id(self) -> str:
+        return self._model_id
+
+    def _check_layer(self, layer: int) -> None:
+        if not 0 <= layer < self.n_layers:
+            raise InputError(f"layer {layer} is out of range: this model has blocks 0..{self.n_layers - 1}.")
+
+    @torch.no_grad()
+    def residual(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, layer: int) -> torch.Tensor:
+        self._check_layer(layer)
+        captured: list[torch.Tensor] = []
+
+        def hook(resid: torch.Tensor, hook: Any) -> None:
+            captured.append(resid.detach())
+
+        self.model.run_with_hooks(
+            input_ids.to(self.device),
+            attention_mask=attention_mask.to(self.device),
+            fwd_hooks=[(f"blocks.{layer}.hook_resid_pre", hook)],
+            stop_at_layer=layer + 1,
+        )
+        return captured[0]
+
+    @torch.no_grad()
+    def prefill(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, injection: Injection
+    ) -> tuple[torch.Tensor, Any]:
+        self._check_layer(injection.layer)
+        cache = TransformerLensKeyValueCache.init_cache(self.model.cfg, self.device, input_ids.shape[0])
+        with self.model.hooks(fwd_hooks=[(f"blocks.{injection.layer}.hook_resid_pre", _injection_hook(injection))]):
+            logits = self.model(input_ids, attention_mask=attention_mask, past_kv_cache=cache)
+        return logits[:, -1], cache
+
+    @torch.no_grad()
+    def step(self, token_ids: torch.Tensor, attention_mask: torch.Tensor, cache: Any) -> tuple[torch.Tensor, Any]:
+        # TL's cache keeps the mask so far and appends the mask of the new tokens only.
+        logits = self.model(token_ids[:, None], attention_mask=attention_mask[:, -1:], past_kv_cache=cache)
+        return logits[:, -1], cache
+
+    def select_rows(self, cache: Any, rows: torch.Tensor) -> Any:
+        for entry in cache.entries:
+            entry.past_keys = entry.past_keys[rows.to(entry.past_keys.device)]
+            entry.past_values = entry.past_values[rows.to(entry.past_values.device)]
+        cache.previous_attention_mask = cache.previous_attention_mask[rows.to(cache.previous_attention_mask.device)]
+        return cache
+
+    def generate(self, request: GenerationRequest) -> GenerationResult:
+        return decode(self, request, self.tokenizer, self.eos_token_ids)
+
+
+@dataclass
+class _Recompute:
+    """Decode state without a KV cache: the whole sequence so far and the prompt's injection."""
+
+    input_ids: torch.Tensor
+    injection: Injection
+
+
+class TransformerBridgeBackend(TransformersBackend):
+    """A TransformerBridge wraps (and modifies in place) a Hugging Face model; we run that model and inject
+    through the bridge's hook point, so SAEs attached to the bridge stay active.
+
+    The bridge's attention does not fill Hugging Face's KV cache (TL 3.9), so each decode step recomputes
+    the whole sequence (logits at the last position only), re-injecting at the prompt's placeholders.
+    Slower than HookedTransformer or the plain model, same result."""
+
+    def __init__(self, bridge: Any, model_id: str | None = None) -> None:
+        self.bridge = bridge
+        super().__init__(bridge.original_model, bridge.tokenizer, model_id or str(bridge.cfg.model_name))
+
+    @contextmanager
+    def injecting(self, injection: Injection) -> Iterator[None]:
+        self._check_layer(injection.layer)
+        with self.bridge.hooks(fwd_hooks=[(f"blocks.{injection.layer}.hook_in", _injection_hook(injection))]):
+            yield
+
+    def _forward(self, state: _Recompute, attention_mask: torch.Tensor) -> torch.Tensor:
+        extra = state.input_ids.shape[1] - state.injection.positions.shape[1]
+        injection = replace(state.injection, positions=F.pad(state.injection.positions, (0, extra)))
+        with self.injecting(injection):
+            out = self.model(
+                input_ids=state.input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids(attention_mask),
+                use_cache=False,
+                logits_to_keep=1,
+            )
+        logits: torch.Tensor = out.logits[:, -1]
+        return logits
+
+    @torch.no_grad()
+    def prefill(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, injection: Injection
+    ) -> tuple[torch.Tensor, Any]:
+        self._check_layer(injection.layer)
+        state = _Recompute(input_ids, injection)
+        return self._forward(state, attention_mask), state
+
+    @torch.no_grad()
+    def step(self, token_ids: torch.Tensor, attention_mask: torch.Tensor, cache: Any) -> tuple[torch.Tensor, Any]:
+        cache.input_ids = torch.cat([cache.input_ids, token_ids[:, None]], dim=1)
+        return self._forward(cache, attention_mask), cache
+
+    def select_rows(self, cache: Any, rows: torch.Tensor) -> Any:
+        inj = cache.injection
+        return _Recompute(cache.input_ids[rows], replace(inj, positions=inj.positions[rows], vectors=inj.vectors[rows]))

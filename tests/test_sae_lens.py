@@ -1,0 +1,231 @@
+"""The SAELens adapter and TransformerLens backends on tiny random models (offline, fast)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import build_tokenizer, tiny_gemma
+from sae_lens import (
+    SAE,
+    GatedSAE,
+    GatedSAEConfig,
+    HookedSAETransformer,
+    JumpReLUSAE,
+    JumpReLUSAEConfig,
+    StandardSAE,
+    StandardSAEConfig,
+    TopKSAE,
+    TopKSAEConfig,
+)
+from sae_lens.saes.sae import SAEMetadata
+from sae_lens.saes.transcoder import Transcoder, TranscoderConfig
+from sae_selfexplain_plugin.adapters import sae_lens as adapter
+from sae_selfexplain_plugin.adapters.transformer_lens import TransformerBridgeBackend, TransformerLensBackend
+from sae_selfexplain_plugin.adapters.transformers import TransformersBackend
+from transformer_lens import HookedTransformerConfig
+from transformer_lens.model_bridge import TransformerBridge
+
+import sae_selfexplain_plugin
+from sae_selfexplain_plugin import (
+    Explanation,
+    FeatureExplanations,
+    InputError,
+    SelfExplainConfig,
+    SelfExplainer,
+)
+
+CFG = SelfExplainConfig(template="test-open", scales=(1.0, 4.0), max_new_tokens=5)
+D_MODEL = 64
+
+
+@pytest.fixture(scope="module")
+def saved_tokenizer(tmp_path_factory):
+    # TransformerLens re-loads the tokenizer by name, so it must live in a folder.
+    from transformers import AutoTokenizer
+
+    folder = tmp_path_factory.mktemp("tok")
+    build_tokenizer().save_pretrained(folder)
+    return AutoTokenizer.from_pretrained(folder)
+
+
+@pytest.fixture(scope="module")
+def hooked(saved_tokenizer):
+    torch.manual_seed(0)
+    cfg = HookedTransformerConfig(
+        n_layers=3, d_model=D_MODEL, n_ctx=256, d_head=16, n_heads=4, d_mlp=128, d_vocab=len(saved_tokenizer),
+        act_fn="gelu", normalization_type="RMS", positional_embedding_type="rotary", model_name="tiny-tl",
+        initializer_range=0.2,
+    )  # fmt: skip
+    return HookedSAETransformer(cfg, tokenizer=saved_tokenizer)
+
+
+def make_sae(
+    cls=StandardSAE,
+    cfg_cls=StandardSAEConfig,
+    d_in=D_MODEL,
+    hook="blocks.1.hook_resid_post",
+    model="tiny-tl",
+    **kw,
+):
+    torch.manual_seed(1)
+    meta = SAEMetadata(model_name=model, hook_name=hook, neuronpedia_id="tiny-tl/1-test")
+    sae = cls(cfg_cls(d_in=d_in, d_sae=32, metadata=meta, **kw))
+    with torch.no_grad():
+        sae.W_dec.copy_(torch.randn_like(sae.W_dec))
+    return sae
+
+
+@pytest.mark.parametrize(
+    ("cls", "cfg_cls", "kw"),
+    [(StandardSAE, StandardSAEConfig, {}), (TopKSAE, TopKSAEConfig, {"k": 4}),
+     (JumpReLUSAE, JumpReLUSAEConfig, {}), (GatedSAE, GatedSAEConfig, {})],
+)  # fmt: skip
+def test_every_architecture_gains_self_explain(hooked, cls, cfg_cls, kw):
+    sae = make_sae(cls, cfg_cls, **kw)
+    one = sae.self_explain(3, model=hooked, config=CFG)
+    assert isinstance(one, Explanation) and one.feature_id == 3 and one.scale == 4.0
+    many = sae.self_explain(range(2), model=hooked, config=CFG)
+    assert [e.feature_id for e in many] == [0, 1]
+    tensor = sae.self_explain(torch.tensor([5, 1]), model=hooked, config=CFG)
+    assert [e.feature_id for e in tensor] == [5, 1]
+
+
+def test_results_equal_the_engine_on_the_decoder_rows(hooked):
+    sae = make_sae()
+    records = sae.self_explain([2, 7], model=hooked, config=CFG, return_all=True)
+    direct = SelfExplainer(TransformerLensBackend(hooked), CFG).explain(sae.W_dec[[2, 7]].detach(), [2, 7])
+    assert [c.text for r in records for c in r.candidates] == [c.text for r in direct for c in r.candidates]
+    assert isinstance(records[0], FeatureExplanations)
+    assert records[0].sae["neuronpedia_id"] == "tiny-tl/1-test" and records[0].sae["d_sae"] == 32
+
+
+def test_options_are_config_fields(hooked):
+    sae = make_sae()
+    rec = sae.self_explain(0, model=hooked, template="test-open", scales=[2.0], max_new_tokens=3, return_all=True)
+    assert [c.scale for c in rec.candidates] == [2.0]
+    with pytest.raises(InputError, match="unknown options"):
+        sae.self_explain(0, model=hooked, scale=[2.0])
+
+
+def test_install_is_idempotent_and_reversible(hooked):
+    sae = make_sae()
+    sae_selfexplain_plugin.install()
+    sae_selfexplain_plugin.install()
+    assert hasattr(sae, "self_explain")
+    sae_selfexplain_plugin.uninstall()
+    try:
+        assert not hasattr(sae, "self_explain") and not hasattr(SAE, "self_explain")
+        assert adapter.self_explain(sae, 0, hooked, config=CFG).feature_id == 0  # the functional form remains
+    finally:
+        sae_selfexplain_plugin.install()
+    assert hasattr(sae, "self_explain")
+
+
+def test_install_leaves_the_sae_lens_registry_alone():
+    from sae_lens.registry import SAE_CLASS_REGISTRY
+
+    before = dict(SAE_CLASS_REGISTRY)
+    sae_selfexplain_plugin.install()
+    assert before == SAE_CLASS_REGISTRY
+
+
+def test_tl_cached_decode_equals_the_transformers_backend_on_the_same_weights(saved_tokenizer):
+    """The bridge wraps an HF model; HookedTransformer can't load a tiny one, so compare HF vs bridge here
+    (HookedTransformer vs HF is compared on the real Gemma 3 270M)."""
+    plain = TransformersBackend(tiny_gemma(len(saved_tokenizer)), saved_tokenizer)
+    bridge = TransformerBridge.boot_transformers(
+        "google/gemma-3-270m", hf_model=tiny_gemma(len(saved_tokenizer)), tokenizer=saved_tokenizer
+    )
+    bridged = TransformerBridgeBackend(bridge)
+    d = torch.randn(3, D_MODEL, generator=torch.Generator().manual_seed(3))
+    a = SelfExplainer(plain, CFG).explain(d)
+    b = SelfExplainer(bridged, CFG).explain(d)
+    assert [c.text for r in a for c in r.candidates] == [c.text for r in b for c in r.candidates]
+    assert len({c.text for r in a for c in r.candidates}) > 1  # the injection matters
+
+
+def test_tl_batched_equals_unbatched(hooked):
+    d = torch.randn(3, D_MODEL, generator=torch.Generator().manual_seed(4))
+    backend = TransformerLensBackend(hooked)
+    small = SelfExplainer(backend, CFG.replace(batch_size=1)).explain(d)
+    large = SelfExplainer(backend, CFG.replace(batch_size=6)).explain(d)
+    assert [c.text for r in small for c in r.candidates] == [c.text for r in large for c in r.candidates]
+
+
+def test_hooked_sae_transformer_with_and_without_attached_saes(hooked):
+    sae = make_sae(hook="blocks.1.hook_resid_pre")
+    without = sae.self_explain([0, 1], model=hooked, config=CFG)
+    assert all(e.text is not None for e in without)
+    hooked.add_sae(sae)
+    try:
+        attached = sae.self_explain([0, 1], model=hooked, config=CFG)
+    finally:
+        hooked.reset_saes()
+    again = sae.self_explain([0, 1], model=hooked, config=CFG)
+    assert [e.text for e in again] == [e.text for e in without]  # detaching restores the model
+    assert len(attached) == 2
+
+
+@pytest.mark.parametrize(
+    ("features", "match"),
+    [(32, "out of range"), (-1, "out of range"), ([1, 99], "out of range"), ([], "empty"),
+     (torch.tensor([0.5]), "integer"), ([1.0], "integers")],
+)  # fmt: skip
+def test_bad_feature_indices(hooked, features, match):
+    with pytest.raises(InputError, match=match):
+        make_sae().self_explain(features, model=hooked, config=CFG)
+
+
+def test_d_in_mismatch(hooked):
+    with pytest.raises(InputError, match="decoder width 48 != the model's d_model 64"):
+        make_sae(d_in=48).self_explain(0, model=hooked, config=CFG)
+
+
+def test_sae_from_another_model(hooked):
+    sae = make_sae(model="gpt2-small")
+    with pytest.raises(InputError, match=r"trained on 'gpt2-small'.*check_model=False"):
+        sae.self_explain(0, model=hooked, config=CFG)
+    assert sae.self_explain(0, model=hooked, config=CFG, check_model=False).feature_id == 0
+
+
+def test_unmappable_hook(hooked):
+    sae = make_sae(hook="blocks.1.attn.hook_z")
+    with pytest.raises(InputError, match=r"cannot map the SAE's hook 'blocks\.1\.attn\.hook_z'"):
+        sae.self_explain(0, model=hooked, config=CFG)
+    assert sae.self_explain(0, model=hooked, config=CFG, check_hook=False).feature_id == 0
+
+
+@pytest.mark.parametrize(
+    ("hook", "layer"),
+    [("blocks.6.hook_resid_pre", 6), ("blocks.6.hook_resid_post", 7), ("blocks.6.hook_mlp_out", 6),
+     ("blocks.3.hook_out", 4), ("model.layers.12.output", 13)],
+)  # fmt: skip
+def test_hook_names_map_to_layers(hook, layer):
+    assert adapter.sae_layer(make_sae(hook=hook)) == layer
+
+
+def test_transcoder_needs_an_explicit_option(hooked):
+    meta = SAEMetadata(
+        model_name="tiny-tl", hook_name="blocks.1.ln2.hook_normalized", hook_name_out="blocks.1.hook_mlp_out"
+    )
+    tc = Transcoder(TranscoderConfig(d_in=D_MODEL, d_sae=16, d_out=D_MODEL, apply_b_dec_to_input=False, metadata=meta))
+    with pytest.raises(InputError, match=r"decodes into blocks\.1\.hook_mlp_out"):
+        tc.self_explain(0, model=hooked, config=CFG)
+    assert tc.self_explain(0, model=hooked, config=CFG, check_hook=False).feature_id == 0
+
+
+def test_unsupported_model_type():
+    with pytest.raises(InputError, match="unsupported model type dict"):
+        make_sae().self_explain(0, model={"not": "a model"}, config=CFG)
+
+
+def test_transformers_model_needs_its_tokenizer(gemma_backend, tokenizer):
+    sae = make_sae(model="tiny-gemma3")
+    with pytest.raises(InputError, match="tokenizer="):
+        sae.self_explain(0, model=gemma_backend.model, config=CFG)
+    assert sae.self_explain(0, model=gemma_backend.model, tokenizer=tokenizer, config=CFG, check_model=False)
+
+
+def test_model_is_required_when_metadata_names_no_embedded_model():
+    with pytest.raises(InputError, match="pass the model"):
+        make_sae(model="gpt2-small").self_explain(0, config=CFG)
