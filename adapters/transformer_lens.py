@@ -16,7 +16,13 @@ import torch.nn.functional as F
 from transformer_lens import HookedTransformer
 from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 
-from sae_selfexplain_plugin.backend import GenerationRequest, GenerationResult, Injection, position_ids
+from sae_selfexplain_plugin.backend import (
+    GenerationRequest,
+    GenerationResult,
+    Injection,
+    check_layer,
+    position_ids,
+)
 from sae_selfexplain_plugin.decoding import decode
 from sae_selfexplain_plugin.errors import InputError
 
@@ -60,13 +66,9 @@ class TransformerLensBackend:
     def model_id(self) -> str:
         return self._model_id
 
-    def _check_layer(self, layer: int) -> None:
-        if not 0 <= layer < self.n_layers:
-            raise InputError(f"layer {layer} is out of range: this model has blocks 0..{self.n_layers - 1}.")
-
     @torch.no_grad()
     def residual(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, layer: int) -> torch.Tensor:
-        self._check_layer(layer)
+        check_layer(layer, self.n_layers)
         captured: list[torch.Tensor] = []
 
         def hook(resid: torch.Tensor, hook: Any) -> None:
@@ -84,7 +86,7 @@ class TransformerLensBackend:
     def prefill(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, injection: Injection
     ) -> tuple[torch.Tensor, Any]:
-        self._check_layer(injection.layer)
+        check_layer(injection.layer, self.n_layers)
         cache = TransformerLensKeyValueCache.init_cache(self.model.cfg, self.device, input_ids.shape[0])
         with self.model.hooks(fwd_hooks=[(f"blocks.{injection.layer}.hook_resid_pre", _injection_hook(injection))]):
             logits = self.model(input_ids, attention_mask=attention_mask, past_kv_cache=cache)
@@ -129,7 +131,7 @@ class TransformerBridgeBackend(TransformersBackend):
 
     @contextmanager
     def injecting(self, injection: Injection) -> Iterator[None]:
-        self._check_layer(injection.layer)
+        check_layer(injection.layer, self.n_layers)
         with self.bridge.hooks(fwd_hooks=[(f"blocks.{injection.layer}.hook_in", _injection_hook(injection))]):
             yield
 
@@ -151,7 +153,7 @@ class TransformerBridgeBackend(TransformersBackend):
     def prefill(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, injection: Injection
     ) -> tuple[torch.Tensor, Any]:
-        self._check_layer(injection.layer)
+        check_layer(injection.layer, self.n_layers)
         state = _Recompute(input_ids, injection)
         return self._forward(state, attention_mask), state
 

@@ -9,7 +9,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from sae_selfexplain_plugin.backend import GenerationRequest, GenerationResult, Injection, position_ids
+from sae_selfexplain_plugin.backend import (
+    GenerationRequest,
+    GenerationResult,
+    Injection,
+    check_layer,
+    position_ids,
+)
 from sae_selfexplain_plugin.decoding import decode
 from sae_selfexplain_plugin.errors import InputError
 
@@ -93,13 +99,9 @@ class TransformersBackend:
     def model_id(self) -> str:
         return self._model_id
 
-    def _check_layer(self, layer: int) -> None:
-        if not 0 <= layer < self.n_layers:
-            raise InputError(f"layer {layer} is out of range: this model has blocks 0..{self.n_layers - 1}.")
-
     @torch.no_grad()
     def residual(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, layer: int) -> torch.Tensor:
-        self._check_layer(layer)
+        check_layer(layer, self.n_layers)
         captured: list[torch.Tensor] = []
 
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -124,7 +126,7 @@ class TransformersBackend:
     @contextmanager
     def injecting(self, injection: Injection) -> Iterator[None]:
         """Patch the residual entering block `injection.layer` for the forward passes inside the block."""
-        self._check_layer(injection.layer)
+        check_layer(injection.layer, self.n_layers)
 
         def hook(
             module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]

@@ -12,6 +12,8 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 import torch
 
+from .errors import InputError
+
 StopReason = Literal["stop_string", "eos", "length"]
 
 
@@ -99,6 +101,15 @@ class StepModel(Protocol):
 
     def select_rows(self, cache: Any, rows: torch.Tensor) -> Any:
         """Keep only `rows` of the cache (finished rows leave the batch)."""
+
+
+def check_layer(layer: int, n_layers: int) -> None:
+    """Raise InputError unless `layer` names a block of a model with `n_layers` blocks."""
+    if not 0 <= layer < n_layers:
+        raise InputError(
+            f"layer {layer} is out of range: the model has {n_layers} blocks, "
+            f"so inject at a layer in 0..{n_layers - 1}."
+        )
 
 
 def left_pad(sequences: list[list[int]] | list[tuple[int, ...]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

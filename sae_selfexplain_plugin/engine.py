@@ -14,7 +14,7 @@ from functools import cached_property
 
 import torch
 
-from .backend import Backend, GenerationRequest, Injection, left_pad
+from .backend import Backend, GenerationRequest, Injection, check_layer, left_pad
 from .config import SelfExplainConfig
 from .errors import InputError
 from .results import Explanation, FeatureExplanations
@@ -30,11 +30,7 @@ class SelfExplainer:
     def __init__(self, backend: Backend, config: SelfExplainConfig | None = None) -> None:
         self.backend = backend
         self.config = config or SelfExplainConfig()
-        if self.config.layer >= backend.n_layers:
-            raise InputError(
-                f"layer {self.config.layer} is out of range: the model has {backend.n_layers} blocks, "
-                f"so inject at a layer in 0..{backend.n_layers - 1}."
-            )
+        check_layer(self.config.layer, backend.n_layers)
 
     @property
     def template_name(self) -> str:
