@@ -50,7 +50,7 @@ def _status(message: str, done: str) -> Iterator[None]:
     start = time.perf_counter()
     with console.status(message):
         yield
-    console.print(f"[dim]{done} in {time.perf_counter() - start:.1f}s[/dim]")
+    console.print(f"[dim]{done} in {time.perf_counter() - start:.1f}s[/dim]", soft_wrap=True)
 
 
 def _load(name: str) -> TransformersBackend:
@@ -161,6 +161,44 @@ def cmd_word_recovery(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_explain(args: argparse.Namespace) -> int:
+    from sae_selfexplain_plugin.store import ResultsStore
+
+    from .pipeline import explain_sae, load_model, load_sae, parse_features, stored_records, write_jsonl
+
+    with _status(f"Loading SAE {args.sae}...", "loaded the SAE"):
+        sae, sae_key = load_sae(args.sae, device=args.device)
+    features = parse_features(args.features, sae.cfg.d_sae) if args.features else list(range(sae.cfg.d_sae))
+    config = SelfExplainConfig(
+        layer=args.layer,
+        template=args.template,
+        scales=_scales(args.scales),
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+    )
+    store_path = Path(args.store) if args.store else Path(args.out).with_suffix(".db")
+    store = ResultsStore(store_path)  # fail on an unwritable store before loading the model
+    with _status("Loading the model...", "loaded the model"):
+        backend = load_model(args.model, sae)
+    with _progress() as progress:
+        task = progress.add_task("explaining features", total=len(features))
+        summary = explain_sae(
+            sae, sae_key, backend, features, config, store, resume=args.resume,
+            on_batch=lambda n: progress.advance(task, n),
+        )  # fmt: skip
+    explainer = SelfExplainer(backend, config)
+    settings = config.replace(template=explainer.prompt.template).settings_hash()
+    n = write_jsonl(args.out, stored_records(store, backend.model_id, sae_key, settings, features))
+    store.close()
+    rate = summary.explained / summary.seconds * 60 if summary.seconds else 0.0
+    view = Console()
+    view.print(
+        f"{summary.explained} features explained in {summary.seconds:.0f}s ({rate:.0f} features/min), "
+        f"{summary.skipped} already in the store; {n} records written to {args.out}; store: {store_path}"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sae-selfexplain", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -173,6 +211,21 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--max-new-tokens", type=int, default=16)
     demo.add_argument("--json", help="also write the results to this JSON file")
     demo.set_defaults(func=cmd_demo)
+
+    ex = sub.add_parser("explain", help="explain the features of a SAELens SAE; resumable")
+    ex.add_argument("--sae", required=True, help="a SAELens SAE folder, or RELEASE:SAE_ID (needs the hub)")
+    ex.add_argument("--model", help="embedded model name or checkpoint folder (default: the SAE's model_name)")
+    ex.add_argument("--features", help="e.g. 0-1023, 1,5,9, or a file of indices (default: all)")
+    ex.add_argument("--out", required=True, help="results JSONL, written atomically at the end")
+    ex.add_argument("--store", help="SQLite results store (default: OUT with .db); committed per batch")
+    ex.add_argument("--resume", action="store_true", help="skip features already in the store")
+    ex.add_argument("--layer", type=int, default=SelfExplainConfig().layer)
+    ex.add_argument("--template", help="prompt template (default: from the tokenizer)")
+    ex.add_argument("--scales", help="comma-separated relative scales")
+    ex.add_argument("--max-new-tokens", type=int, default=SelfExplainConfig().max_new_tokens)
+    ex.add_argument("--batch-size", type=int, default=SelfExplainConfig().batch_size, help="rows per generate")
+    ex.add_argument("--device", default="cpu")
+    ex.set_defaults(func=cmd_explain)
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     wr = bench.add_parser("word-recovery", help="does the explanation name an injected word's residual?")
@@ -197,7 +250,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except SelfExplainError as e:
-        console.print(f"[bold red]error:[/bold red] {e}")
+        console.print(f"[bold red]error:[/bold red] {e}", soft_wrap=True, highlight=False)
         return 2
 
 

@@ -124,6 +124,30 @@ def _feature_indices(features: int | Sequence[int] | torch.Tensor, d_sae: int) -
     return indices
 
 
+def check_compatible(sae: SAE[Any], backend: Backend, *, check_model: bool = True, check_hook: bool = True) -> None:
+    """Raise InputError unless the SAE's decoder rows are residual directions of this model."""
+    d_out = int(sae.W_dec.shape[1])
+    if check_hook:
+        if d_out != sae.cfg.d_in or sae.cfg.metadata.hook_name_out:
+            raise InputError(
+                f"this SAE ({type(sae).__name__}) decodes into {sae.cfg.metadata.hook_name_out or 'another space'} "
+                f"(d_out={d_out}, d_in={sae.cfg.d_in}), not the residual stream it reads; its decoder rows are not "
+                "residual directions. Pass check_hook=False to inject them anyway (d_out must equal d_model)."
+            )
+        sae_layer(sae)
+    if d_out != backend.d_model:
+        raise InputError(
+            f"the SAE's decoder width {d_out} != the model's d_model {backend.d_model}: "
+            "this SAE belongs to another model."
+        )
+    wanted = sae.cfg.metadata.model_name
+    if check_model and wanted and _short_name(wanted) != _short_name(backend.model_id):
+        raise InputError(
+            f"the SAE was trained on {wanted!r} but the model is {backend.model_id!r}; pass the matching model, "
+            "or check_model=False to explain it through another model on purpose (e.g. the -it variant)."
+        )
+
+
 def self_explain(
     sae: SAE[Any],
     features: int | Sequence[int] | torch.Tensor,
@@ -157,27 +181,8 @@ def self_explain(
         )
     cfg = (config or SelfExplainConfig()).replace(**options) if options else (config or SelfExplainConfig())
     indices = _feature_indices(features, sae.cfg.d_sae)
-    d_out = int(sae.W_dec.shape[1])
-    if check_hook:
-        if d_out != sae.cfg.d_in or sae.cfg.metadata.hook_name_out:
-            raise InputError(
-                f"this SAE ({type(sae).__name__}) decodes into {sae.cfg.metadata.hook_name_out or 'another space'} "
-                f"(d_out={d_out}, d_in={sae.cfg.d_in}), not the residual stream it reads; its decoder rows are not "
-                "residual directions. Pass check_hook=False to inject them anyway (d_out must equal d_model)."
-            )
-        sae_layer(sae)
     backend = resolve_backend(sae, model, tokenizer)
-    if d_out != backend.d_model:
-        raise InputError(
-            f"the SAE's decoder width {d_out} != the model's d_model {backend.d_model}: "
-            "this SAE belongs to another model."
-        )
-    wanted = sae.cfg.metadata.model_name
-    if check_model and wanted and _short_name(wanted) != _short_name(backend.model_id):
-        raise InputError(
-            f"the SAE was trained on {wanted!r} but the model is {backend.model_id!r}; pass the matching model, "
-            "or check_model=False to explain it through another model on purpose (e.g. the -it variant)."
-        )
+    check_compatible(sae, backend, check_model=check_model, check_hook=check_hook)
     directions = sae.W_dec.detach()[indices].float().cpu()
     records = SelfExplainer(backend, cfg).explain(directions, indices)
     identity = sae_identity(sae)

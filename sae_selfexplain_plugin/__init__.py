@@ -12,14 +12,13 @@ Backends and loaders for transformers, SAELens, nnsight live in `sae_selfexplain
 from __future__ import annotations
 
 from . import integrations
+from ._version import __version__
 from .backend import Backend, GenerationRequest, GenerationResult, Injection, StepModel
 from .config import DEFAULT_LAYER, DEFAULT_SCALES, SelfExplainConfig
 from .engine import SelfExplainer
 from .errors import InputError, ModelCacheError, SelfExplainError, TemplateError
 from .results import Explanation, FeatureExplanations
 from .templates import PromptTemplate, RenderedPrompt, get_template, register_template, render, template_names
-
-__version__ = "0.1.0"
 
 
 def install() -> None:

@@ -7,6 +7,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from ._version import __version__
 from .errors import InputError
 
 
@@ -43,6 +44,7 @@ class FeatureExplanations:
     model_id: str = ""
     settings_hash: str = ""
     sae: dict[str, Any] = field(default_factory=dict)  # identity of the SAE the directions came from
+    package_version: str = __version__
 
     @property
     def chosen(self) -> Explanation | None:

@@ -1,0 +1,209 @@
+"""The results store and the `explain` pipeline on a tiny saved model and SAE (offline)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import build_tokenizer, tiny_gemma
+from sae_lens import StandardSAE, StandardSAEConfig
+from sae_lens.saes.sae import SAEMetadata
+from sae_selfexplain_plugin.adapters.cli import main
+from sae_selfexplain_plugin.adapters.pipeline import load_sae, parse_features
+
+from sae_selfexplain_plugin import FeatureExplanations, InputError
+from sae_selfexplain_plugin.files import OutputError, atomic_writer
+from sae_selfexplain_plugin.store import SCHEMA_VERSION, ResultsStore, StoreError
+
+D_SAE = 48
+FAST = ["--template", "test-open", "--scales", "1,4", "--max-new-tokens", "3", "--batch-size", "4"]
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """A tiny Gemma 3 checkpoint folder named like the SAE's model_name, and a saved SAE for it."""
+    root = tmp_path_factory.mktemp("assets")
+    tok = build_tokenizer()
+    model_dir = root / "tiny-gemma3"
+    tiny_gemma(len(tok)).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    torch.manual_seed(0)
+    meta = SAEMetadata(
+        model_name="tiny-gemma3", hook_name="blocks.2.hook_resid_pre", neuronpedia_id="tiny-gemma3/2-test"
+    )
+    sae = StandardSAE(StandardSAEConfig(d_in=64, d_sae=D_SAE, metadata=meta))
+    with torch.no_grad():
+        sae.W_dec.copy_(torch.randn_like(sae.W_dec))
+    sae_dir = root / "sae"
+    sae.save_model(sae_dir)
+    return model_dir, sae_dir
+
+
+def explain_args(assets, out, *extra):
+    model_dir, sae_dir = assets
+    return ["explain", "--sae", str(sae_dir), "--model", str(model_dir), "--out", str(out), *FAST, *extra]
+
+
+def read_jsonl(path):
+    return [FeatureExplanations.from_json(line) for line in Path(path).read_text().splitlines()]
+
+
+def test_explain_writes_every_feature_in_order(assets, tmp_path):
+    out = tmp_path / "r.jsonl"
+    assert main(explain_args(assets, out, "--features", "5-9,2")) == 0
+    records = read_jsonl(out)
+    assert [r.feature_id for r in records] == [2, 5, 6, 7, 8, 9]
+    assert all(len(r.candidates) == 2 and r.chosen.scale == 4.0 for r in records)
+    assert records[0].sae["neuronpedia_id"] == "tiny-gemma3/2-test" and records[0].package_version
+    assert (tmp_path / "r.db").exists()
+
+
+def test_resume_skips_what_is_done(assets, tmp_path, capsys):
+    out = tmp_path / "r.jsonl"
+    main(explain_args(assets, out, "--features", "0-5"))
+    first = {r.feature_id: r.to_dict() for r in read_jsonl(out)}
+    capsys.readouterr()
+    assert main(explain_args(assets, out, "--features", "0-9", "--resume")) == 0
+    printed = capsys.readouterr().out
+    assert "4 features explained" in printed and "6 already in the store" in printed
+    records = read_jsonl(out)
+    assert [r.feature_id for r in records] == list(range(10))
+    assert all(r.to_dict() == first[r.feature_id] for r in records if r.feature_id in first)  # reused, unchanged
+
+
+def test_killed_run_loses_at_most_the_batch_in_flight(assets, tmp_path):
+    out, db = tmp_path / "k.jsonl", tmp_path / "k.db"
+    cli = [*explain_args(assets, out, "--store", str(db))]
+    cli[cli.index("--template") + 1] = "identity"  # the child process does not have the tests' templates
+    cli[cli.index("--batch-size") + 1] = "2"  # one feature per committed batch
+    log = tmp_path / "child.log"
+    with log.open("w") as err:
+        child = subprocess.Popen([sys.executable, "-m", "sae_selfexplain_plugin.adapters.cli", *cli], stderr=err)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            if db.exists() and _count(db) >= 5:
+                break
+            time.sleep(0.05)
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait(30)
+    finally:
+        child.kill()
+    kept = _count(db)
+    assert 5 <= kept < D_SAE, f"the child should have been killed mid-run; its log: {log.read_text()[-2000:]}"
+    assert not out.exists()  # the JSONL is only written, atomically, at the end
+    with sqlite3.connect(db) as con:
+        assert con.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    assert main([*cli, "--resume"]) == 0
+    assert [r.feature_id for r in read_jsonl(out)] == list(range(D_SAE))
+    fresh = tmp_path / "fresh.jsonl"
+    assert main([*cli[: cli.index("--out")], "--out", str(fresh), *cli[cli.index("--out") + 2 :]]) == 0
+    assert [c.text for r in read_jsonl(out) for c in r.candidates] == [
+        c.text for r in read_jsonl(fresh) for c in r.candidates
+    ]
+
+
+def _count(db):
+    try:
+        with sqlite3.connect(db, timeout=5) as con:
+            return con.execute("SELECT COUNT(*) FROM explanations").fetchone()[0]
+    except sqlite3.OperationalError:
+        return 0
+
+
+def _write_records(path, worker, n):
+    with ResultsStore(path) as store:
+        for i in range(n):
+            rec = FeatureExplanations(feature_id=worker * 1000 + i, candidates=[], model_id="m", settings_hash="h")
+            store.put([rec], "sae")
+
+
+def test_two_processes_write_one_store(tmp_path):
+    import multiprocessing
+
+    db = tmp_path / "shared.db"
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_write_records, args=(db, w, 50)) for w in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    with ResultsStore(db) as store:
+        assert len(store.done("m", "sae", "h")) == 100
+
+
+def test_store_from_a_newer_schema_is_refused(tmp_path):
+    db = tmp_path / "new.db"
+    ResultsStore(db).close()
+    with sqlite3.connect(db) as con:
+        con.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION + 1),))
+    with pytest.raises(StoreError, match="newer than this sae-selfexplain"):
+        ResultsStore(db)
+
+
+def test_unwritable_store_path(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(StoreError, match="writable --store"):
+        ResultsStore(blocker / "sub" / "runs.db")
+
+
+def test_failed_batch_keeps_nothing(tmp_path):
+    with ResultsStore(tmp_path / "s.db") as store:
+        good = FeatureExplanations(feature_id=1, candidates=[], model_id="m", settings_hash="h")
+        bad = FeatureExplanations(feature_id=2, candidates=[], model_id="m", settings_hash="h")
+        bad.to_json = lambda: None  # NOT NULL violation inside the transaction  # type: ignore[method-assign]
+        with pytest.raises(StoreError, match="nothing of this batch was kept"):
+            store.put([good, bad], "sae")
+        assert store.done("m", "sae", "h") == set()
+
+
+def test_full_disk_leaves_no_partial_output(tmp_path, monkeypatch):
+    target = tmp_path / "out.jsonl"
+    target.write_text("previous\n")
+
+    with pytest.raises(OutputError, match="previous file, if any, is unchanged"), atomic_writer(target) as f:
+        f.write("half")
+        raise OSError(28, "No space left on device")
+    assert target.read_text() == "previous\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.jsonl"]
+
+
+@pytest.mark.parametrize(
+    ("spec", "match"),
+    [("0-48", "outside the SAE"), ("5-2", "low-high"), ("a-b", "cannot read feature"), ("", "no features")],
+)
+def test_bad_feature_specs(spec, match):
+    with pytest.raises(InputError, match=match):
+        parse_features(spec, D_SAE)
+
+
+def test_feature_file(tmp_path):
+    f = tmp_path / "feats.txt"
+    f.write_text("3\n1, 2\n\n7-8\n3\n")
+    assert parse_features(str(f), D_SAE) == [3, 1, 2, 7, 8]
+
+
+def test_truncated_sae_weights_are_a_clear_error(assets, tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for p in assets[1].iterdir():
+        data = p.read_bytes()
+        (broken / p.name).write_bytes(data[: len(data) // 2] if p.suffix == ".safetensors" else data)
+    with pytest.raises(InputError, match="cannot load the SAE"):
+        load_sae(str(broken))
+
+
+def test_cli_reports_bad_input(assets, tmp_path, capsys):
+    assert main(explain_args(assets, tmp_path / "o.jsonl", "--features", "0-999")) == 2
+    assert "outside the SAE" in capsys.readouterr().err
+    assert main(["explain", "--sae", str(tmp_path), "--out", str(tmp_path / "o.jsonl")]) == 2
+    assert "not a SAELens SAE folder" in capsys.readouterr().err
