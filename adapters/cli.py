@@ -22,8 +22,9 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from sae_selfexplain_plugin import SelfExplainConfig, SelfExplainer, SelfExplainError
+from sae_selfexplain_plugin import FeatureExplanations, SelfExplainConfig, SelfExplainer, SelfExplainError
 from sae_selfexplain_plugin.config import DEFAULT_SCALES
+from sae_selfexplain_plugin.formats import SCHEMA_NAMES
 from sae_selfexplain_plugin.word_recovery import default_source_layers, run_word_recovery, word_vectors
 
 from .embedded import DEFAULT_MODEL, EMBEDDED_MODELS, get_embedded, load_backend
@@ -199,6 +200,63 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_validate(args: argparse.Namespace) -> int:
+    from sae_selfexplain_plugin.formats import read_documents, validate
+
+    documents = 0
+    problems = []
+    for line, doc in read_documents(args.file):
+        documents += 1
+        problems += validate(doc, args.schema, line)
+    view = Console(soft_wrap=True)
+    for problem in problems:
+        view.print(str(problem), markup=False, highlight=False)
+    if problems:
+        view.print(f"{len(problems)} violations in {documents} documents of {args.file}", markup=False)
+        return 1
+    view.print(f"{args.file}: {documents} documents, all valid", markup=False)
+    return 0
+
+
+def _records(args: argparse.Namespace) -> Iterator[FeatureExplanations]:
+    if args.results:
+        from sae_selfexplain_plugin.formats import read_documents
+
+        for line, doc in read_documents(args.results):
+            if not isinstance(doc, dict):
+                raise SelfExplainError(f"{args.results} line {line}: not a JSON object.")
+            yield FeatureExplanations.from_dict(doc)
+    else:
+        from sae_selfexplain_plugin.store import ResultsStore
+
+        with ResultsStore(args.store) as store:
+            for _, record in store.records(sae_id=args.sae_id):
+                yield record
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from sae_selfexplain_plugin import export
+
+    if bool(args.results) == bool(args.store):
+        raise SelfExplainError("pass exactly one of --results FILE.jsonl or --store FILE.db.")
+    if args.format == "neuronpedia":
+        summary = export.export_neuronpedia(
+            _records(args), args.out, model_id=args.model_id, source_id=args.source_id,
+            type_name=args.type_name, explanation_model_name=args.explanation_model_name,
+        )  # fmt: skip
+    elif args.format == "neuron-explainer":
+        if args.layer_index is None:
+            raise SelfExplainError("--format neuron-explainer needs --layer-index (the SAE's layer).")
+        summary = export.export_neuron_explainer(_records(args), args.out, args.layer_index)
+    else:
+        summary = export.export_jsonl(_records(args), args.out)
+    view = Console(soft_wrap=True)
+    view.print(f"{summary.written} explanations written to {len(summary.files)} file(s) under {args.out}")
+    if summary.skipped:
+        view.print(f"{len(summary.skipped)} features had no explanation to publish: {summary.skipped[:20]}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sae-selfexplain", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -226,6 +284,24 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--batch-size", type=int, default=SelfExplainConfig().batch_size, help="rows per generate")
     ex.add_argument("--device", default="cpu")
     ex.set_defaults(func=cmd_explain)
+
+    va = sub.add_parser("validate", help="check a JSON/JSONL(.gz) file against the schema it claims")
+    va.add_argument("file")
+    va.add_argument("--schema", choices=SCHEMA_NAMES, help="default: detected from each document's keys")
+    va.set_defaults(func=cmd_validate)
+
+    exp = sub.add_parser("export", help="export results as Neuronpedia, neuron-explainer or our JSONL")
+    exp.add_argument("--results", help="a results JSONL written by `explain`")
+    exp.add_argument("--store", help="a results store (.db)")
+    exp.add_argument("--sae-id", help="with --store: only this SAE (its neuronpedia_id or path)")
+    exp.add_argument("--format", choices=["neuronpedia", "neuron-explainer", "jsonl"], required=True)
+    exp.add_argument("--out", required=True, help="output folder (neuronpedia, neuron-explainer) or file (jsonl)")
+    exp.add_argument("--model-id", help="Neuronpedia model id (default: from the SAE's neuronpedia_id)")
+    exp.add_argument("--source-id", help="Neuronpedia source id, e.g. 6-res-jb (default: from neuronpedia_id)")
+    exp.add_argument("--type-name", default="sae-selfexplain", help="Neuronpedia explanation typeName")
+    exp.add_argument("--explanation-model-name", help="default: the explained model's name")
+    exp.add_argument("--layer-index", type=int, help="neuron-explainer layer_index")
+    exp.set_defaults(func=cmd_export)
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     wr = bench.add_parser("word-recovery", help="does the explanation name an injected word's residual?")

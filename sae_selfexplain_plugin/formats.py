@@ -1,0 +1,199 @@
+"""Output formats, their JSON Schemas (shipped in `schemas/`, draft 2020-12), validation and converters.
+
+- explanation-record: our own record (FeatureExplanations.to_dict()), one per JSONL line;
+- neuronpedia-explanation: a line of Neuronpedia's bulk export
+  (`v1/{modelId}/{sourceId}/explanations/batch-{N}.jsonl.gz`, 1,024 lines a batch, ordered by index);
+- neuronpedia-upload-batch: the body of Neuronpedia's `POST /api/feature/upload-batch`;
+- neuron-explainer: OpenAI's NeuronSimulationResults.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from functools import cache
+from importlib.resources import files
+from pathlib import Path
+from typing import Any
+
+from jsonschema import Draft202012Validator, FormatChecker
+
+from .errors import InputError
+from .results import FeatureExplanations
+
+SCHEMA_NAMES = ("explanation-record", "neuronpedia-explanation", "neuronpedia-upload-batch", "neuron-explainer")
+NEURONPEDIA_BATCH = 1024
+MAX_DESCRIPTION = 512
+
+
+@cache
+def schema(name: str) -> dict[str, Any]:
+    """The shipped JSON Schema called `name`."""
+    if name not in SCHEMA_NAMES:
+        raise InputError(f"unknown schema {name!r}; choose one of {', '.join(SCHEMA_NAMES)}.")
+    text = files("sae_selfexplain_plugin").joinpath(f"schemas/{name}.schema.json").read_text(encoding="utf-8")
+    loaded: dict[str, Any] = json.loads(text)
+    return loaded
+
+
+@dataclass(frozen=True)
+class Violation:
+    """One schema violation: where (file line, JSON path) and what."""
+
+    line: int | None
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        where = f"line {self.line}: " if self.line is not None else ""
+        return f"{where}{self.path}: {self.message}"
+
+
+def detect(doc: Any) -> str:
+    """Which of our schemas a document claims to follow, from its keys."""
+    if isinstance(doc, dict):
+        if "feature_id" in doc and "candidates" in doc:
+            return "explanation-record"
+        if "features" in doc and "source" in doc:
+            return "neuronpedia-upload-batch"
+        if "neuron_id" in doc or "scored_explanations" in doc:
+            return "neuron-explainer"
+        if "modelId" in doc and "description" in doc:
+            return "neuronpedia-explanation"
+    raise InputError("cannot tell which format this document is; pass --schema with one of " + ", ".join(SCHEMA_NAMES))
+
+
+def _json_path(parts: Any) -> str:
+    out = "$"
+    for p in parts:
+        out += f"[{p}]" if isinstance(p, int) else f".{p}"
+    return out
+
+
+def validate(doc: Any, name: str | None = None, line: int | None = None) -> list[Violation]:
+    """Every violation of `doc` against the schema `name` (detected when None)."""
+    name = name or detect(doc)
+    validator = Draft202012Validator(schema(name), format_checker=FormatChecker())
+    found = [
+        Violation(line, _json_path(e.absolute_path), e.message)
+        for e in sorted(validator.iter_errors(doc), key=lambda e: list(map(str, e.absolute_path)))
+    ]
+    if name == "neuronpedia-upload-batch" and isinstance(doc, dict):
+        found += _upload_batch_rules(doc, line)
+    return found
+
+
+def _upload_batch_rules(doc: dict[str, Any], line: int | None) -> list[Violation]:
+    """Rules of the upload-batch endpoint that JSON Schema cannot express."""
+    found = []
+    seen: set[Any] = set()
+    for i, feature in enumerate(doc.get("features") or []):
+        if not isinstance(feature, dict):
+            continue
+        if feature.get("index") in seen:
+            found.append(Violation(line, f"$.features[{i}].index", f"duplicate index {feature.get('index')}"))
+        seen.add(feature.get("index"))
+        for j, act in enumerate(feature.get("activations") or []):
+            if isinstance(act, dict) and len(act.get("tokens") or []) != len(act.get("values") or []):
+                found.append(Violation(line, f"$.features[{i}].activations[{j}]", "tokens and values differ in length"))
+    return found
+
+
+def read_documents(path: str | Path) -> Iterator[tuple[int | None, Any]]:
+    """(line number, document) for a .json file, or each line of a .jsonl / .jsonl.gz file."""
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            if path.name.endswith((".jsonl", ".jsonl.gz")):
+                for n, text in enumerate(f, start=1):
+                    if text.strip():
+                        yield n, _parse(text, path, n)
+            else:
+                yield None, _parse(f.read(), path, None)
+    except (OSError, EOFError, UnicodeDecodeError) as e:
+        raise InputError(f"cannot read {path} ({e}); is it complete and of the right kind?") from e
+
+
+def _parse(text: str, path: Path, line: int | None) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        where = f"line {line}" if line is not None else f"character {e.pos}"
+        raise InputError(f"{path}: malformed or truncated JSON at {where}: {e.msg}.") from e
+
+
+def validate_file(path: str | Path, name: str | None = None) -> list[Violation]:
+    """Every violation in a file, each with its line and JSON path."""
+    found: list[Violation] = []
+    for line, doc in read_documents(path):
+        found += validate(doc, name, line)
+    return found
+
+
+# --- converters -------------------------------------------------------------------------------------
+
+
+def neuronpedia_ids(record: FeatureExplanations, model_id: str | None, source_id: str | None) -> tuple[str, str]:
+    """(modelId, sourceId): given explicitly, else from the SAE's `neuronpedia_id` ("model/source")."""
+    np_id = record.sae.get("neuronpedia_id")
+    if np_id and "/" in np_id:
+        default_model, default_source = np_id.split("/", 1)
+        return model_id or default_model, source_id or default_source
+    if model_id and source_id:
+        return model_id, source_id
+    raise InputError(
+        f"feature {record.feature_id}: the SAE has no neuronpedia_id (SAELens sets it for registry SAEs); "
+        "pass --model-id and --source-id (e.g. gemma-3-270m and 12-gemmascope-2-res-16k)."
+    )
+
+
+def to_neuronpedia_line(
+    record: FeatureExplanations,
+    model_id: str,
+    source_id: str,
+    type_name: str | None,
+    explanation_model_name: str | None,
+) -> dict[str, Any] | None:
+    """A Neuronpedia export line for the chosen explanation; None when there is none to publish."""
+    chosen = record.chosen
+    if chosen is None or not chosen.text.strip():
+        return None
+    notes = {"method": "self-explanation", "scale": chosen.scale, "layer": chosen.layer, "template": chosen.template}
+    return {
+        "modelId": model_id,
+        "layer": source_id,
+        "index": str(record.feature_id),
+        "description": chosen.text.strip()[:MAX_DESCRIPTION],
+        "typeName": type_name,
+        "explanationModelName": explanation_model_name,
+        "notes": json.dumps(notes),
+        "createdAt": datetime.now(timezone.utc).isoformat(),
+    }
+
+
+def to_neuron_explainer(record: FeatureExplanations, layer_index: int) -> dict[str, Any]:
+    """NeuronSimulationResults for the chosen explanation; no simulation was run, so scores are null."""
+    chosen = record.chosen
+    explanations = [] if chosen is None else [chosen.text]
+    return {
+        "neuron_id": {"layer_index": layer_index, "neuron_index": record.feature_id, "dataclass_name": "NeuronId"},
+        "scored_explanations": [
+            {
+                "explanation": text,
+                "scored_simulation": {
+                    "scored_sequence_simulations": [],
+                    "ev_correlation_score": None,
+                    "rsquared_score": None,
+                    "absolute_dev_explained_score": None,
+                    "dataclass_name": "ScoredSimulation",
+                },
+                "dataclass_name": "ScoredExplanation",
+            }
+            for text in explanations
+        ],
+        "dataclass_name": "NeuronSimulationResults",
+    }
