@@ -6,9 +6,9 @@ import gzip
 import json
 
 import pytest
+from sae_selfexplain_plugin.adapters.cli import main
 
 from sae_selfexplain_plugin import Explanation, FeatureExplanations, InputError
-from sae_selfexplain_plugin.adapters.cli import main
 from sae_selfexplain_plugin.export import export_jsonl, export_neuron_explainer, export_neuronpedia
 from sae_selfexplain_plugin.files import OutputError
 from sae_selfexplain_plugin.formats import detect, read_documents, schema, validate, validate_file
@@ -104,7 +104,9 @@ def test_malformed_and_truncated_jsonl(tmp_path):
     with pytest.raises(InputError, match=r"truncated JSON at line 2"):
         list(read_documents(bad))
     gz = tmp_path / "cut.jsonl.gz"
-    gz.write_bytes(gzip.compress(b'{"a": 1}\n' * 100)[:40])
+    lines = "".join(json.dumps({"n": i, "h": hash(str(i))}) + "\n" for i in range(2000)).encode()
+    data = gzip.compress(lines)
+    gz.write_bytes(data[: len(data) // 2])
     with pytest.raises(InputError, match="cannot read"):
         list(read_documents(gz))
 
