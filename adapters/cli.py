@@ -257,6 +257,34 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_upload(args: argparse.Namespace) -> int:
+    from sae_selfexplain_plugin.formats import neuronpedia_ids
+    from sae_selfexplain_plugin.store import ResultsStore
+
+    from .neuronpedia import upload
+
+    if bool(args.results) == bool(args.store):
+        raise SelfExplainError("pass exactly one of --results FILE.jsonl or --store FILE.db.")
+    records = list(_records(args))
+    if not records:
+        raise SelfExplainError("no results to upload.")
+    model_id, source = neuronpedia_ids(records[0], args.model_id, args.source)
+    ledger_path = args.ledger or args.store or str(Path(args.results).with_suffix(".db"))
+    with ResultsStore(ledger_path) as ledger:
+        summary = upload(
+            records, model_id=model_id, source=source, ledger=ledger, host=args.host,
+            method_name=args.method_name, model_name=args.model_name, dry_run=args.dry_run,
+            log=lambda m: console.print(m, soft_wrap=True, markup=False, highlight=False),
+        )  # fmt: skip
+    verb = "would send" if args.dry_run else "sent"
+    Console(soft_wrap=True).print(
+        f"{verb} {summary.sent} features in {summary.batches} batches to {model_id}/{source}; "
+        f"{summary.already} already uploaded; {len(summary.skipped)} without explanation or activations",
+        markup=False,
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sae-selfexplain", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -302,6 +330,19 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--explanation-model-name", help="default: the explained model's name")
     exp.add_argument("--layer-index", type=int, help="neuron-explainer layer_index")
     exp.set_defaults(func=cmd_export)
+
+    up = sub.add_parser("upload", help="upload explanations to Neuronpedia (key in NEURONPEDIA_API_KEY)")
+    up.add_argument("--results", help="a results JSONL written by `explain`")
+    up.add_argument("--store", help="a results store (.db)")
+    up.add_argument("--sae-id", help="with --store: only this SAE")
+    up.add_argument("--model-id", help="Neuronpedia model id (default: from the SAE's neuronpedia_id)")
+    up.add_argument("--source", help="Neuronpedia source id, of a source set you created (default: neuronpedia_id)")
+    up.add_argument("--ledger", help="store that remembers what was uploaded (default: the results' store)")
+    up.add_argument("--host", default="https://www.neuronpedia.org")
+    up.add_argument("--method-name", help="an explanation type Neuronpedia knows (else omitted)")
+    up.add_argument("--model-name", help="an explanation model name Neuronpedia knows (else omitted)")
+    up.add_argument("--dry-run", action="store_true", help="print what would be sent; send nothing")
+    up.set_defaults(func=cmd_upload)
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     wr = bench.add_parser("word-recovery", help="does the explanation name an injected word's residual?")

@@ -18,7 +18,7 @@ from sae_selfexplain_plugin.results import FeatureExplanations
 from sae_selfexplain_plugin.store import ResultsStore
 
 from .embedded import EMBEDDED_MODELS, load_backend
-from .sae_lens import check_compatible, resolve_backend, sae_identity
+from .sae_lens import activation_records, check_compatible, resolve_backend, sae_identity
 from .transformers import TransformersBackend
 
 
@@ -108,8 +108,10 @@ def explain_sae(
     for i in range(0, len(todo), per_batch):
         chunk = todo[i : i + per_batch]
         records = explainer.explain(sae.W_dec.detach()[chunk].float().cpu(), chunk)
-        for r in records:
+        texts = [(r.chosen.text if r.chosen else "") for r in records]
+        for r, act in zip(records, activation_records(sae, backend, chunk, texts, "own explanation")):
             r.sae = identity
+            r.activations = [] if act is None else [act]
         store.put(records, sae_key)
         if on_batch is not None:
             on_batch(len(chunk))

@@ -22,16 +22,17 @@ from sae_selfexplain_plugin.errors import InputError
 from .embedded import EMBEDDED_MODELS, load_backend
 from .transformers import TransformersBackend
 
-# Hook names whose activations live in the residual stream, with the block whose *input* they equal.
+# Hook names in residual space: (pattern, offset to the block whose input it is, equal to that input?).
+# Sublayer outputs and resid_mid write into the residual stream but are not the residual entering a block.
 _RESIDUAL_HOOKS = [
-    (re.compile(r"^blocks\.(\d+)\.hook_resid_pre$"), 0),
-    (re.compile(r"^blocks\.(\d+)\.hook_in$"), 0),  # TransformerBridge alias of hook_resid_pre
-    (re.compile(r"^blocks\.(\d+)\.hook_resid_mid$"), 0),
-    (re.compile(r"^blocks\.(\d+)\.hook_(attn|mlp)_out$"), 0),  # sublayer outputs, written into the residual
-    (re.compile(r"^blocks\.(\d+)\.hook_resid_post$"), 1),
-    (re.compile(r"^blocks\.(\d+)\.hook_out$"), 1),
-    (re.compile(r"^model\.layers\.(\d+)\.output$"), 1),  # Hugging Face / nnsight names (hf_hook_name)
-    (re.compile(r"^model\.layers\.(\d+)\.input$"), 0),
+    (re.compile(r"^blocks\.(\d+)\.hook_resid_pre$"), 0, True),
+    (re.compile(r"^blocks\.(\d+)\.hook_in$"), 0, True),  # TransformerBridge alias of hook_resid_pre
+    (re.compile(r"^blocks\.(\d+)\.hook_resid_mid$"), 0, False),
+    (re.compile(r"^blocks\.(\d+)\.hook_(attn|mlp)_out$"), 0, False),
+    (re.compile(r"^blocks\.(\d+)\.hook_resid_post$"), 1, True),
+    (re.compile(r"^blocks\.(\d+)\.hook_out$"), 1, True),
+    (re.compile(r"^model\.layers\.(\d+)\.output$"), 1, True),  # Hugging Face / nnsight names (hf_hook_name)
+    (re.compile(r"^model\.layers\.(\d+)\.input$"), 0, True),
 ]
 _CONFIG_FIELDS = {f.name for f in dataclasses.fields(SelfExplainConfig)}
 _backends: dict[str, Backend] = {}  # embedded models loaded on demand, once per process
@@ -39,17 +40,56 @@ _backends: dict[str, Backend] = {}  # embedded models loaded on demand, once per
 
 def sae_layer(sae: SAE[Any]) -> int:
     """The block whose input residual the SAE reads (e.g. 7 for blocks.6.hook_resid_post)."""
+    found = _match_hook(sae)
+    if found is not None:
+        return found[0]
     meta = sae.cfg.metadata
-    for name in (meta.hook_name, meta.hf_hook_name):
-        for pattern, offset in _RESIDUAL_HOOKS:
-            m = pattern.match(name or "")
-            if m:
-                return int(m.group(1)) + offset
     raise InputError(
         f"cannot map the SAE's hook {meta.hook_name!r} to a residual-stream layer: self-explanation injects "
         "decoder rows into the residual stream, so the SAE must read or write it (hook_resid_pre/mid/post, "
         "hook_attn_out, hook_mlp_out). Pass check_hook=False to inject its decoder rows anyway."
     )
+
+
+def _match_hook(sae: SAE[Any]) -> tuple[int, bool] | None:
+    meta = sae.cfg.metadata
+    for name in (meta.hook_name, meta.hf_hook_name):
+        for pattern, offset, is_block_input in _RESIDUAL_HOOKS:
+            m = pattern.match(name or "")
+            if m:
+                return int(m.group(1)) + offset, is_block_input
+    return None
+
+
+def sae_input_layer(sae: SAE[Any]) -> int | None:
+    """The block whose input residual is exactly what the SAE encodes; None if it reads something else."""
+    found = _match_hook(sae)
+    return found[0] if found is not None and found[1] else None
+
+
+@torch.no_grad()
+def activation_records(
+    sae: SAE[Any], backend: Backend, features: list[int], texts: list[str], source: str
+) -> list[dict[str, Any] | None]:
+    """Per feature, its SAE activations over a text: {"source", "tokens", "values"} (None if not computable:
+    an empty text, or an SAE that does not encode a block's input residual)."""
+    layer = sae_input_layer(sae)
+    tok = backend.tokenizer
+    if layer is None or layer >= backend.n_layers:
+        return [None] * len(features)
+    out: list[dict[str, Any] | None] = []
+    for feature, text in zip(features, texts):
+        if not text.strip():
+            out.append(None)
+            continue
+        ids = tok(text, return_tensors="pt")["input_ids"]
+        resid = backend.residual(ids, torch.ones_like(ids), layer)[0]
+        acts = sae.encode(resid.to(sae.W_dec.device, sae.W_dec.dtype))[:, feature].float().cpu()
+        special = set(getattr(tok, "all_special_ids", []) or [])
+        keep = [i for i, t in enumerate(ids[0].tolist()) if t not in special]
+        tokens = [tok.decode([int(ids[0, i])]) for i in keep]
+        out.append({"source": source, "tokens": tokens, "values": [round(float(acts[i]), 6) for i in keep]})
+    return out
 
 
 def sae_identity(sae: SAE[Any]) -> dict[str, Any]:

@@ -45,6 +45,8 @@ class FeatureExplanations:
     settings_hash: str = ""
     sae: dict[str, Any] = field(default_factory=dict)  # identity of the SAE the directions came from
     package_version: str = __version__
+    # Activation records ({"source", "tokens", "values"}): the feature's activations over a text.
+    activations: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def chosen(self) -> Explanation | None:

@@ -34,6 +34,15 @@ CREATE TABLE IF NOT EXISTS explanations (
     created_at TEXT NOT NULL,
     PRIMARY KEY (model_id, sae_id, feature, settings_hash)
 );
+CREATE TABLE IF NOT EXISTS uploads (
+    host TEXT NOT NULL,
+    np_model TEXT NOT NULL,
+    np_source TEXT NOT NULL,
+    feature INTEGER NOT NULL,
+    text_sha TEXT NOT NULL,
+    uploaded_at TEXT NOT NULL,
+    PRIMARY KEY (host, np_model, np_source, feature, text_sha)
+);
 """
 
 
@@ -105,6 +114,21 @@ class ResultsStore:
         )
         for sae, record in cur:
             yield str(sae), FeatureExplanations.from_dict(json.loads(record))
+
+    def uploaded(self, host: str, np_model: str, np_source: str) -> set[tuple[int, str]]:
+        """(feature, text hash) pairs already uploaded to this Neuronpedia source."""
+        cur = self._db.execute(
+            "SELECT feature, text_sha FROM uploads WHERE host = ? AND np_model = ? AND np_source = ?",
+            (host, np_model, np_source),
+        )
+        return {(int(f), str(s)) for f, s in cur}
+
+    def mark_uploaded(self, host: str, np_model: str, np_source: str, items: Iterable[tuple[int, str]]) -> None:
+        """Record a successfully uploaded batch (one transaction)."""
+        now = datetime.now(timezone.utc).isoformat()
+        rows = [(host, np_model, np_source, f, s, now) for f, s in items]
+        with self._transaction():
+            self._db.executemany("INSERT OR IGNORE INTO uploads VALUES (?, ?, ?, ?, ?, ?)", rows)
 
     def close(self) -> None:
         self._db.close()

@@ -1,0 +1,176 @@
+"""Upload explanations to Neuronpedia through `POST /api/feature/upload-batch`.
+
+Neuronpedia's `/api/explanation/new` is switched off; upload-batch is the live path. It needs a source
+set the caller created (`/api/model/new`, `/api/source-set/new`), at most 128 features a request, and at
+least one activation record per feature: we send the feature's activations over its own explanation text
+(computed by `explain`). Re-runs are idempotent: a ledger in the results store remembers what was sent.
+The API key is read from NEURONPEDIA_API_KEY and never printed, logged or written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from sae_selfexplain_plugin.errors import SelfExplainError
+from sae_selfexplain_plugin.formats import MAX_DESCRIPTION, validate
+from sae_selfexplain_plugin.results import FeatureExplanations
+from sae_selfexplain_plugin.store import ResultsStore
+
+DEFAULT_HOST = "https://www.neuronpedia.org"
+API_KEY_ENV = "NEURONPEDIA_API_KEY"
+MAX_BATCH = 128
+_RETRY_STATUS = {429, 500, 502, 503, 504}
+
+
+class UploadError(SelfExplainError, RuntimeError):
+    """Neuronpedia refused or never accepted a batch; the ledger holds only the batches that succeeded."""
+
+
+@dataclass
+class UploadSummary:
+    sent: int = 0
+    already: int = 0
+    skipped: list[int] = field(default_factory=list)  # no explanation or no activation record
+    batches: int = 0
+
+
+def api_key_from_env() -> str:
+    key = os.environ.get(API_KEY_ENV, "").strip()
+    if not key:
+        raise UploadError(f"no API key: set {API_KEY_ENV} (Neuronpedia > account > API key).")
+    return key
+
+
+def _text_sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def feature_payload(
+    record: FeatureExplanations, method_name: str | None, model_name: str | None
+) -> dict[str, Any] | None:
+    """One upload-batch feature, or None when the record has no explanation or no activation record."""
+    chosen = record.chosen
+    if chosen is None or not chosen.text.strip() or not record.activations:
+        return None
+    explanation: dict[str, Any] = {"text": chosen.text.strip()[:MAX_DESCRIPTION]}
+    if method_name:
+        explanation["methodName"] = method_name
+    if model_name:
+        explanation["modelName"] = model_name
+    activations = [{"tokens": a["tokens"][:1024], "values": a["values"][:1024]} for a in record.activations]
+    return {"index": record.feature_id, "explanations": [explanation], "activations": activations}
+
+
+class _Redactor:
+    def __init__(self, secret: str) -> None:
+        self.secret = secret
+
+    def __call__(self, text: str) -> str:
+        return text.replace(self.secret, "***") if self.secret else text
+
+
+def upload(
+    records: Iterable[FeatureExplanations],
+    *,
+    model_id: str,
+    source: str,
+    ledger: ResultsStore,
+    api_key: str | None = None,
+    host: str = DEFAULT_HOST,
+    method_name: str | None = None,
+    model_name: str | None = None,
+    dry_run: bool = False,
+    max_retries: int = 5,
+    backoff_s: float = 1.0,
+    timeout_s: float = 60.0,
+    log: Callable[[str], None] = print,
+    sleep: Callable[[float], None] = time.sleep,
+) -> UploadSummary:
+    """Upload every record not yet in the ledger, in batches of at most 128 features."""
+    model_id, source = model_id.lower(), source.lower()  # Neuronpedia lowercases both
+    done = ledger.uploaded(host, model_id, source)
+    summary = UploadSummary()
+    pending: list[tuple[dict[str, Any], str]] = []
+    for record in records:
+        payload = feature_payload(record, method_name, model_name)
+        if payload is None:
+            summary.skipped.append(record.feature_id)
+            continue
+        sha = _text_sha(payload["explanations"][0]["text"])
+        if (record.feature_id, sha) in done:
+            summary.already += 1
+            continue
+        pending.append((payload, sha))
+    key = "" if dry_run or not pending else (api_key or api_key_from_env())
+    redact = _Redactor(key)
+    for start in range(0, len(pending), MAX_BATCH):
+        batch = pending[start : start + MAX_BATCH]
+        body = {"modelId": model_id, "source": source, "features": [p for p, _ in batch]}
+        problems = validate(body, "neuronpedia-upload-batch")
+        if problems:
+            raise UploadError(f"refusing to send an invalid batch: {problems[0]}")
+        if dry_run:
+            log(f"dry run: would POST {len(batch)} features ({batch[0][0]['index']}..{batch[-1][0]['index']}) "
+                f"to {host}/api/feature/upload-batch")  # fmt: skip
+        else:
+            _post(host, body, key, max_retries, backoff_s, timeout_s, redact, log, sleep)
+            ledger.mark_uploaded(host, model_id, source, [(p["index"], sha) for p, sha in batch])
+        summary.sent += len(batch)
+        summary.batches += 1
+    return summary
+
+
+def _post(
+    host: str,
+    body: dict[str, Any],
+    key: str,
+    max_retries: int,
+    backoff_s: float,
+    timeout_s: float,
+    redact: _Redactor,
+    log: Callable[[str], None],
+    sleep: Callable[[float], None],
+) -> None:
+    url = host.rstrip("/") + "/api/feature/upload-batch"
+    data = json.dumps(body).encode()
+    first = body["features"][0]["index"]
+    for attempt in range(max_retries + 1):
+        request = urllib.request.Request(
+            url, data=data, method="POST", headers={"Content-Type": "application/json", "x-api-key": key}
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=timeout_s) as response:
+                response.read()
+                return
+        except urllib.error.HTTPError as e:
+            message = redact(e.read().decode("utf-8", "replace")[:300])
+            if e.code in (401, 403):
+                raise UploadError(
+                    f"Neuronpedia refused the API key ({e.code}); check {API_KEY_ENV} and that you own the source set."
+                ) from None
+            if e.code not in _RETRY_STATUS or attempt == max_retries:
+                raise UploadError(
+                    f"upload of the batch starting at feature {first} failed: HTTP {e.code} {message}"
+                ) from None
+            wait = _retry_after(e.headers.get("Retry-After"), backoff_s * 2**attempt)
+        except (urllib.error.URLError, TimeoutError) as e:
+            if attempt == max_retries:
+                raise UploadError(f"cannot reach {host} ({redact(str(e))}) after {max_retries + 1} tries.") from None
+            wait = backoff_s * 2**attempt
+        log(f"batch starting at feature {first}: retrying in {wait:.1f}s (try {attempt + 2} of {max_retries + 1})")
+        sleep(wait)
+
+
+def _retry_after(header: str | None, default: float) -> float:
+    try:
+        return max(0.0, float(header)) if header is not None else default
+    except ValueError:
+        return default
