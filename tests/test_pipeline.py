@@ -62,6 +62,14 @@ def test_explain_writes_every_feature_in_order(assets, tmp_path):
     assert [r.feature_id for r in records] == [2, 5, 6, 7, 8, 9]
     assert all(len(r.candidates) == 2 and r.chosen.scale == 4.0 for r in records)
     assert records[0].sae["neuronpedia_id"] == "tiny-gemma3/2-test" and records[0].package_version
+    for r in records:  # the feature's own activations over its explanation: what a Neuronpedia upload needs
+        if not r.chosen.text.strip():
+            assert r.activations == []  # nothing to run through the SAE
+            continue
+        (act,) = r.activations
+        assert act["source"] == "own explanation" and len(act["tokens"]) == len(act["values"]) > 0
+    assert sum(bool(r.activations) for r in records) >= 3
+    assert main(["upload", "--results", str(out), "--dry-run"]) == 0
     assert (tmp_path / "r.db").exists()
 
 
