@@ -64,7 +64,8 @@ def test_word_recovery_same_layer_is_near_perfect(real_backend):
 
 def test_cli_demo_prints_a_table_and_writes_json(tmp_path, capsys):
     out = tmp_path / "demo.json"
-    code = main(["demo", "--words", "Paris,cat", "--scales", "1,4", "--max-new-tokens", "6", "--json", str(out)])
+    args = ["--words", "Paris,cat", "--scales", "1,4", "--max-new-tokens", "6", "--json", str(out)]
+    code = main(["demo", "--model", "gemma-3-270m", *args])
     assert code == 0
     printed = capsys.readouterr().out
     assert "'Paris'" in printed and "definition" in printed

@@ -1,0 +1,49 @@
+"""On the real embedded SmolLM2-135M-Instruct (chat, ChatML): the default model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from sae_selfexplain_plugin import SelfExplainConfig, SelfExplainer, render
+from sae_selfexplain_plugin.adapters.cli import main
+from sae_selfexplain_plugin.adapters.embedded import DEFAULT_MODEL, load_backend
+from sae_selfexplain_plugin.word_recovery import recovered, word_vectors
+
+pytestmark = pytest.mark.real_model
+WORDS = ["Paris", "banana", "music", "winter"]
+
+
+@pytest.fixture(scope="module")
+def smol():
+    return load_backend("smollm2-135m-instruct")
+
+
+def test_it_is_the_default_and_a_chat_model(smol):
+    assert DEFAULT_MODEL == "smollm2-135m-instruct"
+    assert (smol.n_layers, smol.d_model) == (30, 576)
+    assert SelfExplainer(smol).template_name == "chat-meaning"
+    prompt = render("chat-meaning", smol.tokenizer)
+    assert prompt.text.count("<|im_start|>") == 3 and len(prompt.placeholder_positions) == 2
+
+
+def test_mid_layer_words_are_recovered_through_chat_prompts(smol):
+    vecs = word_vectors(smol, WORDS, 10, in_context=True)
+    for template in ("identity", "chat-repeat"):
+        records = SelfExplainer(smol, SelfExplainConfig(template=template, scales=(2.0,), max_new_tokens=6)).explain(vecs)
+        assert sum(recovered(r.candidates[0].text, w) for r, w in zip(records, WORDS)) >= 3, template
+
+
+def test_meaning_prompt_gives_meanings(smol):
+    vecs = word_vectors(smol, ["music"], 10, in_context=True)
+    cfg = SelfExplainConfig(template="chat-meaning", scales=(2.0,), max_new_tokens=16)
+    (record,) = SelfExplainer(smol, cfg).explain(vecs)
+    assert "sound" in record.candidates[0].text or "music" in record.candidates[0].text
+
+
+def test_demo_runs_on_the_default_model(tmp_path, capsys):
+    out = tmp_path / "demo.json"
+    assert main(["demo", "--words", "winter", "--scales", "2", "--max-new-tokens", "6", "--json", str(out)]) == 0
+    assert "'winter'" in capsys.readouterr().out
+    assert set(json.loads(out.read_text())["results"]) == {"chat-meaning", "chat-repeat"}
