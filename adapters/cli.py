@@ -25,7 +25,13 @@ from rich.table import Table
 from sae_selfexplain_plugin import FeatureExplanations, SelfExplainConfig, SelfExplainer, SelfExplainError
 from sae_selfexplain_plugin.config import DEFAULT_SCALES
 from sae_selfexplain_plugin.formats import SCHEMA_NAMES
-from sae_selfexplain_plugin.word_recovery import default_source_layers, run_word_recovery, word_vectors
+from sae_selfexplain_plugin.word_recovery import (
+    default_source_layers,
+    load_words,
+    run_word_recovery,
+    single_token_words,
+    word_vectors,
+)
 
 from .embedded import DEFAULT_MODEL, EMBEDDED_MODELS, get_embedded, load_backend
 from .transformers import TransformersBackend
@@ -114,15 +120,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_word_recovery(args: argparse.Namespace) -> int:
     backend = _load(args.model)
     chat = EMBEDDED_MODELS[args.model].chat
-    templates = (
-        args.templates.split(",")
-        if args.templates
-        else (["chat-meaning", "chat-repeat"] if chat else ["identity", "definition"])
-    )
+    default = ["identity", "chat-repeat", "chat-meaning"] if chat else ["identity", "definition"]
+    templates = args.templates.split(",") if args.templates else default
     sources = [int(s) for s in args.sources.split(",")] if args.sources else None
     config = SelfExplainConfig(layer=args.layer, scales=_scales(args.scales), max_new_tokens=args.max_new_tokens)
-    from sae_selfexplain_plugin.word_recovery import load_words, single_token_words
-
     words = single_token_words(backend.tokenizer, load_words())[: args.limit or None]
     n_sources = 1 + len(sources if sources is not None else default_source_layers(backend.n_layers))
     start = time.perf_counter()
@@ -347,7 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     wr = bench.add_parser("word-recovery", help="does the explanation name an injected word's residual?")
     wr.add_argument("--model", default=DEFAULT_MODEL, choices=models)
-    wr.add_argument("--templates", help="comma-separated template names (default: the model's two best kinds)")
+    wr.add_argument("--templates", help="comma-separated template names (default: identity and the model's others)")
     wr.add_argument(
         "--sources",
         help="comma-separated source blocks for the cross-layer case (default: 1/3 and 1/2 depth)",
