@@ -169,7 +169,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     from .pipeline import explain_sae, load_model, load_sae, parse_features, stored_records, write_jsonl
 
     with _status(f"Loading SAE {args.sae}...", "loaded the SAE"):
-        sae, sae_key = load_sae(args.sae, device=args.device)
+        sae, sae_key = load_sae(args.sae, device=args.device or "cpu")
     features = parse_features(args.features, sae.cfg.d_sae) if args.features else list(range(sae.cfg.d_sae))
     config = SelfExplainConfig(
         layer=args.layer,
@@ -181,7 +181,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     store_path = Path(args.store) if args.store else Path(args.out).with_suffix(".db")
     store = ResultsStore(store_path)  # fail on an unwritable store before loading the model
     with _status("Loading the model...", "loaded the model"):
-        backend = load_model(args.model, sae)
+        backend = load_model(args.model, sae, args.device)
     with _progress() as progress:
         task = progress.add_task("explaining features", total=len(features))
         summary = explain_sae(
@@ -311,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--scales", help="comma-separated relative scales")
     ex.add_argument("--max-new-tokens", type=int, default=SelfExplainConfig().max_new_tokens)
     ex.add_argument("--batch-size", type=int, default=SelfExplainConfig().batch_size, help="rows per generate")
-    ex.add_argument("--device", default="cpu")
+    ex.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: a GPU if there is one)")
     ex.set_defaults(func=cmd_explain)
 
     va = sub.add_parser("validate", help="check a JSON/JSONL(.gz) file against the schema it claims")

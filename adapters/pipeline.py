@@ -61,17 +61,18 @@ def load_sae(spec: str, device: str = "cpu") -> tuple[SAE[Any], str]:
     return sae, key
 
 
-def load_model(spec: str | None, sae: SAE[Any]) -> Backend:
-    """An embedded model by name, a local transformers checkpoint folder, or (None) the SAE's model."""
+def load_model(spec: str | None, sae: SAE[Any], device: str | None = None) -> Backend:
+    """An embedded model by name, a local transformers checkpoint folder, or (None) the SAE's model
+    (an embedded one, on a GPU if there is one)."""
     if spec is None:
         return resolve_backend(sae)
     if spec in EMBEDDED_MODELS:
-        return load_backend(spec)
+        return load_backend(spec, device=device)
     if Path(spec).is_dir():
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         model: Any = AutoModelForCausalLM.from_pretrained(spec)  # TransformersBackend puts it in eval mode
-        return TransformersBackend(model, AutoTokenizer.from_pretrained(spec))
+        return TransformersBackend(model.to(device or "cpu"), AutoTokenizer.from_pretrained(spec))
     raise InputError(
         f"--model {spec!r} is neither an embedded model ({sorted(EMBEDDED_MODELS)}) nor a local checkpoint folder."
     )

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
-
-from sae_selfexplain_plugin import SelfExplainConfig, SelfExplainer, render
 from sae_selfexplain_plugin.adapters.cli import main
 from sae_selfexplain_plugin.adapters.embedded import DEFAULT_MODEL, load_backend
+
+from sae_selfexplain_plugin import SelfExplainConfig, SelfExplainer, render
 from sae_selfexplain_plugin.word_recovery import recovered, word_vectors
 
 pytestmark = pytest.mark.real_model
@@ -31,7 +31,9 @@ def test_it_is_the_default_and_a_chat_model(smol):
 def test_mid_layer_words_are_recovered_through_chat_prompts(smol):
     vecs = word_vectors(smol, WORDS, 10, in_context=True)
     for template in ("identity", "chat-repeat"):
-        records = SelfExplainer(smol, SelfExplainConfig(template=template, scales=(2.0,), max_new_tokens=6)).explain(vecs)
+        records = SelfExplainer(smol, SelfExplainConfig(template=template, scales=(2.0,), max_new_tokens=6)).explain(
+            vecs
+        )
         assert sum(recovered(r.candidates[0].text, w) for r, w in zip(records, WORDS)) >= 3, template
 
 

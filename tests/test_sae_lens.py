@@ -22,7 +22,7 @@ from sae_lens.saes.transcoder import Transcoder, TranscoderConfig
 from sae_selfexplain_plugin.adapters import sae_lens as adapter
 from sae_selfexplain_plugin.adapters.transformer_lens import TransformerBridgeBackend, TransformerLensBackend
 from sae_selfexplain_plugin.adapters.transformers import TransformersBackend
-from transformer_lens import HookedTransformerConfig
+from transformer_lens import HookedTransformer, HookedTransformerConfig
 from transformer_lens.model_bridge import TransformerBridge
 
 import sae_selfexplain_plugin
@@ -150,6 +150,15 @@ def test_tl_batched_equals_unbatched(hooked):
     small = SelfExplainer(backend, CFG.replace(batch_size=1)).explain(d)
     large = SelfExplainer(backend, CFG.replace(batch_size=6)).explain(d)
     assert [c.text for r in small for c in r.candidates] == [c.text for r in large for c in r.candidates]
+
+
+def test_plain_hooked_transformer_gives_the_same_results(hooked, saved_tokenizer):
+    plain = HookedTransformer(hooked.cfg, tokenizer=saved_tokenizer)
+    plain.load_state_dict(hooked.state_dict(), strict=False)
+    sae = make_sae()
+    a = sae.self_explain([0, 3], model=plain, config=CFG)
+    b = sae.self_explain([0, 3], model=hooked, config=CFG)
+    assert [e.text for e in a] == [e.text for e in b]
 
 
 def test_hooked_sae_transformer_with_and_without_attached_saes(hooked):
