@@ -24,6 +24,7 @@ from rich.table import Table
 
 from sae_selfexplain_plugin import FeatureExplanations, SelfExplainConfig, SelfExplainer, SelfExplainError
 from sae_selfexplain_plugin.config import DEFAULT_SCALES
+from sae_selfexplain_plugin.export import DEFAULT_TYPE_NAME
 from sae_selfexplain_plugin.formats import SCHEMA_NAMES
 from sae_selfexplain_plugin.word_recovery import (
     default_source_layers,
@@ -34,6 +35,7 @@ from sae_selfexplain_plugin.word_recovery import (
 )
 
 from .embedded import DEFAULT_MODEL, EMBEDDED_MODELS, get_embedded, load_backend
+from .neuronpedia import DEFAULT_HOST
 from .transformers import TransformersBackend
 
 console = Console(stderr=True)
@@ -286,6 +288,13 @@ def cmd_upload(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_results_source(parser: argparse.ArgumentParser) -> None:
+    """Where `export` and `upload` read results from (see _records)."""
+    parser.add_argument("--results", help="a results JSONL written by `explain`")
+    parser.add_argument("--store", help="a results store (.db)")
+    parser.add_argument("--sae-id", help="with --store: only this SAE (its neuronpedia_id or path)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sae-selfexplain", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -320,26 +329,22 @@ def build_parser() -> argparse.ArgumentParser:
     va.set_defaults(func=cmd_validate)
 
     exp = sub.add_parser("export", help="export results as Neuronpedia, neuron-explainer or our JSONL")
-    exp.add_argument("--results", help="a results JSONL written by `explain`")
-    exp.add_argument("--store", help="a results store (.db)")
-    exp.add_argument("--sae-id", help="with --store: only this SAE (its neuronpedia_id or path)")
+    _add_results_source(exp)
     exp.add_argument("--format", choices=["neuronpedia", "neuron-explainer", "jsonl"], required=True)
     exp.add_argument("--out", required=True, help="output folder (neuronpedia, neuron-explainer) or file (jsonl)")
     exp.add_argument("--model-id", help="Neuronpedia model id (default: from the SAE's neuronpedia_id)")
     exp.add_argument("--source-id", help="Neuronpedia source id, e.g. 6-res-jb (default: from neuronpedia_id)")
-    exp.add_argument("--type-name", default="sae-selfexplain", help="Neuronpedia explanation typeName")
+    exp.add_argument("--type-name", default=DEFAULT_TYPE_NAME, help="Neuronpedia explanation typeName")
     exp.add_argument("--explanation-model-name", help="default: the explained model's name")
     exp.add_argument("--layer-index", type=int, help="neuron-explainer layer_index")
     exp.set_defaults(func=cmd_export)
 
     up = sub.add_parser("upload", help="upload explanations to Neuronpedia (key in NEURONPEDIA_API_KEY)")
-    up.add_argument("--results", help="a results JSONL written by `explain`")
-    up.add_argument("--store", help="a results store (.db)")
-    up.add_argument("--sae-id", help="with --store: only this SAE")
+    _add_results_source(up)
     up.add_argument("--model-id", help="Neuronpedia model id (default: from the SAE's neuronpedia_id)")
     up.add_argument("--source", help="Neuronpedia source id, of a source set you created (default: neuronpedia_id)")
     up.add_argument("--ledger", help="store that remembers what was uploaded (default: the results' store)")
-    up.add_argument("--host", default="https://www.neuronpedia.org")
+    up.add_argument("--host", default=DEFAULT_HOST)
     up.add_argument("--method-name", help="an explanation type Neuronpedia knows (else omitted)")
     up.add_argument("--model-name", help="an explanation model name Neuronpedia knows (else omitted)")
     up.add_argument("--dry-run", action="store_true", help="print what would be sent; send nothing")
