@@ -38,7 +38,7 @@ def word_sae(real_backend, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def hooked_sae_transformer():
-    model, tok = load_embedded()  # its own copy: TL and the bridge must not share modules with real_backend
+    model, tok = load_embedded("gemma-3-270m")  # its own copy: TL and the bridge must not share modules with real_backend
     return HookedSAETransformer.from_pretrained_no_processing(
         "google/gemma-3-270m", hf_model=model, tokenizer=tok, device="cpu", dtype=torch.float32
     )
@@ -67,7 +67,7 @@ def test_transformer_lens_equals_transformers(word_sae, real_backend, hooked_sae
 
 
 def test_transformer_bridge_equals_transformers(word_sae, real_backend):
-    model, tok = load_embedded()
+    model, tok = load_embedded("gemma-3-270m")
     bridge = TransformerBridge.boot_transformers("google/gemma-3-270m", hf_model=model, tokenizer=tok)
     cfg = CFG.replace(template="definition", scales=(4.0,))
     via_hf = word_sae.self_explain([0, 1], model=real_backend, config=cfg, return_all=True)
