@@ -38,7 +38,8 @@ def word_sae(real_backend, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def hooked_sae_transformer():
-    model, tok = load_embedded("gemma-3-270m")  # its own copy: TL and the bridge must not share modules with real_backend
+    # Its own copy: TransformerLens and the bridge must not share modules with real_backend.
+    model, tok = load_embedded("gemma-3-270m")
     return HookedSAETransformer.from_pretrained_no_processing(
         "google/gemma-3-270m", hf_model=model, tokenizer=tok, device="cpu", dtype=torch.float32
     )
