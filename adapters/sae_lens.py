@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -105,8 +106,16 @@ def _short_name(name: str) -> str:
     return name.rstrip("/").split("/")[-1].lower()
 
 
-def resolve_backend(sae: SAE[Any], model: Any = None, tokenizer: Any = None) -> Backend:
-    """A backend for `model`; with no model, the embedded model named by the SAE's metadata."""
+def resolve_backend(sae: SAE[Any], model: Any = None, tokenizer: Any = None, remote: Any = False) -> Backend:
+    """A backend for `model`; with no model, the embedded model named by the SAE's metadata.
+    `remote` (nnsight models only): True for NDIF, a host URL, or "local" for nnsight's simulation."""
+    if "nnsight" in sys.modules:
+        from .nnsight import NNsightBackend, is_nnsight_model
+
+        if is_nnsight_model(model):
+            return NNsightBackend(model, remote=remote)
+    if remote:
+        raise InputError("remote= needs an nnsight model (TransformersModel); this model runs locally.")
     if model is None:
         wanted = sae.cfg.metadata.model_name
         for spec in EMBEDDED_MODELS.values():
@@ -198,6 +207,7 @@ def self_explain(
     return_all: bool = False,
     check_model: bool = True,
     check_hook: bool = True,
+    remote: Any = False,
     **options: Any,
 ) -> Explanation | list[Explanation] | FeatureExplanations | list[FeatureExplanations]:
     """Explain SAE features by injecting their decoder rows (W_dec) into the model's residual stream.
@@ -211,6 +221,8 @@ def self_explain(
         return_all: return FeatureExplanations (every scale tried) instead of the chosen Explanation.
         check_model: refuse a model whose name differs from the SAE's `model_name`.
         check_hook: refuse an SAE that does not read or write the residual stream (e.g. transcoders).
+        remote: with an nnsight model, True runs on NDIF (key from NDIF_API_KEY or nnsight's config),
+            a URL runs on that host, "local" runs nnsight's local simulation of the remote path.
 
     Returns an Explanation for an int feature, a list otherwise (FeatureExplanations with return_all).
     """
@@ -221,7 +233,7 @@ def self_explain(
         )
     cfg = (config or SelfExplainConfig()).replace(**options) if options else (config or SelfExplainConfig())
     indices = _feature_indices(features, sae.cfg.d_sae)
-    backend = resolve_backend(sae, model, tokenizer)
+    backend = resolve_backend(sae, model, tokenizer, remote)
     check_compatible(sae, backend, check_model=check_model, check_hook=check_hook)
     directions = sae.W_dec.detach()[indices].float().cpu()
     records = SelfExplainer(backend, cfg).explain(directions, indices)

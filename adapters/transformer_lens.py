@@ -12,7 +12,6 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from transformer_lens import HookedTransformer
 from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 
@@ -25,6 +24,7 @@ from sae_selfexplain_plugin.backend import (
 )
 from sae_selfexplain_plugin.decoding import decode
 from sae_selfexplain_plugin.errors import InputError
+from sae_selfexplain_plugin.ops import padded_positions
 
 from .transformers import TransformersBackend, eos_token_ids
 
@@ -136,8 +136,8 @@ class TransformerBridgeBackend(TransformersBackend):
             yield
 
     def _forward(self, state: _Recompute, attention_mask: torch.Tensor) -> torch.Tensor:
-        extra = state.input_ids.shape[1] - state.injection.positions.shape[1]
-        injection = replace(state.injection, positions=F.pad(state.injection.positions, (0, extra)))
+        positions = padded_positions(state.injection.positions, state.input_ids.shape[1])
+        injection = replace(state.injection, positions=positions)
         with self.injecting(injection):
             out = self.model(
                 input_ids=state.input_ids,

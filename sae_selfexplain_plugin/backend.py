@@ -13,6 +13,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 import torch
 
 from .errors import InputError
+from .ops import patch_residual
 
 StopReason = Literal["stop_string", "eos", "length"]
 
@@ -31,11 +32,7 @@ class Injection:
 
     def apply(self, hidden: torch.Tensor) -> torch.Tensor:
         """Patched copy of a [B, T, d] residual (the original is left untouched)."""
-        mask = self.positions.to(hidden.device)[..., None]
-        vec = self.vectors.to(device=hidden.device, dtype=hidden.dtype)[:, None, :]
-        if self.mode == "replace":
-            return torch.where(mask, vec, hidden)
-        return hidden + mask * vec
+        return patch_residual(hidden, self.positions, self.vectors, add=self.mode == "add")
 
 
 @dataclass

@@ -19,6 +19,38 @@ def cut_at_stop(text: str, stop_strings: tuple[str, ...]) -> tuple[str, bool]:
     return (text[:cut], True) if cut >= 0 else (text, False)
 
 
+def accept_token(
+    row_tokens: list[int], token: int, tokenizer: Any, stop_strings: tuple[str, ...], eos_token_ids: set[int]
+) -> tuple[str | None, StopReason | None]:
+    """Add one generated token to a row: (the row's text so far or None at EOS, why it stops or None)."""
+    if token in eos_token_ids:
+        return None, "eos"
+    row_tokens.append(token)
+    text, hit = cut_at_stop(tokenizer.decode(row_tokens, skip_special_tokens=True), stop_strings)
+    return text, ("stop_string" if hit else None)
+
+
+def finish_rows(
+    generated: list[list[int]], tokenizer: Any, stop_strings: tuple[str, ...], eos_token_ids: set[int]
+) -> GenerationResult:
+    """For backends that return whole generated sequences: cut each row where `decode` would have stopped."""
+    tokens: list[list[int]] = []
+    texts: list[str] = []
+    reasons: list[StopReason] = []
+    for ids in generated:
+        row: list[int] = []
+        text, reason = "", None
+        for token in ids:
+            new_text, reason = accept_token(row, int(token), tokenizer, stop_strings, eos_token_ids)
+            text = text if new_text is None else new_text
+            if reason is not None:
+                break
+        tokens.append(row)
+        texts.append(text)
+        reasons.append(reason or "length")
+    return GenerationResult(tokens=tokens, texts=texts, stop_reasons=reasons)
+
+
 def _next_tokens(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
     if temperature == 0:
         return logits.argmax(-1)
@@ -45,15 +77,11 @@ def decode(model: StepModel, request: GenerationRequest, tokenizer: Any, eos_tok
         new = _next_tokens(logits, request.temperature, generator)
         keep: list[int] = []
         for local, row in enumerate(active):
-            tok = int(new[local])
-            if tok in eos_token_ids:
-                reasons[row] = "eos"
-                continue
-            tokens[row].append(tok)
-            text, hit = cut_at_stop(tokenizer.decode(tokens[row], skip_special_tokens=True), request.stop_strings)
-            texts[row] = text
-            if hit:
-                reasons[row] = "stop_string"
+            text, reason = accept_token(tokens[row], int(new[local]), tokenizer, request.stop_strings, eos_token_ids)
+            if text is not None:
+                texts[row] = text
+            if reason is not None:
+                reasons[row] = reason
                 continue
             keep.append(local)
         if not keep or step == request.max_new_tokens - 1:

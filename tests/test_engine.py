@@ -17,7 +17,7 @@ from sae_selfexplain_plugin import (
     render,
 )
 from sae_selfexplain_plugin.backend import left_pad, position_ids
-from sae_selfexplain_plugin.decoding import cut_at_stop, decode
+from sae_selfexplain_plugin.decoding import cut_at_stop, decode, finish_rows
 
 CFG = SelfExplainConfig(template="test-open", scales=(0.0, 1.0, 4.0), max_new_tokens=6)
 
@@ -280,3 +280,13 @@ def test_rows_stop_at_stop_strings_and_eos_and_leave_the_batch():
     assert result.stop_reasons == ["stop_string", "eos", "length", "stop_string"]
     assert result.tokens[0] == [0, 1, quote]  # the stopping token is kept in tokens, cut from text
     assert model.batches == [[0, 1, 2, 3], [0, 1, 2, 3], [0, 2], [2], [2]]  # finished rows leave the batch
+
+
+def test_finish_rows_cuts_whole_sequences_like_the_decode_loop():
+    quote, eos = 8, 7
+    scripts = [[0, 1, quote, 2, 2], [0, eos, 2, 2, 2], [2, 2, 2, 2, 2]]
+    ids, mask = left_pad([[1, 2]] * 3, 0)
+    req = GenerationRequest(ids, mask, Injection(0, ids > 0, torch.zeros(3, 3)), 5, ('"', "\n"))
+    looped = decode(ScriptedModel(scripts), req, CharTokenizer(), eos_token_ids={eos})
+    whole = finish_rows(scripts, CharTokenizer(), ('"', "\n"), {eos})
+    assert whole == looped
