@@ -12,10 +12,10 @@ from fake_ndif import FakeNDIF, NotWhitelisted, StrictBackend
 from nnsight.modeling.transformers import TransformersModel
 from sae_lens import StandardSAE, StandardSAEConfig
 from sae_lens.saes.sae import SAEMetadata
-
-from sae_selfexplain_plugin import InputError, SelfExplainConfig, SelfExplainer
 from sae_selfexplain_plugin.adapters.nnsight import NNsightBackend, RemoteExecutionError
 from sae_selfexplain_plugin.adapters.transformers import TransformersBackend
+
+from sae_selfexplain_plugin import InputError, SelfExplainConfig, SelfExplainer
 
 CFG = SelfExplainConfig(template="test-open", scales=(1.0, 4.0), max_new_tokens=5)
 KEY = "ndif-test-key"
