@@ -105,7 +105,7 @@ def test_bad_key_is_reported_without_the_key(nn_model, directions, monkeypatch):
     monkeypatch.setattr(nnsight.CONFIG.API, "APIKEY", "wrong-secret-777")
     with FakeNDIF(nn_model, KEY) as server:
         backend = NNsightBackend(nn_model, remote=server.url, repo_id="m/x", poll_s=0.02)
-        with pytest.raises(RemoteExecutionError, match="refused the request.*API key") as err:
+        with pytest.raises(RemoteExecutionError, match=r"refused the request.*API key") as err:
             SelfExplainer(backend, CFG).explain(directions)
     assert "wrong-secret-777" not in str(err.value)
 
