@@ -149,11 +149,7 @@ class NNsightBackend:
             tracer.stop()  # skip the later blocks and the unembedding
         return torch.as_tensor(self._saved(tracer, "hidden", hidden))
 
-    def generate(self, request: GenerationRequest) -> GenerationResult:
-        block = self._block(request.injection.layer)
-        positions = request.injection.positions.cpu()
-        vectors = request.injection.vectors.detach().float().cpu()
-        add = request.injection.mode == "add"
+    def _generate_options(self, request: GenerationRequest) -> dict[str, Any]:
         options: dict[str, Any] = {"max_new_tokens": request.max_new_tokens, "do_sample": request.temperature > 0}
         if request.temperature > 0:  # plain ancestral sampling, as the original work did
             options.update(temperature=request.temperature, top_k=0, top_p=1.0)
@@ -161,15 +157,54 @@ class NNsightBackend:
         pad = getattr(self.tokenizer, "pad_token_id", None)
         if pad is not None:
             options["pad_token_id"] = pad
+        return options
+
+    def _result(self, request: GenerationRequest, sequences: Any) -> GenerationResult:
+        generated = torch.as_tensor(sequences)[:, request.input_ids.shape[1] :].tolist()
+        return finish_rows(generated, self.tokenizer, request.stop_strings, self.eos_token_ids)
+
+    def generate(self, request: GenerationRequest) -> GenerationResult:
+        block = self._block(request.injection.layer)
+        positions = request.injection.positions.cpu()
+        vectors = request.injection.vectors.detach().float().cpu()
+        add = request.injection.mode == "add"
+        options = self._generate_options(request)
         inputs = {"input_ids": request.input_ids.cpu(), "attention_mask": request.attention_mask.cpu()}
         sequences = None
         with _submitting(), self.model.generate(inputs, **self._trace_options(), **options) as tracer:
             for _ in tracer.iter[0:1]:  # the prompt pass only; the KV cache carries the patch forward
                 block.input = patch_residual(block.input, positions, vectors, add)
             sequences = tracer.result.detach().cpu().save()
-        sequences = self._saved(tracer, "sequences", sequences)
-        generated = torch.as_tensor(sequences)[:, request.input_ids.shape[1] :].tolist()
-        return finish_rows(generated, self.tokenizer, request.stop_strings, self.eos_token_ids)
+        return self._result(request, self._saved(tracer, "sequences", sequences))
+
+    def generate_many(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
+        """Several batches; on a server they travel as one `session`, so a sweep is one request."""
+        first = requests[0]
+        same = all(
+            (r.injection.layer, r.max_new_tokens, r.temperature)
+            == (first.injection.layer, first.max_new_tokens, first.temperature)
+            for r in requests
+        )
+        if not self._submits or len(requests) == 1 or not same:
+            return [self.generate(r) for r in requests]
+        block = self._block(first.injection.layer)
+        options = self._generate_options(first)
+        batches = [
+            (r.input_ids.cpu(), r.attention_mask.cpu(), r.injection.positions.cpu(),
+             r.injection.vectors.detach().float().cpu(), r.injection.mode == "add")
+            for r in requests
+        ]  # fmt: skip
+        model = self.model  # the session body is shipped: it may name envoys and tensors, never this backend
+        outs = None
+        with _submitting(), model.session(**self._trace_options()) as session:
+            outs = nnsight.save([])
+            for ids, mask, positions, vectors, add in batches:
+                with model.generate({"input_ids": ids, "attention_mask": mask}, **options) as tracer:
+                    for _ in tracer.iter[0:1]:
+                        block.input = patch_residual(block.input, positions, vectors, add)
+                    outs.append(tracer.result.detach().cpu())
+        outs = self._saved(session, "outs", outs)
+        return [self._result(r, o) for r, o in zip(requests, outs)]
 
 
 def _redact(text: str) -> str:

@@ -14,11 +14,13 @@ from functools import cached_property
 
 import torch
 
-from .backend import Backend, GenerationRequest, Injection, check_layer, left_pad
+from .backend import Backend, GenerationRequest, GenerationResult, Injection, check_layer, left_pad
 from .config import SelfExplainConfig
 from .errors import InputError
 from .results import Explanation, FeatureExplanations
 from .templates import RenderedPrompt, default_template_name, render
+
+ROWS_PER_CALL = 4096  # cap on the rows one generate_many call (one remote request) carries
 
 ProgressCallback = Callable[[int], None]
 """Called with the number of rows just finished."""
@@ -75,24 +77,21 @@ class SelfExplainer:
         cfg = self.config
         rows = [(f, s, k) for f in range(len(ids)) for s in cfg.scales for k in range(cfg.n_samples)]
         candidates: list[list[Explanation]] = [[] for _ in ids]
-        for start in range(0, len(rows), cfg.batch_size):
-            chunk = rows[start : start + cfg.batch_size]
-            texts, reasons = self._generate(directions, chunk, seed=cfg.seed + start)
-            for (f, scale, sample), text, reason in zip(chunk, texts, reasons):
-                candidates[f].append(
-                    Explanation(
-                        feature_id=ids[f],
-                        text=text,
-                        scale=scale,
-                        layer=cfg.layer,
-                        template=self.prompt.template,
-                        scale_mode=cfg.scale_mode,
-                        sample=sample,
-                        stop_reason=reason,
-                    )
-                )
-            if progress is not None:
-                progress(len(chunk))
+        starts = list(range(0, len(rows), cfg.batch_size))
+        # A backend with generate_many (remote nnsight) takes several batches as one request.
+        many = getattr(self.backend, "generate_many", None)
+        per_call = max(1, ROWS_PER_CALL // cfg.batch_size) if many is not None else 1
+        for group in range(0, len(starts), per_call):
+            chunks = [rows[s : s + cfg.batch_size] for s in starts[group : group + per_call]]
+            requests = [
+                self._request(directions, chunk, seed=cfg.seed + s)
+                for chunk, s in zip(chunks, starts[group : group + per_call])
+            ]
+            results = many(requests) if many is not None else [self.backend.generate(requests[0])]
+            for chunk, result in zip(chunks, results):
+                self._collect(chunk, result, ids, candidates)
+                if progress is not None:
+                    progress(len(chunk))
         settings = cfg.replace(template=self.prompt.template).settings_hash()
         return [
             FeatureExplanations(
@@ -106,9 +105,29 @@ class SelfExplainer:
             for fid, cands in zip(ids, candidates)
         ]
 
-    def _generate(
-        self, directions: torch.Tensor, chunk: list[tuple[int, float, int]], seed: int
-    ) -> tuple[list[str], list[str]]:
+    def _collect(
+        self,
+        chunk: list[tuple[int, float, int]],
+        result: GenerationResult,
+        ids: list[int],
+        candidates: list[list[Explanation]],
+    ) -> None:
+        cfg = self.config
+        for (f, scale, sample), text, reason in zip(chunk, result.texts, result.stop_reasons):
+            candidates[f].append(
+                Explanation(
+                    feature_id=ids[f],
+                    text=text.strip(),
+                    scale=scale,
+                    layer=cfg.layer,
+                    template=self.prompt.template,
+                    scale_mode=cfg.scale_mode,
+                    sample=sample,
+                    stop_reason=reason,
+                )
+            )
+
+    def _request(self, directions: torch.Tensor, chunk: list[tuple[int, float, int]], seed: int) -> GenerationRequest:
         prompt = self.prompt
         pad_id = getattr(self.backend.tokenizer, "pad_token_id", None) or 0
         input_ids, mask = left_pad([prompt.input_ids] * len(chunk), pad_id)
@@ -118,7 +137,7 @@ class SelfExplainer:
         scales = torch.tensor([s for _, s, _ in chunk])
         vectors = self.injected_vectors(directions[feats], scales)
         device = self.backend.device
-        request = GenerationRequest(
+        return GenerationRequest(
             input_ids=input_ids.to(device),
             attention_mask=mask.to(device),
             injection=Injection(self.config.layer, positions.to(device), vectors.to(device), self.config.injection),
@@ -127,8 +146,6 @@ class SelfExplainer:
             temperature=self.config.temperature,
             seed=seed,
         )
-        result = self.backend.generate(request)
-        return [t.strip() for t in result.texts], list(result.stop_reasons)
 
     def _choose_fixed(self, candidates: list[Explanation]) -> int | None:
         """The `fixed` policy: the first candidate at the sweep scale nearest to config.chosen_scale."""

@@ -85,6 +85,14 @@ def test_unmodified_remote_client_against_loopback_ndif(nn_model, directions, ex
         assert set(server.seen_keys) == {KEY}
 
 
+def test_a_sweep_of_several_batches_is_one_remote_session(nn_model, directions, expected, api_key):
+    with FakeNDIF(nn_model, api_key) as server:
+        backend = NNsightBackend(nn_model, remote=server.url, repo_id="google/gemma-3-270m", poll_s=0.02)
+        records = SelfExplainer(backend, CFG.replace(batch_size=2)).explain(directions)  # 3 batches
+        assert texts(records) == expected
+        assert len(server.jobs) == 2  # the reference norm, then one session holding the 3 generates
+
+
 def test_remote_job_error_is_reported(nn_model, directions, api_key):
     with FakeNDIF(nn_model, api_key) as server:
         server.mode = "error"
