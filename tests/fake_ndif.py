@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import io
 import json
-import threading
 import uuid
 from email.parser import BytesParser
 from email.policy import default as email_policy
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 import torch
+from loopback import LoopbackServer, send_json
 from nnsight.intervention.serialization import CustomCloudUnpickler
 from nnsight.schema.request import RequestModel
 from nnsight.tracing.tracer import _saves, dec, inc
@@ -119,15 +119,10 @@ class FakeNDIF:
                 return self._json(404, {"detail": "no such job"})
 
             def _json(self, status: int, payload: dict[str, Any]) -> None:
-                raw = json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(raw)))
-                self.end_headers()
-                self.wfile.write(raw)
+                send_json(self, status, payload)
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.server = LoopbackServer(Handler)
+        self.url = self.server.url
 
     @staticmethod
     def parse_multipart(content_type: str, body: bytes) -> tuple[dict[str, Any], bytes]:
@@ -158,9 +153,8 @@ class FakeNDIF:
         self.jobs[job].update(status="COMPLETED", data=f"{self.url}/result/{job}")
 
     def __enter__(self) -> FakeNDIF:
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        self.server.__enter__()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self.server.__exit__()

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
+
+from loopback import LoopbackServer, send_json
 
 
 class FakeNeuronpedia:
@@ -41,18 +42,10 @@ class FakeNeuronpedia:
                 self._answer(200, {"message": f"{len(data['features'])} features created."})
 
             def _answer(self, status: int, payload: dict[str, Any], headers: dict[str, str] | None = None) -> None:
-                raw = json.dumps(payload).encode()
-                self.send_response(status)
-                for k, v in (headers or {}).items():
-                    self.send_header(k, v)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(raw)))
-                self.end_headers()
-                self.wfile.write(raw)
+                send_json(self, status, payload, headers)
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.server = LoopbackServer(Handler)
+        self.url = self.server.url
 
     @staticmethod
     def check(data: dict[str, Any]) -> str | None:
@@ -80,9 +73,8 @@ class FakeNeuronpedia:
         return None
 
     def __enter__(self) -> FakeNeuronpedia:
-        self.thread.start()
+        self.server.__enter__()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self.server.__exit__()
