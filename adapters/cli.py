@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -21,8 +22,9 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.table import Table
+from rich.text import Text
 
-from sae_selfexplain_plugin import FeatureExplanations, SelfExplainConfig, SelfExplainer, SelfExplainError
+from sae_selfexplain_plugin import FeatureExplanations, SelfExplainConfig, SelfExplainer, SelfExplainError, __version__
 from sae_selfexplain_plugin.config import DEFAULT_SCALES
 from sae_selfexplain_plugin.export import DEFAULT_TYPE_NAME
 from sae_selfexplain_plugin.formats import SCHEMA_NAMES
@@ -108,14 +110,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
             table.add_column(template)
         for j, scale in enumerate(config.scales):
             chosen = results[templates[0]][i].chosen_index == j
-            cells = [results[t][i].candidates[j].text for t in templates]
+            cells = [Text(results[t][i].candidates[j].text) for t in templates]  # model text is not markup
             table.add_row(f"{'* ' if chosen else ''}{scale:g}", *cells)
         view.print(table)
     view.print(f"* = the default choice (fixed relative scale {config.chosen_scale:g}).")
     if args.json:
         payload = {t: [r.to_dict() for r in recs] for t, recs in results.items()}
         Path(args.json).write_text(json.dumps({"words": words, "source_layer": source, "results": payload}, indent=1))
-        view.print(f"wrote {args.json}")
+        view.print(f"wrote {args.json}", markup=False)
     return 0
 
 
@@ -161,14 +163,17 @@ def cmd_word_recovery(args: argparse.Namespace) -> int:
     view.print(f"{elapsed:.0f}s")
     if args.json:
         Path(args.json).write_text(json.dumps({"elapsed_s": elapsed, "rows": [r.to_dict() for r in rows]}, indent=1))
-        view.print(f"wrote {args.json}")
+        view.print(f"wrote {args.json}", markup=False)
     return 0
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
     from sae_selfexplain_plugin.store import ResultsStore
 
-    from .pipeline import explain_sae, load_model, load_sae, parse_features, stored_records, write_jsonl
+    try:
+        from .pipeline import explain_sae, load_model, load_sae, parse_features, stored_records, write_jsonl
+    except ImportError as e:
+        raise SelfExplainError(f"`explain` needs SAELens ({e}): pip install 'sae-selfexplain[saelens]'.") from None
 
     with _status(f"Loading SAE {args.sae}...", "loaded the SAE"):
         sae, sae_key = load_sae(args.sae, device=args.device or "cpu")
@@ -198,7 +203,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
     view = Console()
     view.print(
         f"{summary.explained} features explained in {summary.seconds:.0f}s ({rate:.0f} features/min), "
-        f"{summary.skipped} already in the store; {n} records written to {args.out}; store: {store_path}"
+        f"{summary.skipped} already in the store; {n} records written to {args.out}; store: {store_path}",
+        markup=False,
     )
     return 0
 
@@ -254,9 +260,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     else:
         summary = export.export_jsonl(_records(args), args.out)
     view = Console(soft_wrap=True)
-    view.print(f"{summary.written} explanations written to {len(summary.files)} file(s) under {args.out}")
+    view.print(f"{summary.written} explanations written to {len(summary.files)} file(s) under {args.out}", markup=False)
     if summary.skipped:
-        view.print(f"{len(summary.skipped)} features had no explanation to publish: {summary.skipped[:20]}")
+        view.print(
+            f"{len(summary.skipped)} features had no explanation to publish: {summary.skipped[:20]}", markup=False
+        )
     return 0
 
 
@@ -297,6 +305,7 @@ def _add_results_source(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sae-selfexplain", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     models = sorted(EMBEDDED_MODELS)
 
@@ -373,7 +382,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except SelfExplainError as e:
-        console.print(f"[bold red]error:[/bold red] {e}", soft_wrap=True, highlight=False)
+        console.print(f"[bold red]error:[/bold red] {escape(str(e))}", soft_wrap=True, highlight=False)
         return 2
 
 

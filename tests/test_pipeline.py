@@ -90,22 +90,25 @@ def test_killed_run_loses_at_most_the_batch_in_flight(assets, tmp_path):
     out, db = tmp_path / "k.jsonl", tmp_path / "k.db"
     cli = [*explain_args(assets, out, "--store", str(db))]
     cli[cli.index("--template") + 1] = "identity"  # the child process does not have the tests' templates
-    cli[cli.index("--batch-size") + 1] = "2"  # one feature per committed batch
+    # One feature per committed batch, and enough work per feature that the kill lands mid-run.
+    cli[cli.index("--scales") + 1] = "1,2,3,4,5,6,7,8"
+    cli[cli.index("--max-new-tokens") + 1] = "16"
+    cli[cli.index("--batch-size") + 1] = "8"
     log = tmp_path / "child.log"
     with log.open("w") as err:
         child = subprocess.Popen([sys.executable, "-m", "sae_selfexplain_plugin.adapters.cli", *cli], stderr=err)
     try:
         deadline = time.time() + 120
         while time.time() < deadline:
-            if db.exists() and _count(db) >= 5:
+            if db.exists() and _count(db) >= 3:
                 break
-            time.sleep(0.05)
+            time.sleep(0.01)
         os.kill(child.pid, signal.SIGKILL)
         child.wait(30)
     finally:
         child.kill()
     kept = _count(db)
-    assert 5 <= kept < D_SAE, f"the child should have been killed mid-run; its log: {log.read_text()[-2000:]}"
+    assert 3 <= kept < D_SAE, f"the child should have been killed mid-run; its log: {log.read_text()[-2000:]}"
     assert not out.exists()  # the JSONL is only written, atomically, at the end
     with sqlite3.connect(db) as con:
         assert con.execute("PRAGMA integrity_check").fetchone() == ("ok",)
@@ -215,3 +218,18 @@ def test_cli_reports_bad_input(assets, tmp_path, capsys):
     assert "outside the SAE" in capsys.readouterr().err
     assert main(["explain", "--sae", str(tmp_path), "--out", str(tmp_path / "o.jsonl")]) == 2
     assert "not a SAELens SAE folder" in capsys.readouterr().err
+
+
+def test_explain_without_sae_lens_names_the_extra(monkeypatch, tmp_path, capsys):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_pipeline(name, *args, **kwargs):
+        if name == "pipeline" or name.endswith(".pipeline"):
+            raise ImportError("No module named 'sae_lens'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_pipeline)
+    assert main(["explain", "--sae", str(tmp_path), "--out", str(tmp_path / "o.jsonl")]) == 2
+    assert "sae-selfexplain[saelens]" in capsys.readouterr().err

@@ -49,3 +49,16 @@ def test_demo_runs_on_the_default_model(tmp_path, capsys):
     assert main(["demo", "--words", "winter", "--scales", "2", "--max-new-tokens", "6", "--json", str(out)]) == 0
     assert "'winter'" in capsys.readouterr().out
     assert set(json.loads(out.read_text())["results"]) == {"chat-meaning", "chat-repeat"}
+
+
+def test_model_text_is_shown_verbatim_in_the_demo_table(monkeypatch, capsys):
+    """An explanation that looks like rich markup must be printed as text, not swallowed."""
+    from sae_selfexplain_plugin.results import Explanation, FeatureExplanations
+
+    def fake_explain(self, directions, feature_ids=None, *, progress=None):
+        cands = [Explanation(0, "[bold]Music[/bold] and [saelens]", s, 2, "chat-meaning") for s in self.config.scales]
+        return [FeatureExplanations(0, cands, chosen_index=0)]
+
+    monkeypatch.setattr(SelfExplainer, "explain", fake_explain)
+    assert main(["demo", "--words", "music", "--scales", "1"]) == 0
+    assert "[bold]Music[/bold] and [saelens]" in capsys.readouterr().out
