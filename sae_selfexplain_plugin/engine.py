@@ -82,11 +82,9 @@ class SelfExplainer:
         many = getattr(self.backend, "generate_many", None)
         per_call = max(1, ROWS_PER_CALL // cfg.batch_size) if many is not None else 1
         for group in range(0, len(starts), per_call):
-            chunks = [rows[s : s + cfg.batch_size] for s in starts[group : group + per_call]]
-            requests = [
-                self._request(directions, chunk, seed=cfg.seed + s)
-                for chunk, s in zip(chunks, starts[group : group + per_call])
-            ]
+            group_starts = starts[group : group + per_call]
+            chunks = [rows[s : s + cfg.batch_size] for s in group_starts]
+            requests = [self._request(directions, c, seed=cfg.seed + s) for c, s in zip(chunks, group_starts)]
             results = many(requests) if many is not None else [self.backend.generate(requests[0])]
             for chunk, result in zip(chunks, results):
                 self._collect(chunk, result, ids, candidates)
