@@ -25,7 +25,7 @@ from sae_selfexplain_plugin.decoding import finish_rows
 from sae_selfexplain_plugin.errors import InputError, SelfExplainError
 from sae_selfexplain_plugin.ops import patch_residual
 
-from .transformers import _LAYER_PATHS, eos_token_ids, find_decoder_layers
+from .transformers import attribute_path, decoder_layers_path, eos_token_ids
 
 nnsight.register(trace_ops)  # NDIF has no copy of our package: ship this module's source by value
 
@@ -62,8 +62,7 @@ class NNsightBackend:
             model.repo_id = repo_id
             # An id given explicitly is taken as canonical: nnsight would otherwise ask the hub to canonicalise it.
             _ID_CACHE.setdefault(repo_id, repo_id)
-        submits = remote is True or (isinstance(remote, str) and remote != "local")
-        if submits and not getattr(model, "repo_id", ""):
+        if _submits_to_server(remote) and not getattr(model, "repo_id", ""):
             raise InputError(
                 "remote execution names the model by its hub repo id, but this nnsight model was built from an "
                 "in-memory object and has none; pass repo_id='google/gemma-3-270m' (the id NDIF serves)."
@@ -72,10 +71,10 @@ class NNsightBackend:
         self.remote = remote
         self.timeout_s, self.poll_s = timeout_s, poll_s
         torch_model = model._module
-        self._path = next(p for p in _LAYER_PATHS if _walk(torch_model, p) is find_decoder_layers(torch_model))
+        self._path = decoder_layers_path(torch_model)
         config: Any = torch_model.config
         self._d_model = int(getattr(config, "hidden_size", None) or config.n_embd)
-        self._n_layers = len(find_decoder_layers(torch_model))
+        self._n_layers = len(attribute_path(torch_model, self._path))
         self._model_id = str(getattr(model, "repo_id", "") or getattr(config, "_name_or_path", "") or "nnsight-model")
         self.eos_token_ids = eos_token_ids(torch_model, model.tokenizer)
 
@@ -97,8 +96,7 @@ class NNsightBackend:
 
     @property
     def _submits(self) -> bool:
-        """True when traces go to a server (NDIF or a host URL) and results are polled for."""
-        return self.remote is True or (isinstance(self.remote, str) and self.remote != "local")
+        return _submits_to_server(self.remote)
 
     def _trace_options(self) -> dict[str, Any]:
         if self._submits:  # submit, then poll GET /response/{id}: no websocket, and we own the timeout
@@ -134,7 +132,7 @@ class NNsightBackend:
     def _block(self, layer: int) -> Any:
         """The envoy of decoder block `layer`."""
         check_layer(layer, self._n_layers)
-        return _walk(self.model, self._path)[layer]
+        return attribute_path(self.model, self._path)[layer]
 
     def residual(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, layer: int) -> torch.Tensor:
         block = self._block(layer)
@@ -165,11 +163,9 @@ class NNsightBackend:
 
     def generate(self, request: GenerationRequest) -> GenerationResult:
         block = self._block(request.injection.layer)
-        positions = request.injection.positions.cpu()
-        vectors = request.injection.vectors.detach().float().cpu()
-        add = request.injection.mode == "add"
+        ids, mask, positions, vectors, add = _trace_tensors(request)
         options = self._generate_options(request)
-        inputs = {"input_ids": request.input_ids.cpu(), "attention_mask": request.attention_mask.cpu()}
+        inputs = {"input_ids": ids, "attention_mask": mask}
         sequences = None
         with _submitting(), self.model.generate(inputs, **self._trace_options(), **options) as tracer:
             for _ in tracer.iter[0:1]:  # the prompt pass only; the KV cache carries the patch forward
@@ -189,11 +185,7 @@ class NNsightBackend:
             return [self.generate(r) for r in requests]
         block = self._block(first.injection.layer)
         options = self._generate_options(first)
-        batches = [
-            (r.input_ids.cpu(), r.attention_mask.cpu(), r.injection.positions.cpu(),
-             r.injection.vectors.detach().float().cpu(), r.injection.mode == "add")
-            for r in requests
-        ]  # fmt: skip
+        batches = [_trace_tensors(r) for r in requests]
         model = self.model  # the session body is shipped: it may name envoys and tensors, never this backend
         outs = None
         with _submitting(), model.session(**self._trace_options()) as session:
@@ -205,6 +197,23 @@ class NNsightBackend:
                     outs.append(tracer.result.detach().cpu())
         outs = self._saved(session, "outs", outs)
         return [self._result(r, o) for r, o in zip(requests, outs)]
+
+
+def _submits_to_server(remote: Remote) -> bool:
+    """True when traces go to a server (NDIF or a host URL) and results are polled for."""
+    return remote is True or (isinstance(remote, str) and remote != "local")
+
+
+def _trace_tensors(request: GenerationRequest) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+    """What a trace needs from a request, as plain CPU tensors: ids, mask, placeholder mask, vectors, add."""
+    inj = request.injection
+    return (
+        request.input_ids.cpu(),
+        request.attention_mask.cpu(),
+        inj.positions.cpu(),
+        inj.vectors.detach().float().cpu(),
+        inj.mode == "add",
+    )
 
 
 def _redact(text: str) -> str:
@@ -228,14 +237,6 @@ def _submitting() -> Iterator[None]:
             else ""
         )
         raise RemoteExecutionError(f"the remote server refused the request: {message}.{hint}") from None
-
-
-def _walk(obj: Any, path: str) -> Any:
-    for attr in path.split("."):
-        obj = getattr(obj, attr, None)
-        if obj is None:
-            return None
-    return obj
 
 
 def _model_method(self: Any, sae: Any, features: Any = None, remote: Any = False, **options: Any) -> Any:

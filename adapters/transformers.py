@@ -33,20 +33,30 @@ class _Captured(Exception):
     """Raised by the capture hook to stop the forward pass once the residual is read."""
 
 
-def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The model's list of transformer blocks."""
+def attribute_path(obj: Any, path: str) -> Any:
+    """`obj.a.b.c` for path "a.b.c", or None where an attribute is missing (works on nnsight envoys too)."""
+    for attr in path.split("."):
+        obj = getattr(obj, attr, None)
+        if obj is None:
+            return None
+    return obj
+
+
+def decoder_layers_path(model: nn.Module) -> str:
+    """Where the model keeps its list of transformer blocks, e.g. "model.layers"."""
     for path in _LAYER_PATHS:
-        obj: Any = model
-        for attr in path.split("."):
-            obj = getattr(obj, attr, None)
-            if obj is None:
-                break
-        if isinstance(obj, nn.ModuleList):
-            return obj
+        if isinstance(attribute_path(model, path), nn.ModuleList):
+            return path
     raise InputError(
         f"cannot find the decoder blocks of {type(model).__name__} (looked at {', '.join(_LAYER_PATHS)}); "
         "this architecture is not supported by the transformers backend yet."
     )
+
+
+def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The model's list of transformer blocks."""
+    layers: nn.ModuleList = attribute_path(model, decoder_layers_path(model))
+    return layers
 
 
 def _hidden_arg(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
