@@ -195,9 +195,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
             sae, sae_key, backend, features, config, store, resume=args.resume,
             on_batch=lambda n: progress.advance(task, n),
         )  # fmt: skip
-    explainer = SelfExplainer(backend, config)
-    settings = config.replace(template=explainer.prompt.template).settings_hash()
-    n = write_jsonl(args.out, stored_records(store, backend.model_id, sae_key, settings, features))
+    n = write_jsonl(args.out, stored_records(store, backend.model_id, sae_key, summary.settings_hash, features))
     store.close()
     rate = summary.explained / summary.seconds * 60 if summary.seconds else 0.0
     view = Console()

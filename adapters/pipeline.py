@@ -84,6 +84,7 @@ class RunSummary:
     skipped: int
     explained: int
     seconds: float
+    settings_hash: str  # keys this run's records in the store
 
 
 def explain_sae(
@@ -100,8 +101,7 @@ def explain_sae(
     """Explain `features`, committing each batch to `store`; with `resume`, skip features already stored."""
     check_compatible(sae, backend)
     explainer = SelfExplainer(backend, config)
-    settings = config.replace(template=explainer.prompt.template).settings_hash()
-    done = store.done(backend.model_id, sae_key, settings) if resume else set()
+    done = store.done(backend.model_id, sae_key, explainer.settings_hash) if resume else set()
     todo = [f for f in features if f not in done]
     per_batch = max(1, config.batch_size // (len(config.scales) * config.n_samples))
     identity = sae_identity(sae)
@@ -116,7 +116,8 @@ def explain_sae(
         store.put(records, sae_key)
         if on_batch is not None:
             on_batch(len(chunk))
-    return RunSummary(len(features), len(features) - len(todo), len(todo), time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    return RunSummary(len(features), len(features) - len(todo), len(todo), seconds, explainer.settings_hash)
 
 
 def stored_records(

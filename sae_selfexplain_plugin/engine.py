@@ -39,6 +39,11 @@ class SelfExplainer:
         return self.config.template or default_template_name(self.backend.tokenizer)
 
     @cached_property
+    def settings_hash(self) -> str:
+        """Hash of the configuration with the template resolved: keys results in stores and exports."""
+        return self.config.replace(template=self.prompt.template).settings_hash()
+
+    @cached_property
     def prompt(self) -> RenderedPrompt:
         """The rendered template with its placeholder positions."""
         return render(self.template_name, self.backend.tokenizer)
@@ -90,7 +95,6 @@ class SelfExplainer:
                 self._collect(chunk, result, ids, candidates)
                 if progress is not None:
                     progress(len(chunk))
-        settings = cfg.replace(template=self.prompt.template).settings_hash()
         return [
             FeatureExplanations(
                 feature_id=fid,
@@ -98,7 +102,7 @@ class SelfExplainer:
                 chosen_index=self._choose_fixed(cands),
                 policy="fixed",
                 model_id=self.backend.model_id,
-                settings_hash=settings,
+                settings_hash=self.settings_hash,
             )
             for fid, cands in zip(ids, candidates)
         ]
