@@ -171,7 +171,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     from sae_selfexplain_plugin.store import ResultsStore
 
     try:
-        from .pipeline import explain_sae, load_model, load_sae, parse_features, stored_records, write_jsonl
+        from .pipeline import explain_sae, load_model, load_sae, parse_features, stored_records
     except ImportError as e:
         raise SelfExplainError(f"`explain` needs SAELens ({e}): pip install 'sae-selfexplain[saelens]'.") from None
 
@@ -195,7 +195,10 @@ def cmd_explain(args: argparse.Namespace) -> int:
             sae, sae_key, backend, features, config, store, resume=args.resume,
             on_batch=lambda n: progress.advance(task, n),
         )  # fmt: skip
-    n = write_jsonl(args.out, stored_records(store, backend.model_id, sae_key, summary.settings_hash, features))
+    from sae_selfexplain_plugin.export import export_jsonl
+
+    records = stored_records(store, backend.model_id, sae_key, summary.settings_hash, features)
+    n = export_jsonl(records, args.out).written
     store.close()
     rate = summary.explained / summary.seconds * 60 if summary.seconds else 0.0
     view = Console()

@@ -13,7 +13,6 @@ from sae_lens import SAE
 
 from sae_selfexplain_plugin import Backend, SelfExplainConfig, SelfExplainer
 from sae_selfexplain_plugin.errors import InputError
-from sae_selfexplain_plugin.files import atomic_writer
 from sae_selfexplain_plugin.results import FeatureExplanations
 from sae_selfexplain_plugin.store import ResultsStore
 
@@ -128,13 +127,3 @@ def stored_records(
     for _, record in store.records(model_id, sae_key, settings):
         if wanted is None or record.feature_id in wanted:
             yield record
-
-
-def write_jsonl(path: str | Path, records: Iterator[FeatureExplanations]) -> int:
-    """Write records as JSONL atomically; returns the count."""
-    n = 0
-    with atomic_writer(path) as f:
-        for r in records:
-            f.write(r.to_json() + "\n")
-            n += 1
-    return n
