@@ -19,6 +19,7 @@ from sae_lens import SAE
 
 from sae_selfexplain_plugin import Backend, Explanation, FeatureExplanations, SelfExplainConfig, SelfExplainer
 from sae_selfexplain_plugin.errors import InputError
+from sae_selfexplain_plugin.results import short_model_name
 
 from .embedded import EMBEDDED_MODELS, load_backend
 from .transformers import TransformersBackend
@@ -78,6 +79,7 @@ def activation_records(
     tok = backend.tokenizer
     if layer is None or layer >= backend.n_layers:
         return [None] * len(features)
+    special = set(getattr(tok, "all_special_ids", []) or [])
     out: list[dict[str, Any] | None] = []
     for feature, text in zip(features, texts):
         if not text.strip():
@@ -86,7 +88,6 @@ def activation_records(
         ids = tok(text, return_tensors="pt")["input_ids"]
         resid = backend.residual(ids, torch.ones_like(ids), layer)[0]
         acts = sae.encode(resid.to(sae.W_dec.device, sae.W_dec.dtype))[:, feature].float().cpu()
-        special = set(getattr(tok, "all_special_ids", []) or [])
         keep = [i for i, t in enumerate(ids[0].tolist()) if t not in special]
         tokens = [tok.decode([int(ids[0, i])]) for i in keep]
         out.append({"source": source, "tokens": tokens, "values": [round(float(acts[i]), 6) for i in keep]})
@@ -102,10 +103,6 @@ def sae_identity(sae: SAE[Any]) -> dict[str, Any]:
     return ident
 
 
-def _short_name(name: str) -> str:
-    return name.rstrip("/").split("/")[-1].lower()
-
-
 def resolve_backend(sae: SAE[Any], model: Any = None, tokenizer: Any = None, remote: Any = False) -> Backend:
     """A backend for `model`; with no model, the embedded model named by the SAE's metadata.
     `remote` (nnsight models only): True for NDIF, a host URL, or "local" for nnsight's simulation."""
@@ -119,7 +116,7 @@ def resolve_backend(sae: SAE[Any], model: Any = None, tokenizer: Any = None, rem
     if model is None:
         wanted = sae.cfg.metadata.model_name
         for spec in EMBEDDED_MODELS.values():
-            if wanted and _short_name(wanted) in (spec.name, _short_name(spec.hf_id)):
+            if wanted and short_model_name(wanted) in (spec.name, short_model_name(spec.hf_id)):
                 if spec.name not in _backends:
                     _backends[spec.name] = load_backend(spec.name)
                 return _backends[spec.name]
@@ -190,7 +187,7 @@ def check_compatible(sae: SAE[Any], backend: Backend, *, check_model: bool = Tru
             "this SAE belongs to another model."
         )
     wanted = sae.cfg.metadata.model_name
-    if check_model and wanted and _short_name(wanted) != _short_name(backend.model_id):
+    if check_model and wanted and short_model_name(wanted) != short_model_name(backend.model_id):
         raise InputError(
             f"the SAE was trained on {wanted!r} but the model is {backend.model_id!r}; pass the matching model, "
             "or check_model=False to explain it through another model on purpose (e.g. the -it variant)."

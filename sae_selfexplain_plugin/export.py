@@ -15,7 +15,7 @@ from typing import Any
 from .errors import InputError
 from .files import atomic_writer
 from .formats import NEURONPEDIA_BATCH, neuronpedia_ids, to_neuron_explainer, to_neuronpedia_line, validate
-from .results import FeatureExplanations
+from .results import FeatureExplanations, short_model_name
 
 DEFAULT_TYPE_NAME = "sae-selfexplain"
 
@@ -48,7 +48,7 @@ def export_neuronpedia(
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for record in records:
         ids = neuronpedia_ids(record, model_id, source_id)
-        model_name = explanation_model_name or record.model_id.rstrip("/").split("/")[-1].lower() or None
+        model_name = explanation_model_name or short_model_name(record.model_id) or None
         line = to_neuronpedia_line(record, *ids, type_name, model_name)
         if line is None:
             summary.skipped.append(record.feature_id)

@@ -82,6 +82,11 @@ class FeatureExplanations:
         return cls.from_dict(data)
 
 
+def short_model_name(name: str) -> str:
+    """A model name without its organisation: "google/gemma-3-270m" -> "gemma-3-270m" (lower case)."""
+    return name.rstrip("/").split("/")[-1].lower()
+
+
 def _known_fields(cls: type, d: dict[str, Any]) -> dict[str, Any]:
     names = {f.name for f in dataclasses.fields(cls)}
     missing = [f.name for f in dataclasses.fields(cls) if f.name not in d and _required(f)]
