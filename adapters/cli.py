@@ -211,13 +211,9 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from sae_selfexplain_plugin.formats import read_documents, validate
+    from sae_selfexplain_plugin.formats import validate_file
 
-    documents = 0
-    problems = []
-    for line, doc in read_documents(args.file):
-        documents += 1
-        problems += validate(doc, args.schema, line)
+    documents, problems = validate_file(args.file, args.schema)
     view = Console(soft_wrap=True)
     for problem in problems:
         view.print(str(problem), markup=False, highlight=False)

@@ -126,12 +126,14 @@ def _parse(text: str, path: Path, line: int | None) -> Any:
         raise InputError(f"{path}: malformed or truncated JSON at {where}: {e.msg}.") from e
 
 
-def validate_file(path: str | Path, name: str | None = None) -> list[Violation]:
-    """Every violation in a file, each with its line and JSON path."""
+def validate_file(path: str | Path, name: str | None = None) -> tuple[int, list[Violation]]:
+    """(number of documents, every violation with its line and JSON path) for a file."""
+    documents = 0
     found: list[Violation] = []
     for line, doc in read_documents(path):
+        documents += 1
         found += validate(doc, name, line)
-    return found
+    return documents, found
 
 
 # --- converters -------------------------------------------------------------------------------------

@@ -53,7 +53,7 @@ def test_neuronpedia_export_layout_and_lines(tmp_path):
     assert [x["index"] for x in lines] == ["0", "5", "1024", "2050"]  # ordered, strings
     assert lines[0]["modelId"] == "gemma-3-270m" and lines[0]["layer"] == "6-res-test"
     assert lines[0]["description"] == "a fruit" and lines[0]["explanationModelName"] == "gemma-3-270m"
-    assert validate_file(folder / "batch-0.jsonl.gz") == []
+    assert validate_file(folder / "batch-0.jsonl.gz") == (4, [])
 
 
 def test_neuronpedia_batches_hold_1024_lines(tmp_path):
