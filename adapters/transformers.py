@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -179,6 +179,55 @@ class TransformersBackend:
 
     def generate(self, request: GenerationRequest) -> GenerationResult:
         return decode(self, request, self._tokenizer, self.eos_token_ids)
+
+    # ProbeModel
+    @torch.no_grad()
+    def probe(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, injection: Injection, layers: Sequence[int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        for layer in layers:
+            check_layer(layer, self.n_layers)
+        captured: dict[int, torch.Tensor] = {}
+
+        def hook(layer: int) -> Any:
+            def read(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+                captured[layer] = _hidden_arg(args, kwargs)[:, -1].detach()
+
+            return read
+
+        handles = [self.layers[layer].register_forward_pre_hook(hook(layer), with_kwargs=True) for layer in layers]
+        try:
+            with self.injecting(injection):
+                out = self.model(
+                    input_ids=input_ids,
+                    attention_mask=attention_mask,
+                    position_ids=position_ids(attention_mask),
+                    use_cache=False,
+                    logits_to_keep=1,
+                )
+        finally:
+            for handle in handles:
+                handle.remove()
+        return torch.stack([captured[layer] for layer in layers], dim=1), out.logits[:, -1]
+
+    def mean_token_embedding(self) -> torch.Tensor:
+        model: Any = self.model  # a transformers PreTrainedModel
+        weight: torch.Tensor = model.get_input_embeddings().weight
+        return weight.detach().float().mean(0)
+
+    @torch.no_grad()
+    def token_logprobs(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, injection: Injection
+    ) -> torch.Tensor:
+        with self.injecting(injection):
+            logits = self.model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids(attention_mask),
+                use_cache=False,
+            ).logits[:, :-1]
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        return logprobs.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
 
 
 def eos_token_ids(model: nn.Module | None, tokenizer: Any) -> set[int]:

@@ -7,6 +7,7 @@ logic for free from `decoding.decode` by implementing `StepModel`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, runtime_checkable
 
@@ -98,6 +99,25 @@ class StepModel(Protocol):
 
     def select_rows(self, cache: Any, rows: torch.Tensor) -> Any:
         """Keep only `rows` of the cache (finished rows leave the batch)."""
+
+
+@runtime_checkable
+class ProbeModel(Protocol):
+    """Prompt passes that read what the scale metrics need (scale_metrics.py); optional for a backend."""
+
+    def probe(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, injection: Injection, layers: Sequence[int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One prompt pass with the injection: the residuals entering each block of `layers` at the last
+        position [B, len(layers), d_model] and the next-token logits there [B, vocab]."""
+
+    def mean_token_embedding(self) -> torch.Tensor:
+        """The mean of the input token embeddings [d_model] (the neutral baseline's direction)."""
+
+    def token_logprobs(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, injection: Injection
+    ) -> torch.Tensor:
+        """Teacher-forced: log P(input_ids[:, t + 1] | input_ids[:, :t + 1]) with the injection, [B, T - 1]."""
 
 
 def check_layer(layer: int, n_layers: int) -> None:

@@ -13,6 +13,8 @@ from .errors import InputError
 
 ScaleMode = Literal["relative", "absolute"]
 InjectionMode = Literal["replace", "add"]
+GenerateMode = Literal["all", "chosen"]
+POLICIES = ("fixed", "max-self-similarity", "composite", "knee")
 
 # Relative scales: multiples of the typical residual norm at the injection layer (see engine.reference_norm).
 # The grid brackets the useful range measured on Gemma 3 270M by the word-recovery benchmark
@@ -40,6 +42,17 @@ class SelfExplainConfig:
         seed: random seed for sampling.
         batch_size: (feature, scale, sample) rows per batched generate call.
         chosen_scale: the scale the default `fixed` policy picks (nearest in `scales`).
+        policy: how the scale is chosen (policies.py): "fixed", "max-self-similarity", "composite"
+            (the original work's), or "knee" (ours).
+        generate: "all" generates at every scale; "chosen" measures every scale with prompt passes only,
+            then generates at the `keep_top` best scales (much cheaper).
+        keep_top: how many ranked scales a policy keeps (the original work showed 3).
+        probe_layer: block whose input residual the self-similarity reads (None: 16/18 of the depth, as in
+            the original work).
+        composite_weight: the composite policy's weight on self-similarity (1 - weight on cross-entropy).
+        min_scale: metric policies ignore scales below this.
+        explainable_threshold: a feature whose best self-similarity stays below this is flagged
+            "not_self_explainable" and gets no chosen explanation.
     """
 
     layer: int = DEFAULT_LAYER
@@ -53,6 +66,13 @@ class SelfExplainConfig:
     seed: int = 0
     batch_size: int = 64
     chosen_scale: float = DEFAULT_SCALE
+    policy: str = "fixed"
+    generate: GenerateMode = "all"
+    keep_top: int = 3
+    probe_layer: int | None = None
+    composite_weight: float = 0.4
+    min_scale: float = 1.0
+    explainable_threshold: float = 0.01
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -84,6 +104,16 @@ class SelfExplainConfig:
             )
         if self.batch_size < 1:
             raise InputError(f"batch_size must be >= 1, got {self.batch_size}.")
+        if self.policy not in POLICIES:
+            raise InputError(f"unknown policy {self.policy!r}; choose one of {list(POLICIES)}.")
+        if self.generate not in ("all", "chosen"):
+            raise InputError(f"generate must be 'all' or 'chosen', got {self.generate!r}.")
+        if self.keep_top < 1:
+            raise InputError(f"keep_top must be >= 1, got {self.keep_top}.")
+        if not 0 <= self.composite_weight <= 1:
+            raise InputError(f"composite_weight must be in [0, 1], got {self.composite_weight}.")
+        if self.probe_layer is not None and self.probe_layer < 0:
+            raise InputError(f"probe_layer must be >= 0, got {self.probe_layer}.")
         if not math.isfinite(self.chosen_scale) or self.chosen_scale < 0:
             raise InputError(f"chosen_scale must be finite and >= 0, got {self.chosen_scale}.")
 

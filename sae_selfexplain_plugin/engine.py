@@ -11,13 +11,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from functools import cached_property
+from typing import cast
 
 import torch
 
-from .backend import Backend, GenerationRequest, GenerationResult, Injection, check_layer, left_pad
+from .backend import Backend, GenerationRequest, GenerationResult, Injection, ProbeModel, check_layer, left_pad
 from .config import SelfExplainConfig
 from .errors import InputError
+from .policies import Sweep, explainable, rank_scales
 from .results import Explanation, FeatureExplanations
+from .scale_metrics import METRICS, cross_entropy, default_probe_layer, entropy, relevancy, self_similarity
 from .templates import RenderedPrompt, default_template_name, render
 
 ROWS_PER_CALL = 4096  # cap on the rows one generate_many call (one remote request) carries
@@ -67,6 +70,63 @@ class SelfExplainer:
         vectors: torch.Tensor = unit * factor[:, None]
         return vectors
 
+    @cached_property
+    def probe_layer(self) -> int:
+        """The block whose input residual self-similarity reads."""
+        layer = self.config.probe_layer
+        layer = default_probe_layer(self.backend.n_layers) if layer is None else layer
+        check_layer(layer, self.backend.n_layers)
+        return layer
+
+    @property
+    def can_measure(self) -> bool:
+        """Whether the backend runs the prompt probes the scale metrics need."""
+        return isinstance(self.backend, ProbeModel)
+
+    def measure(self, directions: torch.Tensor) -> list[Sweep]:
+        """Per feature, the metric sweep over config.scales (scale_metrics.py), from prompt passes only:
+        one batch of rows per (feature, scale), plus two baseline rows for all features."""
+        directions = self._check_directions(directions)
+        if not self.can_measure:
+            raise InputError(
+                f"{type(self.backend).__name__} cannot run prompt probes, so the scale metrics are unavailable; "
+                "use a transformers or TransformerLens model, or policy='fixed'."
+            )
+        cfg = self.config
+        neutral = cast(ProbeModel, self.backend).mean_token_embedding().float().cpu()
+        base_resid, base_logits = self._probe(torch.stack([torch.zeros_like(neutral), neutral / neutral.norm()]))
+        zero_resid, zero_logits, neutral_logits = base_resid[0], base_logits[:1], base_logits[1]
+        zero_entropy = entropy(zero_logits)[0]
+        zero_ce = cross_entropy(zero_logits, neutral_logits)[0]
+        scales = torch.tensor(cfg.scales)
+        n_layers = self.backend.n_layers
+        rows = [(f, j) for f in range(len(directions)) for j in range(len(scales))]
+        by_layer = torch.zeros(len(directions), len(scales), n_layers)  # self-similarity at every block input
+        values = torch.zeros(len(directions), len(scales), 2)  # entropy, cross-entropy
+        for start in range(0, len(rows), cfg.batch_size):
+            feats = torch.tensor([f for f, _ in rows[start : start + cfg.batch_size]])
+            cols = torch.tensor([j for _, j in rows[start : start + cfg.batch_size]])
+            resid, logits = self._probe(self.injected_vectors(directions[feats], scales[cols]))
+            dirs = directions[feats][:, None].expand_as(resid)
+            by_layer[feats, cols] = self_similarity(resid, dirs) - self_similarity(zero_resid.expand_as(resid), dirs)
+            values[feats, cols] = torch.stack(
+                [entropy(logits) - zero_entropy, cross_entropy(logits, neutral_logits) - zero_ce], dim=-1
+            )
+        sweeps: list[Sweep] = []
+        for f in range(len(directions)):
+            layers = by_layer[f].T  # [n_layers, n_scales]
+            sweeps.append(
+                {
+                    "scale": list(cfg.scales),
+                    "self_similarity": _rounded(layers[self.probe_layer]),
+                    "entropy": _rounded(values[f, :, 0]),
+                    "cross_entropy": _rounded(values[f, :, 1]),
+                    # row = block whose input is read: lets reports change the probe layer after the fact
+                    "self_similarity_by_layer": [_rounded(row) for row in layers],
+                }
+            )
+        return sweeps
+
     def explain(
         self,
         directions: torch.Tensor,
@@ -74,14 +134,21 @@ class SelfExplainer:
         *,
         progress: ProgressCallback | None = None,
     ) -> list[FeatureExplanations]:
-        """Explain each row of `directions` ([n_features, d_model], or one [d_model]) at every scale."""
+        """Explain each row of `directions` ([n_features, d_model], or one [d_model]).
+
+        With a backend that runs prompt probes, every scale is measured first (`measure`) and the policy
+        ranks the scales; `generate="all"` then generates at every scale, `"chosen"` only at the ranked ones."""
         directions = self._check_directions(directions)
         ids = list(range(len(directions))) if feature_ids is None else [int(i) for i in feature_ids]
         if len(ids) != len(directions):
             raise InputError(f"got {len(directions)} directions but {len(ids)} feature ids; pass one id per row.")
         cfg = self.config
-        rows = [(f, s, k) for f in range(len(ids)) for s in cfg.scales for k in range(cfg.n_samples)]
+        sweeps: list[Sweep] = self.measure(directions) if self.can_measure else [{"scale": list(cfg.scales)}] * len(ids)
+        rankings = [[cfg.scales[i] for i in rank_scales(sweep, cfg)] for sweep in sweeps]
+        wanted = [list(cfg.scales) if cfg.generate == "all" else ranked for ranked in rankings]
+        rows = [(f, s, k) for f in range(len(ids)) for s in wanted[f] for k in range(cfg.n_samples)]
         candidates: list[list[Explanation]] = [[] for _ in ids]
+        tokens: dict[tuple[int, float, int], list[int]] = {}
         starts = list(range(0, len(rows), cfg.batch_size))
         # A backend with generate_many (remote nnsight) takes several batches as one request.
         many = getattr(self.backend, "generate_many", None)
@@ -93,19 +160,94 @@ class SelfExplainer:
             results = many(requests) if many is not None else [self.backend.generate(requests[0])]
             for chunk, result in zip(chunks, results):
                 self._collect(chunk, result, ids, candidates)
+                tokens.update(zip(chunk, result.tokens))
                 if progress is not None:
                     progress(len(chunk))
-        return [
-            FeatureExplanations(
-                feature_id=fid,
-                candidates=cands,
-                chosen_index=self._choose_fixed(cands),
-                policy="fixed",
-                model_id=self.backend.model_id,
-                settings_hash=self.settings_hash,
-            )
-            for fid, cands in zip(ids, candidates)
+        records = [
+            self._record(fid, cands, sweep, ranked)
+            for fid, cands, sweep, ranked in zip(ids, candidates, sweeps, rankings)
         ]
+        if self.can_measure:
+            self._add_relevancy(records, directions, tokens)
+        return records
+
+    def _record(
+        self, feature_id: int, candidates: list[Explanation], sweep: Sweep, ranked: list[float]
+    ) -> FeatureExplanations:
+        for c in candidates:
+            j = sweep["scale"].index(c.scale)
+            c.metrics.update({m: sweep[m][j] for m in METRICS if m in sweep})
+        flags = [] if explainable(sweep, self.config) else ["not_self_explainable"]
+        chosen = next((i for i, c in enumerate(candidates) if c.scale == ranked[0] and c.sample == 0), None)
+        return FeatureExplanations(
+            feature_id=feature_id,
+            candidates=candidates,
+            chosen_index=None if flags else chosen,
+            policy=self.config.policy,
+            model_id=self.backend.model_id,
+            settings_hash=self.settings_hash,
+            sweep=sweep if len(sweep) > 1 else {},
+            ranked_scales=ranked,
+            flags=flags,
+        )
+
+    def _add_relevancy(
+        self,
+        records: list[FeatureExplanations],
+        directions: torch.Tensor,
+        tokens: dict[tuple[int, float, int], list[int]],
+    ) -> None:
+        """SelfIE's relevancy (mean over the explanation's tokens) for every candidate at a ranked scale."""
+        todo = [
+            (f, c)
+            for f, r in enumerate(records)
+            for c in r.candidates
+            if c.scale in r.ranked_scales and tokens.get((f, c.scale, c.sample))
+        ]
+        backend = cast(ProbeModel, self.backend)
+        prompt = list(self.prompt.input_ids)
+        pad_id = getattr(self.backend.tokenizer, "pad_token_id", None) or 0
+        for start in range(0, len(todo), 16):  # full-vocabulary logits per position: keep batches small
+            chunk = todo[start : start + 16]
+            generated = [tokens[(f, c.scale, c.sample)] for f, c in chunk]
+            input_ids, mask = left_pad([prompt + g for g in generated], pad_id)
+            offsets = (mask == 0).sum(-1)
+            positions = torch.zeros_like(input_ids, dtype=torch.bool)
+            for row, offset in enumerate(offsets.tolist()):
+                positions[row, [offset + p for p in self.prompt.placeholder_positions]] = True
+            vectors = self.injected_vectors(
+                directions[torch.tensor([f for f, _ in chunk])], torch.tensor([c.scale for _, c in chunk])
+            )
+            device = self.backend.device
+            args = (input_ids.to(device), mask.to(device))
+            layer, mode = self.config.layer, self.config.injection
+            injected = backend.token_logprobs(*args, Injection(layer, positions.to(device), vectors.to(device), mode))
+            plain = backend.token_logprobs(
+                *args, Injection(layer, torch.zeros_like(positions).to(device), vectors.to(device), mode)
+            )
+            per_token = relevancy(injected, plain).cpu()
+            for row, ((_, c), g) in enumerate(zip(chunk, generated)):
+                end = input_ids.shape[1] - 1  # logprob index of the last token
+                c.metrics["relevancy"] = round(float(per_token[row, end - len(g) + 1 : end + 1].mean()), 6)
+
+    def _probe(self, vectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompt passes with one injected vector per row: the residual entering every block [B, n_layers, d]
+        and the logits, at the last position."""
+        input_ids, mask, injection = self._prompt_batch(vectors)
+        layers = range(self.backend.n_layers)
+        resid, logits = cast(ProbeModel, self.backend).probe(input_ids, mask, injection, layers)
+        return resid.float().cpu(), logits.float().cpu()
+
+    def _prompt_batch(self, vectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Injection]:
+        """The prompt repeated once per vector, with the injection of those vectors at the placeholder."""
+        prompt = self.prompt
+        pad_id = getattr(self.backend.tokenizer, "pad_token_id", None) or 0
+        input_ids, mask = left_pad([prompt.input_ids] * len(vectors), pad_id)
+        positions = torch.zeros_like(input_ids, dtype=torch.bool)
+        positions[:, list(prompt.placeholder_positions)] = True  # same prompt in every row: no padding
+        device = self.backend.device
+        injection = Injection(self.config.layer, positions.to(device), vectors.to(device), self.config.injection)
+        return input_ids.to(device), mask.to(device), injection
 
     def _collect(
         self,
@@ -130,31 +272,18 @@ class SelfExplainer:
             )
 
     def _request(self, directions: torch.Tensor, chunk: list[tuple[int, float, int]], seed: int) -> GenerationRequest:
-        prompt = self.prompt
-        pad_id = getattr(self.backend.tokenizer, "pad_token_id", None) or 0
-        input_ids, mask = left_pad([prompt.input_ids] * len(chunk), pad_id)
-        positions = torch.zeros_like(input_ids, dtype=torch.bool)
-        positions[:, list(prompt.placeholder_positions)] = True  # same prompt in every row: no padding
         feats = torch.tensor([f for f, _, _ in chunk])
         scales = torch.tensor([s for _, s, _ in chunk])
-        vectors = self.injected_vectors(directions[feats], scales)
-        device = self.backend.device
+        input_ids, mask, injection = self._prompt_batch(self.injected_vectors(directions[feats], scales))
         return GenerationRequest(
-            input_ids=input_ids.to(device),
-            attention_mask=mask.to(device),
-            injection=Injection(self.config.layer, positions.to(device), vectors.to(device), self.config.injection),
+            input_ids=input_ids,
+            attention_mask=mask,
+            injection=injection,
             max_new_tokens=self.config.max_new_tokens,
-            stop_strings=prompt.stop_strings,
+            stop_strings=self.prompt.stop_strings,
             temperature=self.config.temperature,
             seed=seed,
         )
-
-    def _choose_fixed(self, candidates: list[Explanation]) -> int | None:
-        """The `fixed` policy: the first candidate at the sweep scale nearest to config.chosen_scale."""
-        if not candidates:
-            return None
-        target = min(self.config.scales, key=lambda s: abs(s - self.config.chosen_scale))
-        return next(i for i, c in enumerate(candidates) if c.scale == target)
 
     def _check_directions(self, directions: torch.Tensor) -> torch.Tensor:
         if not isinstance(directions, torch.Tensor):
@@ -180,3 +309,7 @@ class SelfExplainer:
             bad = torch.nonzero(zero).flatten().tolist()[:10]
             raise InputError(f"directions at rows {bad} are all zeros and have no direction to explain.")
         return directions.detach().cpu()
+
+
+def _rounded(values: torch.Tensor) -> list[float]:
+    return [round(v, 5) for v in values.tolist()]

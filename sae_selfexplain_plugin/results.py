@@ -47,6 +47,12 @@ class FeatureExplanations:
     package_version: str = __version__
     # Activation records ({"source", "tokens", "values"}): the feature's activations over a text.
     activations: list[dict[str, Any]] = field(default_factory=list)
+    # The metric sweep over scales ({"scale": [...], "self_similarity": [...], ...}; empty if not measured),
+    # the scales the policy kept (best first), flags such as "not_self_explainable", and scores (scoring.py).
+    sweep: dict[str, Any] = field(default_factory=dict)
+    ranked_scales: list[float] = field(default_factory=list)
+    flags: list[str] = field(default_factory=list)
+    scores: dict[str, Any] = field(default_factory=dict)
 
     @property
     def chosen(self) -> Explanation | None:

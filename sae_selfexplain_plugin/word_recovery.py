@@ -17,9 +17,11 @@ from typing import Any
 import torch
 
 from .backend import Backend, left_pad
-from .config import SelfExplainConfig
+from .config import POLICIES, SelfExplainConfig
 from .engine import SelfExplainer
 from .errors import InputError
+from .policies import rank_scales
+from .results import FeatureExplanations
 
 CARRIER = "We talked about{word} and other things."
 """Sentence the cross-layer case reads each word from; `{word}` takes the word with its leading space."""
@@ -88,6 +90,8 @@ class RecoveryRow:
     rate_by_scale: dict[float, float]
     default_scale: float
     examples: dict[str, str] = field(default_factory=dict)  # word -> explanation at the default scale
+    # policy -> recovery when each word's scale is chosen by that policy from its own metric sweep
+    rate_by_policy: dict[str, float] = field(default_factory=dict)
 
     @property
     def best_scale(self) -> float:
@@ -154,6 +158,24 @@ def run_word_recovery(
                     rate,
                     default_scale,
                     examples,
+                    rate_by_policy(records, words, config),
                 )
             )
     return rows
+
+
+def rate_by_policy(
+    records: Sequence[FeatureExplanations], words: Sequence[str], config: SelfExplainConfig
+) -> dict[str, float]:
+    """Per policy, the fraction of words recovered at the scale the policy picks for each word by itself
+    (first sample); policies that need metrics are skipped when the records have no sweep."""
+    rates = {}
+    for policy in POLICIES:
+        if policy != "fixed" and not all(r.sweep for r in records):
+            continue
+        hits = 0
+        for r, word in zip(records, words):
+            best = config.scales[rank_scales(r.sweep or {"scale": list(config.scales)}, config, policy)[0]]
+            hits += recovered(r.at_scale(best)[0].text, word)
+        rates[policy] = hits / len(words)
+    return rates

@@ -67,3 +67,24 @@ def test_run_reports_every_template_source_and_scale(gemma_backend):
         assert set(r.rate_by_scale) == {1.0, 4.0}
         assert all(0 <= v <= 1 for v in r.rate_by_scale.values())
         assert r.default_scale == 4.0 and set(r.examples) == {"cat", "dog"}
+
+
+def test_each_policy_is_scored_at_the_scale_it_picks_per_word(gemma_backend):
+    from sae_selfexplain_plugin import SelfExplainer
+    from sae_selfexplain_plugin.policies import rank_scales
+    from sae_selfexplain_plugin.word_recovery import rate_by_policy
+
+    cfg = SelfExplainConfig(template="test-open", scales=(1.0, 2.0, 4.0), max_new_tokens=3)
+    words = ["cat", "dog"]
+    vectors = word_vectors(gemma_backend, words, 1, in_context=False)
+    records = SelfExplainer(gemma_backend, cfg).explain(vectors)
+    # make the texts name the word only at the scale max-self-similarity picks for it
+    for r, w in zip(records, words):
+        best = cfg.scales[rank_scales(r.sweep, cfg, "max-self-similarity")[0]]
+        for c in r.candidates:
+            c.text = w if c.scale == best else "nothing"
+    rates = rate_by_policy(records, words, cfg)
+    assert set(rates) == {"fixed", "max-self-similarity", "composite", "knee"}
+    assert rates["max-self-similarity"] == 1.0
+    fixed_hits = sum(r.at_scale(4.0)[0].text == w for r, w in zip(records, words)) / 2
+    assert rates["fixed"] == fixed_hits
