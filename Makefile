@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck pytest bench-words clean
+.PHONY: demo test lint typecheck pytest browser bench bench-words clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,16 +22,24 @@ demo: $(STAMP)
 	$(BIN)/sae-selfexplain demo
 
 lint: $(STAMP)
-	$(BIN)/ruff check sae_selfexplain_plugin adapters tests
-	$(BIN)/ruff format --check sae_selfexplain_plugin adapters tests
+	$(BIN)/ruff check sae_selfexplain_plugin adapters tests scripts benchmarks
+	$(BIN)/ruff format --check sae_selfexplain_plugin adapters tests scripts benchmarks
 
 typecheck: $(STAMP)
 	$(BIN)/mypy sae_selfexplain_plugin adapters
 
-pytest: $(STAMP)
-	$(BIN)/python -m pytest -q
+# Debian's Chromium for the dashboard tests (Playwright drives it; it downloads no browser of its own).
+browser:
+	command -v chromium >/dev/null || (apt-get update -q && apt-get install -y -q chromium)
+
+pytest: $(STAMP) browser
+	SAE_SELFEXPLAIN_REQUIRE_BROWSER=1 $(BIN)/python -m pytest -q
 
 test: lint typecheck pytest
+
+# Throughput: naive hooked-generate loop vs ours vs plain batched generate, on Gemma 3 270M (docs/performance.md)
+bench: $(STAMP)
+	mkdir -p out && $(BIN)/python benchmarks/bench_explain.py --json out/bench.json
 
 bench-words: $(STAMP)
 	$(BIN)/sae-selfexplain bench word-recovery

@@ -8,7 +8,7 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.markup import escape
@@ -17,15 +17,16 @@ from rich.progress import (
     MofNCompleteColumn,
     Progress,
     SpinnerColumn,
-    TaskID,
     TextColumn,
     TimeRemainingColumn,
 )
 from rich.table import Table
 from rich.text import Text
 
-from sae_selfexplain_plugin import FeatureExplanations, SelfExplainConfig, SelfExplainer, SelfExplainError, __version__
-from sae_selfexplain_plugin.config import DEFAULT_SCALES
+from sae_selfexplain_plugin import FeatureExplanations, SelfExplainConfig, SelfExplainError, __version__
+from sae_selfexplain_plugin.activation_examples import ActivationExamples, Context, FeatureExamples
+from sae_selfexplain_plugin.config import DEFAULT_SCALES, POLICIES
+from sae_selfexplain_plugin.dashboard import write_dashboard
 from sae_selfexplain_plugin.export import DEFAULT_TYPE_NAME
 from sae_selfexplain_plugin.formats import SCHEMA_NAMES
 from sae_selfexplain_plugin.word_recovery import (
@@ -33,15 +34,16 @@ from sae_selfexplain_plugin.word_recovery import (
     load_words,
     run_word_recovery,
     single_token_words,
-    word_vectors,
 )
 
 from .embedded import DEFAULT_MODEL, EMBEDDED_MODELS, get_embedded, load_backend
 from .neuronpedia import DEFAULT_HOST
 from .transformers import TransformersBackend
 
+if TYPE_CHECKING:
+    from .evaluation import Embedder
+
 console = Console(stderr=True)
-DEMO_WORDS = ("Paris", "banana", "happy", "dog", "music", "winter")
 
 
 def _progress() -> Progress:
@@ -80,45 +82,89 @@ def _scales(text: str | None) -> tuple[float, ...]:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    backend = _load(args.model)
-    chat = EMBEDDED_MODELS[args.model].chat
-    templates = ["chat-meaning", "chat-repeat"] if chat else ["identity", "definition"]
-    words = [w.strip() for w in args.words.split(",")] if args.words else list(DEMO_WORDS)
-    source = default_source_layers(backend.n_layers)[0]
-    config = SelfExplainConfig(scales=_scales(args.scales), max_new_tokens=args.max_new_tokens)
-    console.print(
-        f"Explaining {len(words)} word directions read at block {source} "
-        "(in context, like an SAE feature there), "
-        f"injected at block {config.layer}, with templates {', '.join(templates)}."
+    from sae_selfexplain_plugin.export import export_jsonl
+    from sae_selfexplain_plugin.store import ResultsStore
+
+    from .demo_sae import demo_examples, load_demo_sae
+    from .evaluation import score_records
+    from .pipeline import explain_sae, parse_features, stored_records
+
+    sae, examples = load_demo_sae(), demo_examples()
+    sae_key = sae.cfg.metadata.neuronpedia_id
+    features = parse_features(args.features, sae.cfg.d_sae) if args.features else examples.live_features()[:16]
+    config = SelfExplainConfig(
+        scales=_scales(args.scales), max_new_tokens=args.max_new_tokens, policy=args.policy, generate=args.generate
     )
-    directions = word_vectors(backend, words, source, in_context=True)
-    results: dict[str, list[Any]] = {}
+    backend = _load(DEFAULT_MODEL)
+    out = Path(args.out)
+    store = ResultsStore(out / "results.db")
+    console.print(
+        f"Explaining {len(features)} features of the demo SAE {sae_key} ({sae.cfg.metadata.hook_name}), "
+        f"each at {len(config.scales)} scales, injected at block {config.layer}."
+    )
     with _progress() as progress:
-        for template in templates:
-            explainer = SelfExplainer(backend, config.replace(template=template))
-            task = progress.add_task(f"generating ({template})", total=len(words) * len(config.scales))
-
-            def advance(n: int, task: TaskID = task) -> None:
-                progress.advance(task, n)
-
-            results[template] = explainer.explain(directions, progress=advance)
-    view = Console(width=max(Console().width, 150))
-    for i, word in enumerate(words):
-        table = Table(title=f"direction of {word!r} (block {source})", show_lines=False)
-        table.add_column("scale", justify="right")
-        for template in templates:
-            table.add_column(template)
-        for j, scale in enumerate(config.scales):
-            chosen = results[templates[0]][i].chosen_index == j
-            cells = [Text(results[t][i].candidates[j].text) for t in templates]  # model text is not markup
-            table.add_row(f"{'* ' if chosen else ''}{scale:g}", *cells)
-        view.print(table)
-    view.print(f"* = the default choice (fixed relative scale {config.chosen_scale:g}).")
-    if args.json:
-        payload = {t: [r.to_dict() for r in recs] for t, recs in results.items()}
-        Path(args.json).write_text(json.dumps({"words": words, "source_layer": source, "results": payload}, indent=1))
-        view.print(f"wrote {args.json}", markup=False)
+        task = progress.add_task("explaining features", total=len(features))
+        summary = explain_sae(
+            sae, sae_key, backend, features, config, store, on_batch=lambda n: progress.advance(task, n)
+        )
+    records = list(stored_records(store, backend.model_id, sae_key, summary.settings_hash, features))
+    store.close()
+    with _status("Scoring the chosen explanations...", "scored"):
+        score_records(records, sae, backend, examples, _embedder_or_none())
+    view = Console(width=max(Console().width, 120))
+    for record in records:
+        view.print(_feature_table(record, examples[record.feature_id]))
+    export_jsonl(records, out / "results.jsonl")
+    page = write_dashboard(records, out / "dashboard.html", examples=examples, config=config)
+    view.print(
+        f"* = the chosen explanation (policy {config.policy}). "
+        f"{len(records)} features in {summary.seconds:.0f}s; results: {out / 'results.jsonl'}",
+        markup=False,
+    )
+    view.print(f"dashboard: {page.resolve()}", markup=False)
     return 0
+
+
+def _embedder_or_none() -> Embedder | None:
+    """The sentence-embedding model for the embedding score, or None (with a note) when it is not installed."""
+    from .evaluation import Embedder
+
+    try:
+        return Embedder()
+    except SelfExplainError as e:
+        console.print(f"[dim]embedding score skipped: {escape(str(e))}[/dim]")
+        return None
+
+
+def _feature_table(record: FeatureExplanations, examples: FeatureExamples) -> Table:
+    """One feature: its explanation at every scale beside the tokens and contexts it fires on."""
+    tokens = ", ".join(repr(t) for t in examples.top_tokens())
+    flag = "  NOT SELF-EXPLAINABLE (self-similarity never reaches the threshold)" if record.flags else ""
+    title = f"feature {record.feature_id}  (fires on {examples.frequency:.2%} of tokens; top tokens: {tokens}){flag}"
+    table = Table(title=Text(title), title_justify="left")  # Text: corpus tokens are not markup
+    table.add_column("scale", justify="right")
+    table.add_column("self-sim", justify="right")
+    table.add_column("self-explanation")
+    table.add_column("top activating contexts (peak in bold)")
+    contexts = [_highlight(c) for c in examples.top[:3]]
+    for j, candidate in enumerate(record.candidates):
+        mark = "* " if j == record.chosen_index else ""
+        similarity = candidate.metrics.get("self_similarity")
+        table.add_row(
+            f"{mark}{candidate.scale:g}",
+            "" if similarity is None else f"{similarity:.3f}",
+            Text(candidate.text),  # model text is not markup
+            contexts[j] if j < len(contexts) else "",
+        )
+    return table
+
+
+def _highlight(context: Context) -> Text:
+    peak = max(range(len(context.values)), key=context.values.__getitem__)
+    text = Text()
+    for i, token in enumerate(context.tokens):
+        text.append(token.replace("\n", "⏎"), style="bold reverse" if i == peak else "")
+    return text
 
 
 def cmd_word_recovery(args: argparse.Namespace) -> int:
@@ -150,6 +196,9 @@ def cmd_word_recovery(args: argparse.Namespace) -> int:
         table.add_column(f"{s:g}", justify="right")
     table.add_column("best", justify="right")
     table.add_column(f"default ({rows[0].default_scale:g})", justify="right")
+    policies = [p for p in POLICIES if p != "fixed" and p in rows[0].rate_by_policy]
+    for policy in policies:
+        table.add_column(policy, justify="right")
     for row in rows:
         rates = [f"{row.rate_by_scale[s]:.0%}" for s in config.scales]
         table.add_row(
@@ -158,6 +207,7 @@ def cmd_word_recovery(args: argparse.Namespace) -> int:
             *rates,
             f"{row.best_rate:.0%} @{row.best_scale:g}",
             f"{row.default_rate:.0%}",
+            *[f"{row.rate_by_policy[p]:.0%}" for p in policies],
         )
     view.print(table)
     view.print(f"{elapsed:.0f}s")
@@ -184,6 +234,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
         scales=_scales(args.scales),
         max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size,
+        policy=args.policy,
+        generate=args.generate,
     )
     store_path = Path(args.store) if args.store else Path(args.out).with_suffix(".db")
     store = ResultsStore(store_path)  # fail on an unwritable store before loading the model
@@ -210,6 +262,71 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from sae_selfexplain_plugin.activation_examples import EXAMPLES_FILE, ActivationExamples
+
+    from .demo_sae import DEMO_SAE_DIR
+    from .evaluation import Embedder, evaluate
+    from .pipeline import load_model, load_sae, parse_features
+
+    folder = Path(args.sae) if args.sae else DEMO_SAE_DIR
+    config = SelfExplainConfig(
+        layer=args.layer, template=args.template, scales=_scales(args.scales), max_new_tokens=args.max_new_tokens
+    )
+    sae, _ = load_sae(str(folder))
+    examples = ActivationExamples.load(args.examples or folder / EXAMPLES_FILE)
+    live = examples.live_features()
+    features = parse_features(args.features, sae.cfg.d_sae) if args.features else live[: args.limit]
+    embedder = None if args.no_embedding else Embedder()
+    if embedder is not None:
+        embedder.model_dir  # noqa: B018 (fail on a missing embedding model before the long run)
+    with _status("Loading the model...", "loaded the model"):
+        backend = load_model(args.model, sae)
+    with _progress() as progress:
+        task = progress.add_task("explaining features at every scale", total=len(features) * len(config.scales))
+        report = evaluate(
+            sae, backend, examples, features, config, embedder=embedder, progress=lambda n: progress.advance(task, n)
+        )
+    table = Table(title=f"{len(features)} features of {report.sae} on {report.model_id} ({report.seconds:.0f}s)")
+    for column in ("labeller", "activation check", "embedding AUROC", "scored", "flagged"):
+        table.add_column(column, justify="left" if column == "labeller" else "right")
+    for r in report.results:
+        fmt = [f"{v:.3f}" if v is not None else "-" for v in (r.activation_check, r.embedding_score)]
+        table.add_row(r.labeller, *fmt, str(r.scored), str(r.flagged))
+    view = Console(width=max(Console().width, 100))
+    view.print(table)
+    view.print(
+        "activation check: 0.5 = chance, 1 = the explanation evokes its own feature most; "
+        "embedding AUROC: 0.5 = chance.",
+        markup=False,
+    )
+    if args.out:
+        from sae_selfexplain_plugin.files import atomic_writer
+
+        with atomic_writer(args.out) as f:
+            json.dump(report.to_dict(), f, indent=1)
+        view.print(f"wrote {args.out}", markup=False)
+    return 0
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    db = args.results.endswith(".db")
+    records = list(_read_records(None if db else args.results, args.results if db else None, args.sae_id))
+    examples = ActivationExamples.load(args.examples) if args.examples else _demo_examples_for(records)
+    page = write_dashboard(records, args.out, examples=examples, title=args.title)
+    Console().print(f"{len(records)} features; dashboard: {page.resolve()}", markup=False)
+    return 0
+
+
+def _demo_examples_for(records: list[FeatureExplanations]) -> ActivationExamples | None:
+    """The demo SAE's examples when the records come from it (else None: no contexts shown)."""
+    from .demo_sae import demo_examples, load_demo_sae
+
+    if records and records[0].sae.get("neuronpedia_id") == load_demo_sae().cfg.metadata.neuronpedia_id:
+        return demo_examples()
+    return None
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     from sae_selfexplain_plugin.formats import validate_file
 
@@ -225,18 +342,25 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _records(args: argparse.Namespace) -> Iterator[FeatureExplanations]:
-    if args.results:
+    return _read_records(args.results, args.store, args.sae_id)
+
+
+def _read_records(results: str | None, store_path: str | None, sae_id: str | None) -> Iterator[FeatureExplanations]:
+    """Records from a results JSONL (ours), else from a results store."""
+    if results:
         from sae_selfexplain_plugin.formats import read_documents
 
-        for line, doc in read_documents(args.results):
+        for line, doc in read_documents(results):
             if not isinstance(doc, dict):
-                raise SelfExplainError(f"{args.results} line {line}: not a JSON object.")
+                raise SelfExplainError(f"{results} line {line}: not a JSON object.")
             yield FeatureExplanations.from_dict(doc)
     else:
         from sae_selfexplain_plugin.store import ResultsStore
 
-        with ResultsStore(args.store) as store:
-            for _, record in store.records(sae_id=args.sae_id):
+        if store_path is None or not Path(store_path).is_file():
+            raise SelfExplainError(f"no results store at {store_path}; pass --results FILE or --store FILE.db.")
+        with ResultsStore(store_path) as store:
+            for _, record in store.records(sae_id=sae_id):
                 yield record
 
 
@@ -300,18 +424,33 @@ def _add_results_source(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sae-id", help="with --store: only this SAE (its neuronpedia_id or path)")
 
 
+def _add_policy_options(parser: argparse.ArgumentParser) -> None:
+    default = SelfExplainConfig()
+    parser.add_argument(
+        "--policy", choices=POLICIES, default=default.policy, help="scale policy (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--generate",
+        choices=["all", "chosen"],
+        default=default.generate,
+        help="generate at every scale, or only at the policy's top scales (cheaper; default: %(default)s)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sae-selfexplain", description=__doc__)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     models = sorted(EMBEDDED_MODELS)
 
-    demo = sub.add_parser("demo", help="explain a few word directions on the embedded default model")
-    demo.add_argument("--model", default=DEFAULT_MODEL, choices=models)
-    demo.add_argument("--words", help="comma-separated words (default: %(default)s)")
+    demo = sub.add_parser("demo", help="explain features of the shipped demo SAE on the embedded default model")
+    demo.add_argument("--features", help="e.g. 0-15 or 3,7 (default: the first 16 live features)")
     demo.add_argument("--scales", help="comma-separated relative scales")
     demo.add_argument("--max-new-tokens", type=int, default=16)
-    demo.add_argument("--json", help="also write the results to this JSON file")
+    _add_policy_options(demo)
+    demo.add_argument(
+        "--out", default="out/demo", help="folder for results.db and results.jsonl (default: %(default)s)"
+    )
     demo.set_defaults(func=cmd_demo)
 
     ex = sub.add_parser("explain", help="explain the features of a SAELens SAE; resumable")
@@ -326,8 +465,33 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--scales", help="comma-separated relative scales")
     ex.add_argument("--max-new-tokens", type=int, default=SelfExplainConfig().max_new_tokens)
     ex.add_argument("--batch-size", type=int, default=SelfExplainConfig().batch_size, help="rows per generate")
+    _add_policy_options(ex)
     ex.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: a GPU if there is one)")
     ex.set_defaults(func=cmd_explain)
+
+    ev = sub.add_parser("eval", help="score every scale policy and a top-tokens baseline, with no judge model")
+    ev.add_argument("--sae", help="a SAELens SAE folder (default: the shipped demo SAE)")
+    ev.add_argument("--examples", help="activation examples file (default: in the SAE folder)")
+    ev.add_argument("--model", help="embedded model name or checkpoint folder (default: the SAE's model_name)")
+    ev.add_argument("--features", help="e.g. 0-63 (default: the first --limit live features)")
+    ev.add_argument("--limit", type=int, default=64)
+    ev.add_argument("--layer", type=int, default=SelfExplainConfig().layer)
+    ev.add_argument("--template", help="prompt template (default: from the tokenizer)")
+    ev.add_argument("--scales", help="comma-separated relative scales")
+    ev.add_argument("--max-new-tokens", type=int, default=16)
+    ev.add_argument("--no-embedding", action="store_true", help="skip the embedding score")
+    ev.add_argument("--out", help="write the full report (per feature) to this JSON file")
+    ev.set_defaults(func=cmd_eval)
+
+    da = sub.add_parser("dashboard", help="write an offline HTML dashboard of results (JSONL or .db)")
+    da.add_argument("results", help="a results JSONL written by `explain`/`demo`, or a results store (.db)")
+    da.add_argument("--out", required=True, help="the HTML file to write")
+    da.add_argument(
+        "--examples", help="activation examples file, for top contexts (default: the demo SAE's if it is that SAE)"
+    )
+    da.add_argument("--sae-id", help="with a .db: only this SAE (its neuronpedia_id or path)")
+    da.add_argument("--title", help="page title")
+    da.set_defaults(func=cmd_dashboard)
 
     va = sub.add_parser("validate", help="check a JSON/JSONL(.gz) file against the schema it claims")
     va.add_argument("file")

@@ -17,7 +17,7 @@ from sae_selfexplain_plugin.results import FeatureExplanations
 from sae_selfexplain_plugin.store import ResultsStore
 
 from .embedded import EMBEDDED_MODELS, load_backend
-from .sae_lens import activation_records, check_compatible, resolve_backend, sae_identity
+from .sae_lens import activation_records, check_compatible, load_sae_folder, resolve_backend, sae_identity
 from .transformers import TransformersBackend
 
 
@@ -45,12 +45,7 @@ def load_sae(spec: str, device: str = "cpu") -> tuple[SAE[Any], str]:
     """A local SAELens folder, or `RELEASE:SAE_ID` from SAELens's registry; returns (sae, store key)."""
     path = Path(spec)
     if path.exists():
-        if not (path / "cfg.json").is_file():
-            raise InputError(f"{path} is not a SAELens SAE folder (no cfg.json); save one with sae.save_model().")
-        try:
-            sae = SAE.load_from_disk(path, device=device)
-        except Exception as e:
-            raise InputError(f"cannot load the SAE at {path}: {e}. Is the weights file complete?") from e
+        sae = load_sae_folder(path, device=device)
     elif ":" in spec:
         release, sae_id = spec.split(":", 1)
         sae = SAE.from_pretrained(release, sae_id, device=device)

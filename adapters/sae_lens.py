@@ -9,13 +9,16 @@ The functional form is `self_explain(sae, features, model=...)`.
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 from sae_lens import SAE
+from safetensors import safe_open
 
 from sae_selfexplain_plugin import Backend, Explanation, FeatureExplanations, SelfExplainConfig, SelfExplainer
 from sae_selfexplain_plugin.errors import InputError
@@ -168,6 +171,40 @@ def _feature_indices(features: int | Sequence[int] | torch.Tensor, d_sae: int) -
     if not indices:
         raise InputError("the feature list is empty: pass at least one feature index.")
     return indices
+
+
+def load_sae_folder(path: str | Path, device: str = "cpu") -> SAE[Any]:
+    """`SAE.load_from_disk`, with errors that say what is wrong with the folder: no cfg.json, an unreadable
+    cfg, a corrupt or truncated weights file, or weights whose shapes disagree with the cfg."""
+    path = Path(path)
+    cfg_path = path / "cfg.json"
+    if not cfg_path.is_file():
+        raise InputError(f"{path} is not a SAELens SAE folder (no cfg.json); save one with sae.save_model().")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+        d_in, d_sae = int(cfg["d_in"]), int(cfg["d_sae"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise InputError(f"{cfg_path} is not a valid SAE config ({e!r}); it needs d_in and d_sae.") from e
+    weights = path / "sae_weights.safetensors"
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            shapes = {name: tuple(f.get_slice(name).get_shape()) for name in ("W_enc", "W_dec") if name in f.keys()}  # noqa: SIM118
+        sae = (
+            SAE.load_from_disk(path, device=device)
+            if shapes == {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_in)}
+            else None
+        )
+    except Exception as e:  # safetensors and torch raise assorted types for damaged files
+        raise InputError(
+            f"cannot load the SAE weights in {weights} ({type(e).__name__}: {e}); the file is corrupt or truncated. "
+            "Re-save or re-download it."
+        ) from e
+    if sae is None:
+        raise InputError(
+            f"the weights in {weights} have shapes {shapes}, but cfg.json says d_in={d_in}, d_sae={d_sae} "
+            f"(W_enc ({d_in}, {d_sae}), W_dec ({d_sae}, {d_in})); the cfg and the weights belong to different SAEs."
+        )
+    return sae
 
 
 def check_compatible(sae: SAE[Any], backend: Backend, *, check_model: bool = True, check_hook: bool = True) -> None:

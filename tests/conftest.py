@@ -59,11 +59,11 @@ def build_tokenizer(chat: bool = False) -> PreTrainedTokenizerFast:
     return tok
 
 
-def tiny_gemma(vocab_size: int, seed: int = 0) -> Gemma3ForCausalLM:
+def tiny_gemma(vocab_size: int, seed: int = 0, hidden_size: int = 64) -> Gemma3ForCausalLM:
     torch.manual_seed(seed)
     cfg = Gemma3TextConfig(
         vocab_size=vocab_size,
-        hidden_size=64,
+        hidden_size=hidden_size,
         intermediate_size=128,
         num_hidden_layers=4,
         num_attention_heads=2,
@@ -133,3 +133,36 @@ def real_backend() -> TransformersBackend:
 def tmp_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("SAE_SELFEXPLAIN_CACHE", str(tmp_path / "cache"))
     return tmp_path / "cache"
+
+
+SCRIPTS = Path(__file__).parent.parent / "scripts"
+CORPUS_WORDS = "cat dog sun tree blue river stone cloud apple house music winter light paper green".split()  # noqa: SIM905
+
+
+@pytest.fixture(scope="session")
+def tiny_sae(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """scripts/train_demo_sae.py run on a tiny random Gemma and a tiny corpus: the SAE folder (with its
+    activation examples); the model folder is beside it, at ../tiny-model."""
+    import importlib.util
+    import sys
+
+    root = tmp_path_factory.mktemp("demo_sae")
+    tok = build_tokenizer()
+    model_dir = root / "tiny-model"
+    tiny_gemma(len(tok)).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    g = torch.Generator().manual_seed(0)
+    words = CORPUS_WORDS
+    docs = [" ".join(words[int(i)] for i in torch.randint(len(words), (30,), generator=g)) for _ in range(300)]
+    corpus = root / "corpus.txt"
+    corpus.write_text("\n\n".join(docs))
+    spec = importlib.util.spec_from_file_location("train_demo_sae", SCRIPTS / "train_demo_sae.py")
+    assert spec and spec.loader
+    script = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = script
+    spec.loader.exec_module(script)
+    out = root / "sae"
+    args = ["--model", str(model_dir), "--corpus", str(corpus), "--hook-layer", "1", "--tokens", "12000"]
+    args += ["--held-tokens", "3000", "--context", "32", "--width", "128", "--k", "8", "--batch-size", "256"]
+    assert script.main([*args, "--out", str(out)]) == 0
+    return out

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 from sae_selfexplain_plugin.adapters.cli import main
 
@@ -60,18 +58,6 @@ def test_word_recovery_same_layer_is_near_perfect(real_backend):
     cfg = SelfExplainConfig(scales=(1.0,), max_new_tokens=4)
     rows = run_word_recovery(real_backend, templates=["identity"], config=cfg, source_layers=[], words=WORDS * 4)
     assert rows[0].source == "same-layer" and rows[0].rate_by_scale[1.0] == 1.0
-
-
-def test_cli_demo_prints_a_table_and_writes_json(tmp_path, capsys):
-    out = tmp_path / "demo.json"
-    args = ["--words", "Paris,cat", "--scales", "1,4", "--max-new-tokens", "6", "--json", str(out)]
-    code = main(["demo", "--model", "gemma-3-270m", *args])
-    assert code == 0
-    printed = capsys.readouterr().out
-    assert "'Paris'" in printed and "definition" in printed
-    data = json.loads(out.read_text())
-    assert data["words"] == ["Paris", "cat"] and set(data["results"]) == {"identity", "definition"}
-    assert len(data["results"]["identity"][0]["candidates"]) == 2
 
 
 def test_cli_reports_bad_input_without_a_traceback(capsys):

@@ -6,6 +6,7 @@ import json
 
 import pytest
 from sae_selfexplain_plugin.adapters.cli import main
+from sae_selfexplain_plugin.adapters.demo_sae import demo_examples, load_demo_sae
 from sae_selfexplain_plugin.adapters.embedded import DEFAULT_MODEL, load_backend
 
 from sae_selfexplain_plugin import SelfExplainConfig, SelfExplainer, render
@@ -44,21 +45,29 @@ def test_meaning_prompt_gives_meanings(smol):
     assert "sound" in record.candidates[0].text or "music" in record.candidates[0].text
 
 
-def test_demo_runs_on_the_default_model(tmp_path, capsys):
-    out = tmp_path / "demo.json"
-    assert main(["demo", "--words", "winter", "--scales", "2", "--max-new-tokens", "6", "--json", str(out)]) == 0
-    assert "'winter'" in capsys.readouterr().out
-    assert set(json.loads(out.read_text())["results"]) == {"chat-meaning", "chat-repeat"}
+def test_demo_explains_live_features_of_the_shipped_sae(tmp_path, capsys):
+    examples = demo_examples()
+    live = examples.live_features()[:2]
+    args = ["--features", ",".join(map(str, live)), "--scales", "2,4", "--max-new-tokens", "6"]
+    assert main(["demo", *args, "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    for f in live:
+        assert f"feature {f} " in printed
+        assert repr(examples[f].top_tokens()[0]) in printed  # shown beside its explanations
+    records = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert [r["feature_id"] for r in records] == live
+    assert all(len(r["candidates"]) == 2 and r["chosen_index"] == 1 for r in records)
+    assert records[0]["sae"]["neuronpedia_id"] == load_demo_sae().cfg.metadata.neuronpedia_id
 
 
-def test_model_text_is_shown_verbatim_in_the_demo_table(monkeypatch, capsys):
+def test_model_text_is_shown_verbatim_in_the_demo_table(monkeypatch, capsys, tmp_path):
     """An explanation that looks like rich markup must be printed as text, not swallowed."""
     from sae_selfexplain_plugin.results import Explanation, FeatureExplanations
 
     def fake_explain(self, directions, feature_ids=None, *, progress=None):
         cands = [Explanation(0, "[bold]Music[/bold] and [saelens]", s, 2, "chat-meaning") for s in self.config.scales]
-        return [FeatureExplanations(0, cands, chosen_index=0)]
+        return [FeatureExplanations(0, cands, 0, model_id=self.backend.model_id, settings_hash=self.settings_hash)]
 
     monkeypatch.setattr(SelfExplainer, "explain", fake_explain)
-    assert main(["demo", "--words", "music", "--scales", "1"]) == 0
+    assert main(["demo", "--features", "0", "--scales", "1", "--out", str(tmp_path)]) == 0
     assert "[bold]Music[/bold] and [saelens]" in capsys.readouterr().out

