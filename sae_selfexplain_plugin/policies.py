@@ -47,7 +47,8 @@ def rank_scales(sweep: Sweep, config: SelfExplainConfig, policy: str | None = No
         score = {i: a * x - (1 - a) * y for i, x, y in zip(allowed, ss_n, ce_n)}
     elif policy == "knee":
         best = max(ss[i] for i in allowed)
-        knee = min((i for i in allowed if ss[i] >= KNEE_FRACTION * best), key=lambda i: scales[i])
+        near = best - (1 - KNEE_FRACTION) * abs(best)  # 90% of a positive maximum; also sane when all are < 0
+        knee = min((i for i in allowed if ss[i] >= near), key=lambda i: scales[i])
         # the knee first, then the larger scales nearest first, then the smaller ones
         above = sorted((i for i in allowed if scales[i] > scales[knee]), key=lambda i: scales[i])
         below = sorted((i for i in allowed if scales[i] < scales[knee]), key=lambda i: -scales[i])

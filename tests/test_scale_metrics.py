@@ -96,6 +96,21 @@ def test_policies_rank_scales_by_their_rules():
     assert rank_scales(SWEEP, cfg.replace(keep_top=1), "composite") == expected[:1]
 
 
+@pytest.mark.parametrize("policy", ["fixed", "max-self-similarity", "composite", "knee"])
+def test_every_policy_ranks_odd_sweeps(policy):
+    """All-negative, all-equal and single-scale sweeps still give a ranking (a crash would lose a run)."""
+    cfg = SelfExplainConfig(scales=SWEEP["scale"], keep_top=2)
+    negative = {**SWEEP, "self_similarity": [0.0, -0.1, -0.05, -0.2, -0.3, -0.01]}
+    flat = {k: [0.0] * 6 if k != "scale" else v for k, v in SWEEP.items()}
+    for sweep in (negative, flat):
+        ranked = rank_scales(sweep, cfg, policy)
+        assert len(ranked) == 2 and len(set(ranked)) == 2
+    if policy == "knee":
+        assert rank_scales(negative, cfg, policy)[0] == 5  # -0.01 is the best, and within 10% of it
+    one = {k: v[:2] for k, v in SWEEP.items()}
+    assert rank_scales(one, cfg.replace(scales=(0.0, 0.5)), policy) in ([1], [1, 0])
+
+
 def test_min_scale_excludes_small_scales_and_the_flag():
     cfg = SelfExplainConfig(scales=SWEEP["scale"], min_scale=4.0)
     assert set(rank_scales(SWEEP, cfg, "max-self-similarity")) == {4, 5}
