@@ -424,11 +424,9 @@ def _add_results_source(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sae-id", help="with --store: only this SAE (its neuronpedia_id or path)")
 
 
-def _add_policy_options(parser: argparse.ArgumentParser) -> None:
+def _add_policy_options(parser: argparse.ArgumentParser, policy: str = SelfExplainConfig().policy) -> None:
     default = SelfExplainConfig()
-    parser.add_argument(
-        "--policy", choices=POLICIES, default=default.policy, help="scale policy (default: %(default)s)"
-    )
+    parser.add_argument("--policy", choices=POLICIES, default=policy, help="scale policy (default: %(default)s)")
     parser.add_argument(
         "--generate",
         choices=["all", "chosen"],
@@ -447,7 +445,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--features", help="e.g. 0-15 or 3,7 (default: the first 16 live features)")
     demo.add_argument("--scales", help="comma-separated relative scales")
     demo.add_argument("--max-new-tokens", type=int, default=16)
-    _add_policy_options(demo)
+    _add_policy_options(demo, policy="knee")  # the best measured policy (docs/scale_policies.md)
     demo.add_argument(
         "--out", default="out/demo", help="folder for results.db and results.jsonl (default: %(default)s)"
     )

@@ -178,36 +178,48 @@ class TransformersBackend:
         return cache
 
     def generate(self, request: GenerationRequest) -> GenerationResult:
-        return decode(self, request, self._tokenizer, self.eos_token_ids)
+        if not request.probe_layers:
+            return decode(self, request, self._tokenizer, self.eos_token_ids)
+        with self._reading_prompt(request.probe_layers) as captured:
+            result = decode(self, request, self._tokenizer, self.eos_token_ids)
+        assert result.probe is not None
+        result.probe = (torch.stack([captured[i] for i in request.probe_layers], dim=1).float().cpu(), result.probe[1])
+        return result
+
+    @contextmanager
+    def _reading_prompt(self, layers: Sequence[int]) -> Iterator[dict[int, torch.Tensor]]:
+        """Read the residual entering each of `layers` at the last position, on the first (prompt) pass only."""
+        captured: dict[int, torch.Tensor] = {}
+
+        def hook(layer: int) -> Any:
+            def read(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+                if layer not in captured:
+                    captured[layer] = _hidden_arg(args, kwargs)[:, -1].detach()
+
+            return read
+
+        for layer in layers:
+            check_layer(layer, self.n_layers)
+        handles = [self.layers[layer].register_forward_pre_hook(hook(layer), with_kwargs=True) for layer in layers]
+        try:
+            yield captured
+        finally:
+            for handle in handles:
+                handle.remove()
 
     # ProbeModel
     @torch.no_grad()
     def probe(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, injection: Injection, layers: Sequence[int]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        for layer in layers:
-            check_layer(layer, self.n_layers)
-        captured: dict[int, torch.Tensor] = {}
-
-        def hook(layer: int) -> Any:
-            def read(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-                captured[layer] = _hidden_arg(args, kwargs)[:, -1].detach()
-
-            return read
-
-        handles = [self.layers[layer].register_forward_pre_hook(hook(layer), with_kwargs=True) for layer in layers]
-        try:
-            with self.injecting(injection):
-                out = self.model(
-                    input_ids=input_ids,
-                    attention_mask=attention_mask,
-                    position_ids=position_ids(attention_mask),
-                    use_cache=False,
-                    logits_to_keep=1,
-                )
-        finally:
-            for handle in handles:
-                handle.remove()
+        with self._reading_prompt(layers) as captured, self.injecting(injection):
+            out = self.model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids(attention_mask),
+                use_cache=False,
+                logits_to_keep=1,
+            )
         return torch.stack([captured[layer] for layer in layers], dim=1), out.logits[:, -1]
 
     def mean_token_embedding(self) -> torch.Tensor:

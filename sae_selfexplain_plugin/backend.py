@@ -47,6 +47,9 @@ class GenerationRequest:
     stop_strings: tuple[str, ...] = ()
     temperature: float = 0.0  # 0 = greedy
     seed: int = 0
+    # Blocks whose input residual at the last prompt position to return (`GenerationResult.probe`), read on
+    # the prompt pass itself: the scale metrics then cost no extra pass. Backends may ignore it (probe None).
+    probe_layers: tuple[int, ...] = ()
 
 
 @dataclass
@@ -56,6 +59,9 @@ class GenerationResult:
     tokens: list[list[int]]
     texts: list[str]
     stop_reasons: list[StopReason]
+    # With request.probe_layers: (residuals [B, len(probe_layers), d_model], next-token logits [B, vocab]) at
+    # the last prompt position, from the injected prompt pass.
+    probe: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 @runtime_checkable

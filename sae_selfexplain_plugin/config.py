@@ -53,6 +53,10 @@ class SelfExplainConfig:
         min_scale: metric policies ignore scales below this.
         explainable_threshold: a feature whose best self-similarity stays below this is flagged
             "not_self_explainable" and gets no chosen explanation.
+        metrics: measure the metric sweep (one prompt pass per feature and scale) even for the fixed
+            policy, so records and dashboards show it; metric policies always measure.
+        relevancy: also compute SelfIE's relevancy of the kept explanations (two teacher-forced passes with
+            full-vocabulary logits per explanation: costly on large vocabularies).
     """
 
     layer: int = DEFAULT_LAYER
@@ -73,6 +77,8 @@ class SelfExplainConfig:
     composite_weight: float = 0.4
     min_scale: float = 1.0
     explainable_threshold: float = 0.01
+    metrics: bool = True
+    relevancy: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

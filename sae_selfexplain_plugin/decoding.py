@@ -73,6 +73,7 @@ def decode(model: StepModel, request: GenerationRequest, tokenizer: Any, eos_tok
     mask = request.attention_mask
 
     logits, cache = model.prefill(request.input_ids, mask, request.injection)
+    prompt_logits = logits.float().cpu() if request.probe_layers else None
     for step in range(request.max_new_tokens):
         new = _next_tokens(logits, request.temperature, generator)
         keep: list[int] = []
@@ -93,4 +94,7 @@ def decode(model: StepModel, request: GenerationRequest, tokenizer: Any, eos_tok
             active = [active[i] for i in keep]
         mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
         logits, cache = model.step(new, mask, cache)
-    return GenerationResult(tokens=tokens, texts=texts, stop_reasons=reasons)
+    result = GenerationResult(tokens=tokens, texts=texts, stop_reasons=reasons)
+    if prompt_logits is not None:
+        result.probe = (torch.empty(0), prompt_logits)  # the backend fills in the residuals it read
+    return result

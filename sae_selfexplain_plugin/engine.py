@@ -90,42 +90,36 @@ class SelfExplainer:
         if not self.can_measure:
             raise InputError(
                 f"{type(self.backend).__name__} cannot run prompt probes, so the scale metrics are unavailable; "
-                "use a transformers or TransformerLens model, or policy='fixed'."
+                "use a transformers model, or policy='fixed'."
             )
         cfg = self.config
-        neutral = cast(ProbeModel, self.backend).mean_token_embedding().float().cpu()
-        base_resid, base_logits = self._probe(torch.stack([torch.zeros_like(neutral), neutral / neutral.norm()]))
-        zero_resid, zero_logits, neutral_logits = base_resid[0], base_logits[:1], base_logits[1]
-        zero_entropy = entropy(zero_logits)[0]
-        zero_ce = cross_entropy(zero_logits, neutral_logits)[0]
         scales = torch.tensor(cfg.scales)
-        n_layers = self.backend.n_layers
+        sweep = _SweepTable(len(directions), len(scales), self.backend.n_layers)
         rows = [(f, j) for f in range(len(directions)) for j in range(len(scales))]
-        by_layer = torch.zeros(len(directions), len(scales), n_layers)  # self-similarity at every block input
-        values = torch.zeros(len(directions), len(scales), 2)  # entropy, cross-entropy
         for start in range(0, len(rows), cfg.batch_size):
             feats = torch.tensor([f for f, _ in rows[start : start + cfg.batch_size]])
             cols = torch.tensor([j for _, j in rows[start : start + cfg.batch_size]])
             resid, logits = self._probe(self.injected_vectors(directions[feats], scales[cols]))
-            dirs = directions[feats][:, None].expand_as(resid)
-            by_layer[feats, cols] = self_similarity(resid, dirs) - self_similarity(zero_resid.expand_as(resid), dirs)
-            values[feats, cols] = torch.stack(
-                [entropy(logits) - zero_entropy, cross_entropy(logits, neutral_logits) - zero_ce], dim=-1
-            )
-        sweeps: list[Sweep] = []
-        for f in range(len(directions)):
-            layers = by_layer[f].T  # [n_layers, n_scales]
-            sweeps.append(
-                {
-                    "scale": list(cfg.scales),
-                    "self_similarity": _rounded(layers[self.probe_layer]),
-                    "entropy": _rounded(values[f, :, 0]),
-                    "cross_entropy": _rounded(values[f, :, 1]),
-                    # row = block whose input is read: lets reports change the probe layer after the fact
-                    "self_similarity_by_layer": [_rounded(row) for row in layers],
-                }
-            )
-        return sweeps
+            sweep.put(feats, cols, *self._metrics(resid, logits, directions[feats]))
+        return sweep.sweeps(cfg.scales, self.probe_layer)
+
+    @cached_property
+    def _baselines(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Scale 0 (zero vector) and neutral (unit-norm mean embedding) runs: (zero-run residuals [L, d],
+        zero-run entropy, zero-run cross-entropy, neutral logits [V])."""
+        neutral = cast(ProbeModel, self.backend).mean_token_embedding().float().cpu()
+        resid, logits = self._probe(torch.stack([torch.zeros_like(neutral), neutral / neutral.norm()]))
+        zero_logits, neutral_logits = logits[:1], logits[1]
+        return resid[0], entropy(zero_logits)[0], cross_entropy(zero_logits, neutral_logits)[0], neutral_logits
+
+    def _metrics(
+        self, resid: torch.Tensor, logits: torch.Tensor, dirs: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Baseline-subtracted (self-similarity at every block [B, L], entropy [B], cross-entropy [B])."""
+        zero_resid, zero_entropy, zero_ce, neutral_logits = self._baselines
+        dirs = dirs.float()[:, None].expand_as(resid)
+        similarity = self_similarity(resid, dirs) - self_similarity(zero_resid.expand_as(resid), dirs)
+        return similarity, entropy(logits) - zero_entropy, cross_entropy(logits, neutral_logits) - zero_ce
 
     def explain(
         self,
@@ -136,16 +130,23 @@ class SelfExplainer:
     ) -> list[FeatureExplanations]:
         """Explain each row of `directions` ([n_features, d_model], or one [d_model]).
 
-        With a backend that runs prompt probes, every scale is measured first (`measure`) and the policy
-        ranks the scales; `generate="all"` then generates at every scale, `"chosen"` only at the ranked ones."""
+        With a backend that runs prompt probes the scale metrics are measured: with `generate="all"` on the
+        generation's own prompt pass (no extra pass), with `"chosen"` by prompt passes first (`measure`), so
+        that only the policy's kept scales are generated."""
         directions = self._check_directions(directions)
         ids = list(range(len(directions))) if feature_ids is None else [int(i) for i in feature_ids]
         if len(ids) != len(directions):
             raise InputError(f"got {len(directions)} directions but {len(ids)} feature ids; pass one id per row.")
         cfg = self.config
-        sweeps: list[Sweep] = self.measure(directions) if self.can_measure else [{"scale": list(cfg.scales)}] * len(ids)
-        rankings = [[cfg.scales[i] for i in rank_scales(sweep, cfg)] for sweep in sweeps]
-        wanted = [list(cfg.scales) if cfg.generate == "all" else ranked for ranked in rankings]
+        measured = self.can_measure and (cfg.metrics or cfg.policy != "fixed")
+        unmeasured: list[Sweep] = [{"scale": list(cfg.scales)} for _ in ids]
+        sweeps = self.measure(directions) if measured and cfg.generate == "chosen" else unmeasured
+        if cfg.generate == "all":
+            wanted = [list(cfg.scales) for _ in ids]
+        else:
+            wanted = [[cfg.scales[i] for i in rank_scales(sweep, cfg)] for sweep in sweeps]
+        table = _SweepTable(len(ids), len(cfg.scales), self.backend.n_layers) if measured else None
+        probe_layers = tuple(range(self.backend.n_layers)) if table is not None and cfg.generate == "all" else ()
         rows = [(f, s, k) for f in range(len(ids)) for s in wanted[f] for k in range(cfg.n_samples)]
         candidates: list[list[Explanation]] = [[] for _ in ids]
         tokens: dict[tuple[int, float, int], list[int]] = {}
@@ -156,18 +157,30 @@ class SelfExplainer:
         for group in range(0, len(starts), per_call):
             group_starts = starts[group : group + per_call]
             chunks = [rows[s : s + cfg.batch_size] for s in group_starts]
-            requests = [self._request(directions, c, seed=cfg.seed + s) for c, s in zip(chunks, group_starts)]
+            requests = [
+                self._request(directions, c, seed=cfg.seed + s, probe_layers=probe_layers)
+                for c, s in zip(chunks, group_starts)
+            ]
             results = many(requests) if many is not None else [self.backend.generate(requests[0])]
             for chunk, result in zip(chunks, results):
                 self._collect(chunk, result, ids, candidates)
                 tokens.update(zip(chunk, result.tokens))
+                if probe_layers and table is not None and result.probe is not None:
+                    feats = torch.tensor([f for f, _, _ in chunk])
+                    cols = torch.tensor([cfg.scales.index(s) for _, s, _ in chunk])
+                    resid, logits = result.probe
+                    table.put(feats, cols, *self._metrics(resid, logits, directions[feats]))
                 if progress is not None:
                     progress(len(chunk))
+        if probe_layers and table is not None:
+            # a backend that ignores probe_layers leaves holes: measure with prompt passes instead
+            sweeps = table.sweeps(cfg.scales, self.probe_layer) if table.complete else self.measure(directions)
+        rankings = [[cfg.scales[i] for i in rank_scales(sweep, cfg)] for sweep in sweeps]
         records = [
             self._record(fid, cands, sweep, ranked)
             for fid, cands, sweep, ranked in zip(ids, candidates, sweeps, rankings)
         ]
-        if self.can_measure:
+        if cfg.relevancy and self.can_measure:
             self._add_relevancy(records, directions, tokens)
         return records
 
@@ -271,7 +284,13 @@ class SelfExplainer:
                 )
             )
 
-    def _request(self, directions: torch.Tensor, chunk: list[tuple[int, float, int]], seed: int) -> GenerationRequest:
+    def _request(
+        self,
+        directions: torch.Tensor,
+        chunk: list[tuple[int, float, int]],
+        seed: int,
+        probe_layers: tuple[int, ...] = (),
+    ) -> GenerationRequest:
         feats = torch.tensor([f for f, _, _ in chunk])
         scales = torch.tensor([s for _, s, _ in chunk])
         input_ids, mask, injection = self._prompt_batch(self.injected_vectors(directions[feats], scales))
@@ -283,6 +302,7 @@ class SelfExplainer:
             stop_strings=self.prompt.stop_strings,
             temperature=self.config.temperature,
             seed=seed,
+            probe_layers=probe_layers,
         )
 
     def _check_directions(self, directions: torch.Tensor) -> torch.Tensor:
@@ -309,6 +329,42 @@ class SelfExplainer:
             bad = torch.nonzero(zero).flatten().tolist()[:10]
             raise InputError(f"directions at rows {bad} are all zeros and have no direction to explain.")
         return directions.detach().cpu()
+
+
+class _SweepTable:
+    """Metric values filled in row by row: [feature, scale, block] self-similarity, [feature, scale] the rest."""
+
+    def __init__(self, n_features: int, n_scales: int, n_layers: int) -> None:
+        self.similarity = torch.zeros(n_features, n_scales, n_layers)
+        self.entropy = torch.zeros(n_features, n_scales)
+        self.cross_entropy = torch.zeros(n_features, n_scales)
+        self.filled = torch.zeros(n_features, n_scales, dtype=torch.bool)
+
+    def put(
+        self, feats: torch.Tensor, cols: torch.Tensor, sim: torch.Tensor, ent: torch.Tensor, ce: torch.Tensor
+    ) -> None:
+        self.similarity[feats, cols], self.entropy[feats, cols], self.cross_entropy[feats, cols] = sim, ent, ce
+        self.filled[feats, cols] = True
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.filled.all())
+
+    def sweeps(self, scales: Sequence[float], probe_layer: int) -> list[Sweep]:
+        out: list[Sweep] = []
+        for f in range(len(self.filled)):
+            layers = self.similarity[f].T  # [n_layers, n_scales]
+            out.append(
+                {
+                    "scale": list(scales),
+                    "self_similarity": _rounded(layers[probe_layer]),
+                    "entropy": _rounded(self.entropy[f]),
+                    "cross_entropy": _rounded(self.cross_entropy[f]),
+                    # row = block whose input is read: lets reports change the probe layer after the fact
+                    "self_similarity_by_layer": [_rounded(row) for row in layers],
+                }
+            )
+        return out
 
 
 def _rounded(values: torch.Tensor) -> list[float]:

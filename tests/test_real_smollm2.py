@@ -56,7 +56,13 @@ def test_demo_explains_live_features_of_the_shipped_sae(tmp_path, capsys):
         assert repr(examples[f].top_tokens()[0]) in printed  # shown beside its explanations
     records = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
     assert [r["feature_id"] for r in records] == live
-    assert all(len(r["candidates"]) == 2 and r["chosen_index"] == 1 for r in records)
+    for r in records:
+        assert len(r["candidates"]) == 2 and r["policy"] == "knee" and r["sweep"]["scale"] == [2.0, 4.0]
+        chosen = r["chosen_index"]
+        assert (chosen is None) == ("not_self_explainable" in r["flags"])
+        assert chosen is None or r["candidates"][chosen]["scale"] == r["ranked_scales"][0]
+        assert set(r["scores"]) == {"activation_check", "embedding"}
+    assert (tmp_path / "dashboard.html").stat().st_size > 10_000
     assert records[0]["sae"]["neuronpedia_id"] == load_demo_sae().cfg.metadata.neuronpedia_id
 
 

@@ -89,7 +89,7 @@ def test_policies_rank_scales_by_their_rules():
     score = [0.4 * a - 0.6 * b for a, b in zip(mm(ss), mm(ce))]
     expected = [2 + i for i in sorted(range(4), key=lambda i: -score[i])][:3]
     assert rank_scales(SWEEP, cfg, "composite") == expected
-    # knee: first scale reaching 90% of max self-similarity (0.27 -> 8.0)? 0.22 < 0.27, so 8.0
+    # knee: first scale reaching 80% of max self-similarity (0.24): 0.22 < 0.24, so 8.0
     assert rank_scales(SWEEP, cfg, "knee")[0] == 5
     flatter = {**SWEEP, "self_similarity": [0.0, 0.01, 0.05, 0.28, 0.29, 0.30]}
     assert rank_scales(flatter, cfg, "knee") == [3, 4, 5]
@@ -135,6 +135,15 @@ def test_records_carry_the_sweep_ranking_and_flags(gemma_backend):
             assert r.chosen is not None and r.chosen.scale == r.ranked_scales[0]
 
 
+def test_metrics_and_relevancy_are_optional(gemma_backend):
+    plain = SelfExplainer(gemma_backend, CFG.replace(metrics=False)).explain(directions(gemma_backend, 2))
+    assert all(r.sweep == {} and "relevancy" not in r.chosen.metrics for r in plain)
+    measured = SelfExplainer(gemma_backend, CFG.replace(metrics=False, policy="knee")).explain(
+        directions(gemma_backend, 2)
+    )
+    assert all(r.sweep for r in measured)  # a metric policy always measures
+
+
 def test_generating_only_the_chosen_scales_gives_the_same_texts(gemma_backend):
     cfg = CFG.replace(policy="max-self-similarity", keep_top=2, min_scale=0.5)
     dirs = directions(gemma_backend, 4)
@@ -147,7 +156,7 @@ def test_generating_only_the_chosen_scales_gives_the_same_texts(gemma_backend):
 
 
 def test_relevancy_is_a_mean_probability_difference(gemma_backend):
-    cfg = CFG.replace(scales=(0.0, 8.0), chosen_scale=8.0, keep_top=2, min_scale=0.0)
+    cfg = CFG.replace(scales=(0.0, 8.0), chosen_scale=8.0, keep_top=2, min_scale=0.0, relevancy=True)
     records = SelfExplainer(gemma_backend, cfg).explain(directions(gemma_backend, 2))
     for r in records:
         zero, big = r.at_scale(0.0)[0], r.at_scale(8.0)[0]
@@ -211,3 +220,39 @@ def test_records_with_sweeps_and_scores_pass_the_schema(gemma_backend, tmp_path)
     export_jsonl(records, tmp_path / "r.jsonl")
     count, violations = validate_file(tmp_path / "r.jsonl")
     assert count == 2 and violations == []
+
+
+def test_metrics_read_on_the_generation_prefill_equal_separate_probe_passes(gemma_backend):
+    """generate="all" reads the metrics on its own prompt pass; the numbers equal measure()'s."""
+    dirs = directions(gemma_backend, 3)
+    ex = SelfExplainer(gemma_backend, CFG)
+    records = ex.explain(dirs)
+    for r, sweep in zip(records, ex.measure(dirs)):
+        for key in ("self_similarity", "entropy", "cross_entropy"):
+            assert r.sweep[key] == pytest.approx(sweep[key], abs=2e-4)
+
+
+class IgnoresProbes(NoProbe):
+    """Generates without reading probes, but offers prompt probes: the engine falls back to them."""
+
+    def generate(self, request):
+        result = self.inner.generate(request)
+        result.probe = None
+        return result
+
+    def probe(self, *args):
+        return self.inner.probe(*args)
+
+    def mean_token_embedding(self):
+        return self.inner.mean_token_embedding()
+
+    def token_logprobs(self, *args):
+        return self.inner.token_logprobs(*args)
+
+
+def test_a_backend_that_ignores_probe_layers_is_measured_separately(gemma_backend):
+    dirs = directions(gemma_backend, 2)
+    expected = SelfExplainer(gemma_backend, CFG).explain(dirs)
+    got = SelfExplainer(IgnoresProbes(gemma_backend), CFG).explain(dirs)
+    for a, b in zip(expected, got):
+        assert a.sweep["self_similarity"] == pytest.approx(b.sweep["self_similarity"], abs=2e-4)
