@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck pytest browser bench bench-words clean
+.PHONY: demo test lint typecheck pytest browser bench bench-memory bench-words clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -40,6 +40,9 @@ test: lint typecheck pytest
 # Throughput: naive hooked-generate loop vs ours vs plain batched generate, on Gemma 3 270M (docs/performance.md)
 bench: $(STAMP)
 	mkdir -p out && $(BIN)/python benchmarks/bench_explain.py --json out/bench.json
+
+bench-memory: $(STAMP)
+	$(BIN)/python benchmarks/bench_memory.py
 
 bench-words: $(STAMP)
 	$(BIN)/sae-selfexplain bench word-recovery

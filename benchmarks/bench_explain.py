@@ -111,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--naive-rows", type=int, default=48, help="rows the naive loop runs (its cost is multiplied out)")
     p.add_argument("--scaling", default="16,64,256", help="feature counts for the scaling table ('' to skip)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--template", help="prompt template (default: the model's default)")
     p.add_argument("--json")
     args = p.parse_args(argv)
     if args.threads:
@@ -120,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     source = round(backend.n_layers / 3)
     needed = max([args.features, *[int(n) for n in args.scaling.split(",") if n]])
     directions = word_vectors(backend, (words * (needed // len(words) + 1))[:needed], source, in_context=True)
-    config = SelfExplainConfig(scales=SCALES, max_new_tokens=24)
+    config = SelfExplainConfig(scales=SCALES, max_new_tokens=24, template=args.template)
     explainer = SelfExplainer(backend, config)
     explainer.explain(directions[:2])  # warm-up: reference norm, first-call overheads
     work = directions[: args.features]
