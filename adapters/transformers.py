@@ -149,18 +149,24 @@ class TransformersBackend:
         finally:
             handle.remove()
 
+    def _prompt_pass(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, injection: Injection, *, use_cache: bool
+    ) -> Any:
+        """The injected forward over whole (left-padded) sequences; logits at the last position only."""
+        with self.injecting(injection):
+            return self.model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids(attention_mask),
+                use_cache=use_cache,
+                logits_to_keep=1,
+            )
+
     # StepModel
     def prefill(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, injection: Injection
     ) -> tuple[torch.Tensor, Any]:
-        with self.injecting(injection):
-            out = self.model(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                position_ids=position_ids(attention_mask),
-                use_cache=True,
-                logits_to_keep=1,
-            )
+        out = self._prompt_pass(input_ids, attention_mask, injection, use_cache=True)
         return out.logits[:, -1], _cache_of(out)
 
     def step(self, token_ids: torch.Tensor, attention_mask: torch.Tensor, cache: Any) -> tuple[torch.Tensor, Any]:
@@ -212,14 +218,8 @@ class TransformersBackend:
     def probe(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, injection: Injection, layers: Sequence[int]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        with self._reading_prompt(layers) as captured, self.injecting(injection):
-            out = self.model(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                position_ids=position_ids(attention_mask),
-                use_cache=False,
-                logits_to_keep=1,
-            )
+        with self._reading_prompt(layers) as captured:
+            out = self._prompt_pass(input_ids, attention_mask, injection, use_cache=False)
         return torch.stack([captured[layer] for layer in layers], dim=1), out.logits[:, -1]
 
     def mean_token_embedding(self) -> torch.Tensor:
