@@ -97,7 +97,9 @@ def explain_sae(
     explainer = SelfExplainer(backend, config)
     done = store.done(backend.model_id, sae_key, explainer.settings_hash) if resume else set()
     todo = [f for f in features if f not in done]
-    per_batch = max(1, config.batch_size // (len(config.scales) * config.n_samples))
+    # features per committed batch: enough to fill one generate call with their rows
+    scales_generated = min(config.keep_top, len(config.scales)) if config.generate == "chosen" else len(config.scales)
+    per_batch = max(1, config.batch_size // (scales_generated * config.n_samples))
     identity = sae_identity(sae)
     start = time.perf_counter()
     for i in range(0, len(todo), per_batch):
