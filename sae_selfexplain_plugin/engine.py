@@ -218,26 +218,16 @@ class SelfExplainer:
             if c.scale in r.ranked_scales and tokens.get((f, c.scale, c.sample))
         ]
         backend = cast(ProbeModel, self.backend)
-        prompt = list(self.prompt.input_ids)
-        pad_id = getattr(self.backend.tokenizer, "pad_token_id", None) or 0
         for start in range(0, len(todo), 16):  # full-vocabulary logits per position: keep batches small
             chunk = todo[start : start + 16]
             generated = [tokens[(f, c.scale, c.sample)] for f, c in chunk]
-            input_ids, mask = left_pad([prompt + g for g in generated], pad_id)
-            offsets = (mask == 0).sum(-1)
-            positions = torch.zeros_like(input_ids, dtype=torch.bool)
-            for row, offset in enumerate(offsets.tolist()):
-                positions[row, [offset + p for p in self.prompt.placeholder_positions]] = True
             vectors = self.injected_vectors(
                 directions[torch.tensor([f for f, _ in chunk])], torch.tensor([c.scale for _, c in chunk])
             )
-            device = self.backend.device
-            args = (input_ids.to(device), mask.to(device))
-            layer, mode = self.config.layer, self.config.injection
-            injected = backend.token_logprobs(*args, Injection(layer, positions.to(device), vectors.to(device), mode))
-            plain = backend.token_logprobs(
-                *args, Injection(layer, torch.zeros_like(positions).to(device), vectors.to(device), mode)
-            )
+            input_ids, mask, injection = self._prompt_batch(vectors, generated)
+            injected = backend.token_logprobs(input_ids, mask, injection)
+            not_injected = Injection(injection.layer, torch.zeros_like(injection.positions), injection.vectors)
+            plain = backend.token_logprobs(input_ids, mask, not_injected)
             per_token = relevancy(injected, plain).cpu()
             for row, ((_, c), g) in enumerate(zip(chunk, generated)):
                 end = input_ids.shape[1] - 1  # logprob index of the last token
@@ -251,13 +241,18 @@ class SelfExplainer:
         resid, logits = cast(ProbeModel, self.backend).probe(input_ids, mask, injection, layers)
         return resid.float().cpu(), logits.float().cpu()
 
-    def _prompt_batch(self, vectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Injection]:
-        """The prompt repeated once per vector, with the injection of those vectors at the placeholder."""
-        prompt = self.prompt
+    def _prompt_batch(
+        self, vectors: torch.Tensor, continuations: Sequence[Sequence[int]] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, Injection]:
+        """The prompt once per vector (each followed by its continuation, if given), left-padded, with the
+        injection of those vectors at the placeholder."""
+        prompt = list(self.prompt.input_ids)
+        tails = continuations if continuations is not None else [[]] * len(vectors)
         pad_id = getattr(self.backend.tokenizer, "pad_token_id", None) or 0
-        input_ids, mask = left_pad([prompt.input_ids] * len(vectors), pad_id)
+        input_ids, mask = left_pad([prompt + list(t) for t in tails], pad_id)
         positions = torch.zeros_like(input_ids, dtype=torch.bool)
-        positions[:, list(prompt.placeholder_positions)] = True  # same prompt in every row: no padding
+        for row, offset in enumerate((mask == 0).sum(-1).tolist()):  # offset = the row's left padding
+            positions[row, [offset + p for p in self.prompt.placeholder_positions]] = True
         device = self.backend.device
         injection = Injection(self.config.layer, positions.to(device), vectors.to(device), self.config.injection)
         return input_ids.to(device), mask.to(device), injection
