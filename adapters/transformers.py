@@ -188,8 +188,7 @@ class TransformersBackend:
             return decode(self, request, self._tokenizer, self.eos_token_ids)
         with self._reading_prompt(request.probe_layers) as captured:
             result = decode(self, request, self._tokenizer, self.eos_token_ids)
-        assert result.probe is not None
-        result.probe = (torch.stack([captured[i] for i in request.probe_layers], dim=1).float().cpu(), result.probe[1])
+        result.prompt_residuals = torch.stack([captured[i] for i in request.probe_layers], dim=1).float().cpu()
         return result
 
     @contextmanager

@@ -47,7 +47,7 @@ class GenerationRequest:
     stop_strings: tuple[str, ...] = ()
     temperature: float = 0.0  # 0 = greedy
     seed: int = 0
-    # Blocks whose input residual at the last prompt position to return (`GenerationResult.probe`), read on
+    # Blocks whose input residual at the last prompt position to return (`GenerationResult.prompt_residuals`), read on
     # the prompt pass itself: the scale metrics then cost no extra pass. Backends may ignore it (probe None).
     probe_layers: tuple[int, ...] = ()
 
@@ -59,9 +59,11 @@ class GenerationResult:
     tokens: list[list[int]]
     texts: list[str]
     stop_reasons: list[StopReason]
-    # With request.probe_layers: (residuals [B, len(probe_layers), d_model], next-token logits [B, vocab]) at
-    # the last prompt position, from the injected prompt pass.
-    probe: tuple[torch.Tensor, torch.Tensor] | None = None
+    # With request.probe_layers, read at the last prompt position on the injected prompt pass: the residuals
+    # entering those blocks [B, len(probe_layers), d_model] (set by a backend that reads them) and the
+    # next-token logits [B, vocab] (set by the decode loop).
+    prompt_residuals: torch.Tensor | None = None
+    prompt_logits: torch.Tensor | None = None
 
 
 @runtime_checkable

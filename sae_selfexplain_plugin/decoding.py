@@ -94,7 +94,4 @@ def decode(model: StepModel, request: GenerationRequest, tokenizer: Any, eos_tok
             active = [active[i] for i in keep]
         mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
         logits, cache = model.step(new, mask, cache)
-    result = GenerationResult(tokens=tokens, texts=texts, stop_reasons=reasons)
-    if prompt_logits is not None:
-        result.probe = (torch.empty(0), prompt_logits)  # the backend fills in the residuals it read
-    return result
+    return GenerationResult(tokens=tokens, texts=texts, stop_reasons=reasons, prompt_logits=prompt_logits)

@@ -165,10 +165,10 @@ class SelfExplainer:
             for chunk, result in zip(chunks, results):
                 self._collect(chunk, result, ids, candidates)
                 tokens.update(zip(chunk, result.tokens))
-                if probe_layers and table is not None and result.probe is not None:
+                resid, logits = result.prompt_residuals, result.prompt_logits
+                if probe_layers and table is not None and resid is not None and logits is not None:
                     feats = torch.tensor([f for f, _, _ in chunk])
                     cols = torch.tensor([cfg.scales.index(s) for _, s, _ in chunk])
-                    resid, logits = result.probe
                     table.put(feats, cols, *self._metrics(resid, logits, directions[feats]))
                 if progress is not None:
                     progress(len(chunk))

@@ -237,7 +237,7 @@ class IgnoresProbes(NoProbe):
 
     def generate(self, request):
         result = self.inner.generate(request)
-        result.probe = None
+        result.prompt_residuals = None
         return result
 
     def probe(self, *args):
