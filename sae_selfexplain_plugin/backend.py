@@ -47,8 +47,8 @@ class GenerationRequest:
     stop_strings: tuple[str, ...] = ()
     temperature: float = 0.0  # 0 = greedy
     seed: int = 0
-    # Blocks whose input residual at the last prompt position to return (`GenerationResult.prompt_residuals`), read on
-    # the prompt pass itself: the scale metrics then cost no extra pass. Backends may ignore it (probe None).
+    # Blocks whose input residual at the last prompt position to return (GenerationResult.prompt_residuals),
+    # read on the prompt pass itself: the scale metrics then cost no extra pass. Backends may ignore it.
     probe_layers: tuple[int, ...] = ()
 
 
