@@ -55,10 +55,12 @@ def load_sae(spec: str, device: str = "cpu") -> tuple[SAE[Any], str]:
     return sae, key
 
 
-def load_model(spec: str | None, sae: SAE[Any], device: str | None = None) -> Backend:
+def load_model(spec: str | None, sae: SAE[Any] | None = None, device: str | None = None) -> Backend:
     """An embedded model by name, a local transformers checkpoint folder, or (None) the SAE's model
     (an embedded one, on a GPU if there is one)."""
     if spec is None:
+        if sae is None:
+            raise InputError("name a model (an embedded model or a checkpoint folder), or pass the SAE it belongs to.")
         return resolve_backend(sae)
     if spec in EMBEDDED_MODELS:
         return load_backend(spec, device=device)

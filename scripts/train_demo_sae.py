@@ -28,8 +28,9 @@ from sae_lens.config import SAETrainerConfig
 from sae_lens.saes.sae import SAEMetadata
 from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
 from sae_lens.training.sae_trainer import SAETrainer
+from sae_selfexplain_plugin.adapters import pipeline
 from sae_selfexplain_plugin.adapters.demo_sae import DEMO_SAE_DIR
-from sae_selfexplain_plugin.adapters.embedded import EMBEDDED_MODELS, load_backend
+from sae_selfexplain_plugin.adapters.embedded import EMBEDDED_MODELS
 from sae_selfexplain_plugin.adapters.transformers import TransformersBackend
 from safetensors.torch import load_file, save_file
 
@@ -39,14 +40,12 @@ sys.path.insert(0, str(Path(__file__).parent))
 import demo_corpus
 
 
-def load_model(name: str) -> tuple[TransformersBackend, str]:
-    """An embedded model by name, or a transformers checkpoint folder; and the model name for the SAE's metadata."""
-    if name in EMBEDDED_MODELS:
-        return load_backend(name), EMBEDDED_MODELS[name].hf_id
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32).eval()
-    return TransformersBackend(model, AutoTokenizer.from_pretrained(name), model_id=name), name
+def load_model(name: str) -> TransformersBackend:
+    """An embedded model by name, or a transformers checkpoint folder (the pipeline's loader)."""
+    backend = pipeline.load_model(name)
+    if not isinstance(backend, TransformersBackend):
+        raise SystemExit(f"{name}: training needs a transformers model")
+    return backend
 
 
 def pack(tokenizer: Any, docs: list[str], context: int, n_tokens: int) -> torch.Tensor:
@@ -218,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     random.seed(0)
 
-    backend, model_name = load_model(args.model)
+    backend = load_model(args.model)
     block = args.hook_layer + 1
     if args.corpus:
         docs = [d for d in Path(args.corpus).read_text().split("\n\n") if d.strip()]
@@ -233,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     t_acts = time.perf_counter() - t0
     short = args.model if args.model in EMBEDDED_MODELS else Path(args.model).name
     metadata = {
-        "model_name": model_name,
+        "model_name": backend.model_id,
         "hook_name": f"blocks.{args.hook_layer}.hook_resid_post",
         "hf_hook_name": f"model.layers.{args.hook_layer}",
         "prepend_bos": True,
