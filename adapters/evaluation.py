@@ -12,6 +12,7 @@ explanation that labeller picks:
 from __future__ import annotations
 
 import statistics
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
@@ -26,7 +27,7 @@ from sae_selfexplain_plugin.activation_examples import ActivationExamples
 from sae_selfexplain_plugin.backend import Backend
 from sae_selfexplain_plugin.config import POLICIES
 from sae_selfexplain_plugin.errors import InputError
-from sae_selfexplain_plugin.policies import rank_scales
+from sae_selfexplain_plugin.policies import ranked_scales
 from sae_selfexplain_plugin.results import FeatureExplanations
 from sae_selfexplain_plugin.scoring import Score, activation_check, embedding_score
 
@@ -132,8 +133,6 @@ def evaluate(
     progress: Callable[[int], None] | None = None,
 ) -> EvalReport:
     """Explain `features` at every scale once, then score each labeller's pick (see the module docstring)."""
-    import time
-
     start = time.perf_counter()
     check_compatible(sae, backend)
     features = list(features)
@@ -217,7 +216,7 @@ def _labellers(
     for policy in POLICIES:
         if policy == "fixed" or not all(r.sweep for r in records):
             continue
-        scales = [config.scales[rank_scales(r.sweep, config, policy)[0]] for r in records]
+        scales = [ranked_scales(r.sweep, config, policy)[0] for r in records]
         labels[policy] = [(r.at_scale(s)[0].text, fl) for r, s, fl in zip(records, scales, flagged)]
     for s in config.scales:
         labels[f"fixed@{s:g}"] = [(r.at_scale(s)[0].text, fl) for r, fl in zip(records, flagged)]

@@ -18,7 +18,7 @@ import torch
 from .backend import Backend, GenerationRequest, GenerationResult, Injection, ProbeModel, check_layer, left_pad
 from .config import SelfExplainConfig
 from .errors import InputError
-from .policies import Sweep, explainable, rank_scales
+from .policies import Sweep, explainable, ranked_scales
 from .results import Explanation, FeatureExplanations
 from .scale_metrics import METRICS, cross_entropy, default_probe_layer, entropy, relevancy, self_similarity
 from .templates import RenderedPrompt, default_template_name, render
@@ -144,7 +144,7 @@ class SelfExplainer:
         if cfg.generate == "all":
             wanted = [list(cfg.scales) for _ in ids]
         else:
-            wanted = [[cfg.scales[i] for i in rank_scales(sweep, cfg)] for sweep in sweeps]
+            wanted = [ranked_scales(sweep, cfg) for sweep in sweeps]
         table = _SweepTable(len(ids), len(cfg.scales), self.backend.n_layers) if measured else None
         probe_layers = tuple(range(self.backend.n_layers)) if table is not None and cfg.generate == "all" else ()
         rows = [(f, s, k) for f in range(len(ids)) for s in wanted[f] for k in range(cfg.n_samples)]
@@ -175,7 +175,7 @@ class SelfExplainer:
         if probe_layers and table is not None:
             # a backend that ignores probe_layers leaves holes: measure with prompt passes instead
             sweeps = table.sweeps(cfg.scales, self.probe_layer) if table.complete else self.measure(directions)
-        rankings = [[cfg.scales[i] for i in rank_scales(sweep, cfg)] for sweep in sweeps]
+        rankings = [ranked_scales(sweep, cfg) for sweep in sweeps]
         records = [
             self._record(fid, cands, sweep, ranked)
             for fid, cands, sweep, ranked in zip(ids, candidates, sweeps, rankings)

@@ -1,6 +1,7 @@
 """Scale-selection policies: from a feature's metric sweep (one value per scale) to a ranking of scales.
 
     ranking = rank_scales(sweep, config)     # indices into sweep["scale"], best first, at most keep_top
+    scales = ranked_scales(sweep, config)    # the same, as scales
     explainable(sweep, config)               # False: flag the feature instead of trusting a label
 
 The metrics (scale_metrics.py) are baseline-subtracted: their value at scale 0 is 0.
@@ -58,6 +59,11 @@ def rank_scales(sweep: Sweep, config: SelfExplainConfig, policy: str | None = No
         raise InputError(f"unknown policy {policy!r}.")
     order = sorted(allowed, key=lambda i: (-score[i], scales[i]))
     return order[: config.keep_top]
+
+
+def ranked_scales(sweep: Sweep, config: SelfExplainConfig, policy: str | None = None) -> list[float]:
+    """The scales themselves, best first (rank_scales gives their indices)."""
+    return [sweep["scale"][i] for i in rank_scales(sweep, config, policy)]
 
 
 def explainable(sweep: Sweep, config: SelfExplainConfig) -> bool:

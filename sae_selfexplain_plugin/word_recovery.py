@@ -20,7 +20,7 @@ from .backend import Backend, left_pad
 from .config import POLICIES, SelfExplainConfig
 from .engine import SelfExplainer
 from .errors import InputError
-from .policies import rank_scales
+from .policies import ranked_scales
 from .results import FeatureExplanations
 
 CARRIER = "We talked about{word} and other things."
@@ -175,7 +175,7 @@ def rate_by_policy(
             continue
         hits = 0
         for r, word in zip(records, words):
-            best = config.scales[rank_scales(r.sweep or {"scale": list(config.scales)}, config, policy)[0]]
+            best = ranked_scales(r.sweep or {"scale": list(config.scales)}, config, policy)[0]
             hits += recovered(r.at_scale(best)[0].text, word)
         rates[policy] = hits / len(words)
     return rates
