@@ -19,6 +19,7 @@ from sae_selfexplain_plugin.backend import (
     GenerationRequest,
     GenerationResult,
     Injection,
+    PrefixCache,
     check_layer,
     position_ids,
 )
@@ -39,12 +40,14 @@ def _injection_hook(injection: Injection) -> Any:
 class TransformerLensBackend:
     """Runs self-explanation on a HookedTransformer (SAEs attached to a HookedSAETransformer stay active)."""
 
-    def __init__(self, model: HookedTransformer, model_id: str | None = None) -> None:
+    def __init__(self, model: HookedTransformer, model_id: str | None = None, *, reuse_prefix: bool = True) -> None:
         if model.tokenizer is None:
             raise InputError("this HookedTransformer has no tokenizer; load it with one (tokenizer=...).")
         self.model = model.eval()
         self._model_id = model_id or str(model.cfg.model_name)
         self.eos_token_ids = eos_token_ids(None, model.tokenizer)
+        self.prefixes = PrefixCache(self._run_prefix)
+        self.prefixes.enabled = reuse_prefix
 
     @property
     def tokenizer(self) -> Any:
@@ -83,13 +86,37 @@ class TransformerLensBackend:
         return captured[0]
 
     @torch.no_grad()
+    def _run_prefix(self, ids: torch.Tensor) -> TransformerLensKeyValueCache:
+        """TL's KV cache of one row of prompt tokens (no injection)."""
+        cache: TransformerLensKeyValueCache = TransformerLensKeyValueCache.init_cache(self.model.cfg, self.device, 1)
+        ids = ids.to(self.device)
+        self.model(ids, attention_mask=torch.ones_like(ids), past_kv_cache=cache)
+        return cache
+
+    @torch.no_grad()
     def prefill(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, injection: Injection
     ) -> tuple[torch.Tensor, Any]:
         check_layer(injection.layer, self.n_layers)
-        cache = TransformerLensKeyValueCache.init_cache(self.model.cfg, self.device, input_ids.shape[0])
+        batch = input_ids.shape[0]
+        n, prefix = self.prefixes.lookup(input_ids, attention_mask, injection)  # before the injection hook
+        if prefix is None:
+            cache = TransformerLensKeyValueCache.init_cache(self.model.cfg, self.device, batch)
+        else:  # every row views the one-row prefix; TL's append concatenates into new tensors
+            cache = TransformerLensKeyValueCache(
+                entries=[
+                    replace(
+                        e,
+                        past_keys=e.past_keys.expand(batch, -1, -1, -1),
+                        past_values=e.past_values.expand(batch, -1, -1, -1),
+                    )
+                    for e in prefix.entries
+                ],
+                previous_attention_mask=prefix.previous_attention_mask.expand(batch, -1),
+            )
+        injection = replace(injection, positions=injection.positions[:, n:])
         with self.model.hooks(fwd_hooks=[(f"blocks.{injection.layer}.hook_resid_pre", _injection_hook(injection))]):
-            logits = self.model(input_ids, attention_mask=attention_mask, past_kv_cache=cache)
+            logits = self.model(input_ids[:, n:], attention_mask=attention_mask[:, n:], past_kv_cache=cache)
         return logits[:, -1], cache
 
     @torch.no_grad()
@@ -127,7 +154,10 @@ class TransformerBridgeBackend(TransformersBackend):
 
     def __init__(self, bridge: Any, model_id: str | None = None) -> None:
         self.bridge = bridge
-        super().__init__(bridge.original_model, bridge.tokenizer, model_id or str(bridge.cfg.model_name))
+        # no prefix cache: the bridge's attention does not fill Hugging Face's KV cache
+        super().__init__(
+            bridge.original_model, bridge.tokenizer, model_id or str(bridge.cfg.model_name), reuse_prefix=False
+        )
 
     @contextmanager
     def injecting(self, injection: Injection) -> Iterator[None]:

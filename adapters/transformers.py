@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -13,6 +15,7 @@ from sae_selfexplain_plugin.backend import (
     GenerationRequest,
     GenerationResult,
     Injection,
+    PrefixCache,
     check_layer,
     position_ids,
 )
@@ -77,11 +80,25 @@ def _cache_of(output: Any) -> Any:
     return cache if cache is not None else output.past_key_values
 
 
+def _expanded(prefix: Any, batch: int) -> Any:
+    """A new KV cache whose every row views the one-row `prefix` (no per-row copy; the first update
+    concatenates into new tensors, so the stored prefix is never written)."""
+    cache = copy.deepcopy(prefix)
+    for layer in cache.layers:
+        layer.keys = layer.keys.expand(batch, -1, -1, -1)
+        layer.values = layer.values.expand(batch, -1, -1, -1)
+    return cache
+
+
 class TransformersBackend:
     """Runs self-explanation on a `transformers` causal LM (Gemma, Llama, GPT-2, ...)."""
 
-    def __init__(self, model: nn.Module, tokenizer: Any, model_id: str | None = None) -> None:
+    def __init__(
+        self, model: nn.Module, tokenizer: Any, model_id: str | None = None, *, reuse_prefix: bool = True
+    ) -> None:
         self.model = model.eval()
+        self.prefixes = PrefixCache(self._run_prefix)
+        self.prefixes.enabled = reuse_prefix
         self._tokenizer = tokenizer
         self.layers = find_decoder_layers(model)
         config: Any = model.config
@@ -149,15 +166,27 @@ class TransformersBackend:
         finally:
             handle.remove()
 
+    @torch.no_grad()
+    def _run_prefix(self, ids: torch.Tensor) -> Any:
+        """The KV cache of one row of prompt tokens (no injection)."""
+        ids = ids.to(self.device)
+        ones = torch.ones_like(ids)
+        out = self.model(input_ids=ids, attention_mask=ones, position_ids=position_ids(ones), use_cache=True)
+        return _cache_of(out)
+
     def _prompt_pass(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, injection: Injection, *, use_cache: bool
     ) -> Any:
-        """The injected forward over whole (left-padded) sequences; logits at the last position only."""
-        with self.injecting(injection):
+        """The injected forward over whole (left-padded) sequences, from the cached shared prefix where
+        there is one; logits at the last position only."""
+        n, prefix = self.prefixes.lookup(input_ids, attention_mask, injection)
+        cache = None if prefix is None else _expanded(prefix, input_ids.shape[0])
+        with self.injecting(replace(injection, positions=injection.positions[:, n:])):
             return self.model(
-                input_ids=input_ids,
+                input_ids=input_ids[:, n:],
                 attention_mask=attention_mask,
-                position_ids=position_ids(attention_mask),
+                position_ids=position_ids(attention_mask)[:, n:],
+                cache=cache,
                 use_cache=use_cache,
                 logits_to_keep=1,
             )
@@ -184,6 +213,7 @@ class TransformersBackend:
         return cache
 
     def generate(self, request: GenerationRequest) -> GenerationResult:
+        self.prefixes.lookup(request.input_ids, request.attention_mask, request.injection)  # before our hooks
         if not request.probe_layers:
             return decode(self, request, self._tokenizer, self.eos_token_ids)
         with self._reading_prompt(request.probe_layers) as captured:
@@ -217,6 +247,7 @@ class TransformersBackend:
     def probe(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, injection: Injection, layers: Sequence[int]
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        self.prefixes.lookup(input_ids, attention_mask, injection)  # before our hooks
         with self._reading_prompt(layers) as captured:
             out = self._prompt_pass(input_ids, attention_mask, injection, use_cache=False)
         return torch.stack([captured[layer] for layer in layers], dim=1), out.logits[:, -1]

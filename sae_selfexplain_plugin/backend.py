@@ -7,7 +7,7 @@ logic for free from `decoding.decode` by implementing `StepModel`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, runtime_checkable
 
@@ -147,6 +147,50 @@ def left_pad(sequences: list[list[int]] | list[tuple[int, ...]], pad_id: int) ->
             ids[i, width - len(seq) :] = torch.tensor(list(seq), dtype=torch.long)
             mask[i, width - len(seq) :] = 1
     return ids, mask
+
+
+def shared_prefix_length(input_ids: torch.Tensor, attention_mask: torch.Tensor, injection: Injection) -> int:
+    """How many leading tokens all rows share: the same ids, no padding, nothing injected.
+
+    Their keys and values do not depend on the row, so a backend can compute them once (batch 1) and
+    start every prompt pass from that cache. At least the last token is left to run."""
+    shared = (
+        (input_ids == input_ids[:1]).all(0)
+        & attention_mask.bool().all(0)
+        & ~injection.positions.to(input_ids.device).any(0)
+    )
+    shared[-1] = False
+    return int((~shared).nonzero()[0])
+
+
+class PrefixCache:
+    """KV caches of shared prompt prefixes (the template before its first placeholder), one per distinct
+    prefix, computed on first use by `run_prefix(ids [1, n])` and kept (the newest `size`).
+
+    A backend's prompt passes start from the cache `lookup` returns instead of recomputing the prefix for
+    every row of every batch. `enabled = False` turns it off (benchmarks compare both)."""
+
+    min_length = 4  # shorter shared prefixes are not worth a cache
+
+    def __init__(self, run_prefix: Callable[[torch.Tensor], Any], size: int = 4) -> None:
+        self.run_prefix = run_prefix
+        self.size = size
+        self.enabled = True
+        self._caches: dict[tuple[Any, ...], Any] = {}
+
+    def lookup(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, injection: Injection) -> tuple[int, Any]:
+        """(length, one-row cache) of the batch's shared prefix, or (0, None) where there is none to reuse.
+
+        The first lookup of a prefix runs the model: do it before registering hooks that must not see it."""
+        n = shared_prefix_length(input_ids, attention_mask, injection) if self.enabled else 0
+        if n < self.min_length:
+            return 0, None
+        key = (str(input_ids.device), *input_ids[0, :n].tolist())
+        if key not in self._caches:
+            if len(self._caches) >= self.size:
+                del self._caches[next(iter(self._caches))]
+            self._caches[key] = self.run_prefix(input_ids[:1, :n])
+        return n, self._caches[key]
 
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -152,6 +152,28 @@ def test_tl_batched_equals_unbatched(hooked):
     assert [c.text for r in small for c in r.candidates] == [c.text for r in large for c in r.candidates]
 
 
+def test_tl_prefix_cache_gives_the_same_texts_and_skips_the_prefix(hooked):
+    import test_prefix_cache  # registers "test-long-prefix"
+
+    d = torch.randn(3, D_MODEL, generator=torch.Generator().manual_seed(5))
+    backend = TransformerLensBackend(hooked)
+    config = test_prefix_cache.CFG
+    backend.prefixes.enabled = False
+    full = SelfExplainer(backend, config).explain(d)
+    backend.prefixes.enabled = True
+    explainer = SelfExplainer(backend, config)
+    assert explainer.reference_norm > 0  # its full-prompt pass is not what is counted below
+    lengths: list[int] = []
+    with hooked.hooks(fwd_hooks=[("hook_embed", lambda x, hook: lengths.append(x.shape[1]))]):
+        cached = explainer.explain(d)
+    assert [c.text for r in cached for c in r.candidates] == [c.text for r in full for c in r.candidates]
+    prompt = explainer.prompt
+    first = min(prompt.placeholder_positions)
+    # the one-row prefix pass, then every batch's prompt pass starts after it (decode steps feed one token)
+    assert lengths[0] == first
+    assert {n for n in lengths[1:] if n > 1} == {len(prompt.input_ids) - first}
+
+
 def test_plain_hooked_transformer_gives_the_same_results(hooked, saved_tokenizer):
     plain = HookedTransformer(hooked.cfg, tokenizer=saved_tokenizer)
     plain.load_state_dict(hooked.state_dict(), strict=False)
