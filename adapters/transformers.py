@@ -271,6 +271,27 @@ class TransformersBackend:
         logprobs = torch.log_softmax(logits.float(), dim=-1)
         return logprobs.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
 
+    # TrainableModel (adapter_training.py)
+    def continuation_logprobs(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, injection: Injection, start: int
+    ) -> torch.Tensor:
+        n, prefix = self.prefixes.lookup(input_ids, attention_mask, injection)  # before our hooks
+        if n >= start:
+            raise InputError(f"the scored continuation starts at {start}, inside the shared prefix ({n} tokens).")
+        cache = None if prefix is None else _expanded(prefix, input_ids.shape[0])
+        keep = input_ids.shape[1] - start + 1  # logits at start - 1 .. T - 1 predict tokens start .. T (dropped)
+        with self.injecting(replace(injection, positions=injection.positions[:, n:])):
+            logits = self.model(
+                input_ids=input_ids[:, n:],
+                attention_mask=attention_mask,
+                position_ids=position_ids(attention_mask)[:, n:],
+                cache=cache,
+                use_cache=cache is not None,
+                logits_to_keep=keep,
+            ).logits[:, :-1]
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        return logprobs.gather(-1, input_ids[:, start:, None]).squeeze(-1)
+
 
 def eos_token_ids(model: nn.Module | None, tokenizer: Any) -> set[int]:
     """End-of-sequence ids from the tokenizer and the model's generation config."""

@@ -15,6 +15,7 @@ from . import integrations
 from ._version import __version__
 from .backend import Backend, GenerationRequest, GenerationResult, Injection, StepModel
 from .config import DEFAULT_LAYER, DEFAULT_SCALES, SelfExplainConfig
+from .direction_adapter import AdapterMetadata, DirectionAdapter
 from .engine import SelfExplainer
 from .errors import InputError, ModelCacheError, SelfExplainError, TemplateError
 from .results import Explanation, FeatureExplanations
@@ -38,7 +39,9 @@ install()
 __all__ = [
     "DEFAULT_LAYER",
     "DEFAULT_SCALES",
+    "AdapterMetadata",
     "Backend",
+    "DirectionAdapter",
     "Explanation",
     "FeatureExplanations",
     "GenerationRequest",

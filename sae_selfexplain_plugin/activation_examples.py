@@ -8,6 +8,7 @@ safetensors file (token windows as ids + a table of their strings, activations i
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,14 +45,20 @@ class FeatureExamples:
     top: list[Context]  # strongest first
     random: list[Context]  # contexts where the feature does not fire at all
 
+    def peak_tokens(self) -> list[str]:
+        """The token (stripped) at which each top context peaks, strongest context first."""
+        return [ctx.tokens[max(range(len(ctx.values)), key=ctx.values.__getitem__)].strip() for ctx in self.top]
+
     def top_tokens(self, n: int = 5) -> list[str]:
         """The distinct tokens at which the top contexts peak, strongest first (the cheap auto-interp baseline)."""
-        seen: list[str] = []
-        for ctx in self.top:
-            token = ctx.tokens[max(range(len(ctx.values)), key=ctx.values.__getitem__)].strip()
-            if token and token not in seen:
-                seen.append(token)
-        return seen[:n]
+        return list(dict.fromkeys(t for t in self.peak_tokens() if t))[:n]
+
+    def dominant_token(self, min_count: int) -> str | None:
+        """The peak token of at least `min_count` top contexts, compared case-insensitively (a token
+        feature), or None."""
+        counts = Counter(t.lower() for t in self.peak_tokens() if t)
+        token, count = max(counts.items(), key=lambda kv: kv[1], default=("", 0))
+        return token if count >= min_count else None
 
 
 class ActivationExamples:

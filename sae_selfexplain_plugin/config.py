@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from .errors import InputError
 
-ScaleMode = Literal["relative", "absolute"]
+ScaleMode = Literal["relative", "absolute", "adapter"]
 InjectionMode = Literal["replace", "add"]
 GenerateMode = Literal["all", "chosen"]
 POLICIES = ("fixed", "max-self-similarity", "composite", "knee")
@@ -57,6 +59,11 @@ class SelfExplainConfig:
             policy, so records and dashboards show it; metric policies always measure.
         relevancy: also compute SelfIE's relevancy of the kept explanations (two teacher-forced passes with
             full-vocabulary logits per explanation: costly on large vocabularies).
+        adapter: a trained DirectionAdapter, or the path of its file (direction_adapter.py): each unit
+            direction is mapped through it before injection, and the sweep is `adapter_scales`. None injects
+            the bare direction times `scales`.
+        adapter_scales: with an adapter, the sweep: multiples of the adapter's vector (1.0 = as trained, one
+            generation per feature). Records then carry scale_mode "adapter".
     """
 
     layer: int = DEFAULT_LAYER
@@ -79,20 +86,34 @@ class SelfExplainConfig:
     explainable_threshold: float = 0.01
     metrics: bool = True
     relevancy: bool = False
+    adapter: Any = None
+    adapter_scales: tuple[float, ...] = (1.0,)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "scales", tuple(float(s) for s in self.scales))
-        if not self.scales:
-            raise InputError("scales is empty: pass at least one scale, e.g. scales=(1.0, 2.0, 4.0).")
-        bad = [s for s in self.scales if not math.isfinite(s) or s < 0]
-        if bad:
-            raise InputError(
-                f"scales must be finite and >= 0, got {bad}: a negative scale flips the direction; "
-                "negate the direction itself if that is what you mean."
-            )
-        if self.scale_mode not in ("relative", "absolute"):
+        for name in ("scales", "adapter_scales"):
+            values = tuple(float(s) for s in getattr(self, name))
+            object.__setattr__(self, name, values)
+            if not values:
+                raise InputError(f"{name} is empty: pass at least one scale, e.g. {name}=(1.0, 2.0, 4.0).")
+            bad = [s for s in values if not math.isfinite(s) or s < 0]
+            if bad:
+                raise InputError(
+                    f"{name} must be finite and >= 0, got {bad}: a negative scale flips the direction; "
+                    "negate the direction itself if that is what you mean."
+                )
+        if self.scale_mode not in ("relative", "absolute", "adapter"):
             raise InputError(f"scale_mode must be 'relative' or 'absolute', got {self.scale_mode!r}.")
+        if self.scale_mode == "adapter" and self.adapter is None:
+            raise InputError("scale_mode 'adapter' needs an adapter; pass adapter=PATH or use 'relative'.")
+        if (
+            self.adapter is not None
+            and not isinstance(self.adapter, (str, Path))
+            and not hasattr(self.adapter, "check")
+        ):
+            raise InputError(
+                f"adapter must be a DirectionAdapter or the path of its file, got {type(self.adapter).__name__}."
+            )
         if self.injection not in ("replace", "add"):
             raise InputError(f"injection must be 'replace' or 'add', got {self.injection!r}.")
         if self.max_new_tokens <= 0:
@@ -128,9 +149,16 @@ class SelfExplainConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain-JSON form."""
-        d = dataclasses.asdict(self)
+        """Plain-JSON form. An adapter stands as its fingerprint (or path); the adapter keys are left out
+        when there is none, so settings hashes without one are those of earlier versions."""
+        d = {f.name: copy.deepcopy(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "adapter"}
         d["scales"] = list(self.scales)
+        if self.adapter is None:
+            del d["adapter_scales"]
+        else:
+            fingerprint = getattr(self.adapter, "fingerprint", None)
+            d["adapter"] = str(self.adapter) if fingerprint is None else f"adapter:{fingerprint}"
+            d["adapter_scales"] = list(self.adapter_scales)
         return d
 
     @classmethod
@@ -141,11 +169,19 @@ class SelfExplainConfig:
         if unknown:
             raise InputError(f"unknown SelfExplainConfig keys {unknown}; known keys are {sorted(names)}.")
         d = dict(d)
-        if "scales" in d:
-            d["scales"] = tuple(d["scales"])
+        for name in ("scales", "adapter_scales"):
+            if name in d:
+                d[name] = tuple(d[name])
         return cls(**d)
 
     def settings_hash(self) -> str:
         """Short stable hash of every setting that changes the output; keys results stores and exports."""
         blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# `explain`'s settings for whole SAEs: one generation per feature, at the policy's first scale. The metric
+# sweep (a prompt pass per feature and scale: most of the cost) runs only where the policy needs it to
+# choose, or when asked (`--metrics`). Under the default fixed policy the chosen labels are those of
+# generating every scale (docs/performance.md).
+WHOLE_SAE_CONFIG = SelfExplainConfig(generate="chosen", keep_top=1, metrics=False)

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from functools import cached_property
+from pathlib import Path
 from typing import cast
 
 import torch
 
 from .backend import Backend, GenerationRequest, GenerationResult, Injection, ProbeModel, check_layer, left_pad
 from .config import SelfExplainConfig
+from .direction_adapter import DirectionAdapter
 from .errors import InputError
 from .policies import Sweep, explainable, ranked_scales
 from .results import Explanation, FeatureExplanations
@@ -34,12 +36,25 @@ class SelfExplainer:
 
     def __init__(self, backend: Backend, config: SelfExplainConfig | None = None) -> None:
         self.backend = backend
-        self.config = config or SelfExplainConfig()
-        check_layer(self.config.layer, backend.n_layers)
+        config = config or SelfExplainConfig()
+        check_layer(config.layer, backend.n_layers)
+        self.adapter = _load_adapter(config.adapter)
+        if self.adapter is not None:
+            # the sweep becomes multiples of the adapter's vector (1.0: as trained)
+            self.adapter.check(backend.model_id, backend.d_model, config.layer, render_name(config, backend))
+            config = config.replace(
+                adapter=self.adapter,
+                scales=config.adapter_scales,
+                chosen_scale=1.0,
+                scale_mode="adapter",
+                min_scale=0.0,
+            )
+        self.config = config
+        self.adapter_id = None if self.adapter is None else self.adapter.fingerprint  # recorded with each text
 
     @property
     def template_name(self) -> str:
-        return self.config.template or default_template_name(self.backend.tokenizer)
+        return render_name(self.config, self.backend)
 
     @cached_property
     def settings_hash(self) -> str:
@@ -62,10 +77,14 @@ class SelfExplainer:
         return float(resid[keep].float().norm(dim=-1).median())
 
     def injected_vectors(self, directions: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-        """Rows of `directions` (normalised) times `scales`, in residual units."""
+        """Rows of `directions` (normalised, then mapped through the adapter if any) times `scales`, in
+        residual units."""
         unit = directions.float() / directions.float().norm(dim=-1, keepdim=True)
         factor = scales.float()
-        if self.config.scale_mode == "relative":
+        if self.adapter is not None:
+            with torch.no_grad():
+                unit = self.adapter(unit).float()
+        elif self.config.scale_mode == "relative":
             factor = factor * self.reference_norm
         vectors: torch.Tensor = unit * factor[:, None]
         return vectors
@@ -276,6 +295,7 @@ class SelfExplainer:
                     scale_mode=cfg.scale_mode,
                     sample=sample,
                     stop_reason=reason,
+                    adapter=self.adapter_id,
                 )
             )
 
@@ -324,6 +344,19 @@ class SelfExplainer:
             bad = torch.nonzero(zero).flatten().tolist()[:10]
             raise InputError(f"directions at rows {bad} are all zeros and have no direction to explain.")
         return directions.detach().cpu()
+
+
+def render_name(config: SelfExplainConfig, backend: Backend) -> str:
+    """The template name a configuration resolves to on this backend."""
+    return config.template or default_template_name(backend.tokenizer)
+
+
+def _load_adapter(adapter: object) -> DirectionAdapter | None:
+    if adapter is None or isinstance(adapter, DirectionAdapter):
+        return adapter
+    if isinstance(adapter, (str, Path)):
+        return DirectionAdapter.load(adapter)
+    raise InputError(f"adapter must be a DirectionAdapter or the path of its file, got {type(adapter).__name__}.")
 
 
 class _SweepTable:

@@ -164,7 +164,15 @@ def to_neuronpedia_line(
     chosen = record.chosen
     if chosen is None or not chosen.text.strip():
         return None
-    notes = {"method": "self-explanation", "scale": chosen.scale, "layer": chosen.layer, "template": chosen.template}
+    notes: dict[str, Any] = {
+        "method": "self-explanation",
+        "scale": chosen.scale,
+        "scale_mode": chosen.scale_mode,
+        "layer": chosen.layer,
+        "template": chosen.template,
+    }
+    if chosen.adapter is not None:
+        notes["adapter"] = chosen.adapter
     return {
         "modelId": model_id,
         "layer": source_id,

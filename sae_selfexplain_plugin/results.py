@@ -24,6 +24,7 @@ class Explanation:
     sample: int = 0
     stop_reason: str = "stop_string"
     metrics: dict[str, float] = field(default_factory=dict)
+    adapter: str | None = None  # fingerprint of the direction adapter, with scale_mode "adapter"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -3,7 +3,11 @@
 Two cases:
 - same-layer: the word's residual at the injection layer, the word alone after BOS (a sanity check);
 - cross-layer, in context: the residual at the word's position inside a sentence, read at a later
-  layer (where SAEs usually sit) and injected at the engine's layer. This is the realistic case.
+  layer (where SAEs usually sit) and injected at the engine's layer.
+
+The cross-layer vectors come `raw`, or `centred`: minus the mean over the word list. A raw residual carries
+the large mean component every residual shares; an SAE decoder row has none of it, so `centred` is the case
+that looks like an SAE feature.
 """
 
 from __future__ import annotations
@@ -92,6 +96,7 @@ class RecoveryRow:
     examples: dict[str, str] = field(default_factory=dict)  # word -> explanation at the default scale
     # policy -> recovery when each word's scale is chosen by that policy from its own metric sweep
     rate_by_policy: dict[str, float] = field(default_factory=dict)
+    vectors: str = "raw"  # cross-layer vectors: "raw" or "centred"
 
     @property
     def best_scale(self) -> float:
@@ -124,44 +129,60 @@ def run_word_recovery(
     source_layers: Sequence[int] | None = None,
     words: Sequence[str] | None = None,
     progress: Callable[[int], None] | None = None,
+    vectors: str = "raw",
+    same_layer: bool = True,
 ) -> list[RecoveryRow]:
-    """Recovery per template, source (same-layer and each cross-layer source) and scale."""
+    """Recovery per template, source (same-layer and each cross-layer source) and scale; cross-layer
+    vectors `raw` or `centred` (module docstring)."""
+    if vectors not in ("raw", "centred"):
+        raise InputError(f"vectors must be 'raw' or 'centred', got {vectors!r}.")
     tok = backend.tokenizer
     words = single_token_words(tok, load_words() if words is None else words)
     if not words:
         raise InputError("no word of the list is a single token for this tokenizer.")
-    sources = [("same-layer", config.layer, False)] + [
+    sources = [("same-layer", config.layer, False)] if same_layer else []
+    sources += [
         (f"block {layer}", layer, True)
         for layer in (default_source_layers(backend.n_layers) if source_layers is None else source_layers)
     ]
-    default_scale = min(config.scales, key=lambda s: abs(s - config.chosen_scale))
-    vectors = {name: word_vectors(backend, words, layer, ctx) for name, layer, ctx in sources}
+    inputs = {}
+    for name, layer, ctx in sources:
+        v = word_vectors(backend, words, layer, ctx)
+        inputs[name] = v - v.mean(0) if ctx and vectors == "centred" else v
     rows = []
     for template in templates:
         explainer = SelfExplainer(backend, config.replace(template=template))
-        for name, layer, _ in sources:
-            records = explainer.explain(vectors[name], progress=progress)
-            rate = {
-                s: sum(recovered(c.text, w) for r, w in zip(records, words) for c in r.at_scale(s))
-                / (len(words) * config.n_samples)
-                for s in config.scales
-            }
-            examples = {w: r.at_scale(default_scale)[0].text for r, w in zip(records, words)}
+        cfg = explainer.config  # with an adapter, its own sweep
+        default_scale = min(cfg.scales, key=lambda s: abs(s - cfg.chosen_scale))
+        for name, layer, ctx in sources:
+            records = explainer.explain(inputs[name], progress=progress)
             rows.append(
                 RecoveryRow(
                     backend.model_id,
                     template,
                     name,
                     layer,
-                    config.layer,
+                    cfg.layer,
                     len(words),
-                    rate,
+                    recovery_by_scale(records, words, cfg),
                     default_scale,
-                    examples,
-                    rate_by_policy(records, words, config),
+                    {w: r.at_scale(default_scale)[0].text for r, w in zip(records, words)},
+                    rate_by_policy(records, words, cfg),
+                    vectors if ctx else "raw",
                 )
             )
     return rows
+
+
+def recovery_by_scale(
+    records: Sequence[FeatureExplanations], names: Sequence[str], config: SelfExplainConfig
+) -> dict[float, float]:
+    """Per scale, the fraction of explanations (all samples) that name the record's word."""
+    return {
+        s: sum(recovered(c.text, w) for r, w in zip(records, names) for c in r.at_scale(s))
+        / (len(names) * config.n_samples)
+        for s in config.scales
+    }
 
 
 def rate_by_policy(

@@ -55,12 +55,24 @@ def read_jsonl(path):
     return [FeatureExplanations.from_json(line) for line in Path(path).read_text().splitlines()]
 
 
+def test_explain_generates_every_scale_when_asked(assets, tmp_path):
+    out = tmp_path / "r.jsonl"
+    assert main(explain_args(assets, out, "--features", "0,1", "--generate", "all", "--metrics")) == 0
+    (a, b) = read_jsonl(out)
+    assert [c.scale for c in a.candidates] == [1.0, 4.0] and a.sweep["scale"] == [1.0, 4.0]
+    one = tmp_path / "one.jsonl"
+    assert main(explain_args(assets, one, "--features", "0,1")) == 0
+    # the same chosen labels as generating every scale
+    assert [r.chosen.text for r in read_jsonl(one)] == [a.chosen.text, b.chosen.text]
+
+
 def test_explain_writes_every_feature_in_order(assets, tmp_path):
     out = tmp_path / "r.jsonl"
     assert main(explain_args(assets, out, "--features", "5-9,2")) == 0
     records = read_jsonl(out)
     assert [r.feature_id for r in records] == [2, 5, 6, 7, 8, 9]
-    assert all(len(r.candidates) == 2 and r.chosen.scale == 4.0 for r in records)
+    # explain's default: one generation per feature, at the fixed policy's scale
+    assert all(len(r.candidates) == 1 and r.chosen.scale == 4.0 and not r.sweep for r in records)
     assert records[0].sae["neuronpedia_id"] == "tiny-gemma3/2-test" and records[0].package_version
     for r in records:  # the feature's own activations over its explanation: what a Neuronpedia upload needs
         if not r.chosen.text.strip():

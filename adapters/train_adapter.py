@@ -1,0 +1,157 @@
+"""Training a direction adapter for an SAE, from offline data only (no hub, no judge model):
+
+- word directions: single-token words of the model's own vocabulary, read in a carrier sentence at the
+  SAE's layer, minus their mean (an SAE decoder row has no mean component either), labelled with the word.
+  The benchmark's word list (data/words.txt) is left out;
+- SAE latents that are token features (most top-activating contexts peak on one token), labelled with
+  that token, from the SAE's activation examples. Latents below `held_out` never train: the demo SAE's
+  eval, `sae-latent` benchmark and demo use latents 0..1023.
+
+Both are split 90/10 into training and validation by a seeded shuffle.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from sae_lens import SAE
+
+from sae_selfexplain_plugin import SelfExplainConfig, SelfExplainer
+from sae_selfexplain_plugin.activation_examples import ActivationExamples
+from sae_selfexplain_plugin.adapter_training import (
+    LabelledDirections,
+    TrainableModel,
+    TrainingReport,
+    TrainingSettings,
+    train_adapter,
+)
+from sae_selfexplain_plugin.config import DEFAULT_SCALE
+from sae_selfexplain_plugin.direction_adapter import HELD_OUT_LATENTS, AdapterMetadata, DirectionAdapter
+from sae_selfexplain_plugin.errors import InputError
+from sae_selfexplain_plugin.word_recovery import CARRIER, load_words, single_token_words, word_vectors
+
+from .sae_lens import check_compatible, sae_layer
+
+LATENT_MIN_PEAKS = 5  # a latent is a token feature when >= 5 of its 10 top contexts peak on one token
+
+
+def vocabulary_words(tokenizer: Any, exclude: set[str], n: int, seed: int = 0) -> list[str]:
+    """Up to `n` lowercase alphabetic words (>= 3 letters) that are one token after a space and inside the
+    carrier sentence, not in `exclude`, in a seeded random order."""
+    candidates = sorted(
+        {
+            w
+            for w in (tokenizer.convert_tokens_to_string([t]) for t in tokenizer.get_vocab())
+            if w.startswith(" ") and w[1:].isalpha() and w[1:].islower() and len(w) >= 4
+        }
+    )
+    random.Random(seed).shuffle(candidates)
+    words = []
+    for w in (c[1:] for c in candidates):
+        if w in exclude or not single_token_words(tokenizer, [w]):
+            continue
+        text = CARRIER.format(word=" " + w)
+        start = text.index(" " + w)
+        spans = tokenizer(text, return_offsets_mapping=True)["offset_mapping"]
+        if sum(1 for s, e in spans if e > s and s < start + len(w) + 1 and e > start) == 1:
+            words.append(w)
+        if len(words) == n:
+            break
+    return words
+
+
+def word_directions(backend: Any, words: list[str], layer: int) -> LabelledDirections:
+    """Each word's in-context residual entering block `layer`, minus the mean over `words`."""
+    vectors = word_vectors(backend, words, layer, in_context=True)
+    return LabelledDirections(vectors - vectors.mean(0), list(words))
+
+
+def latent_directions(
+    sae: SAE[Any], examples: ActivationExamples, latents: range, min_peaks: int = LATENT_MIN_PEAKS
+) -> LabelledDirections:
+    """Decoder rows of the token-feature latents among `latents`, labelled with their token."""
+    rows, labels = [], []
+    for f in latents:
+        token = examples[f].dominant_token(min_peaks)
+        if token and any(c.isalpha() for c in token):
+            rows.append(f)
+            labels.append(token)
+    if not rows:
+        raise InputError("no latent in the training range is a token feature; train on words only.")
+    return LabelledDirections(sae.W_dec.detach()[rows].float().cpu(), labels)
+
+
+def split(data: LabelledDirections, fraction: float, seed: int) -> tuple[LabelledDirections, LabelledDirections]:
+    """(train, validation) with `fraction` of the rows in validation, by a seeded shuffle."""
+    order = list(range(len(data)))
+    random.Random(seed).shuffle(order)
+    cut = max(1, round(len(order) * fraction))
+
+    def part(rows: list[int]) -> LabelledDirections:
+        return LabelledDirections(data.directions[rows], [data.labels[i] for i in rows])
+
+    return part(order[cut:]), part(order[:cut])
+
+
+def join(*parts: LabelledDirections) -> LabelledDirections:
+    return LabelledDirections(torch.cat([p.directions for p in parts]), [x for p in parts for x in p.labels])
+
+
+def train_for_sae(
+    sae: SAE[Any],
+    backend: TrainableModel,
+    examples: ActivationExamples | None,
+    out: Path,
+    *,
+    config: SelfExplainConfig,
+    architecture: str = "scalar-affine",
+    rank: int = 0,
+    n_words: int = 2000,
+    held_out: int = HELD_OUT_LATENTS,
+    settings: TrainingSettings | None = None,
+    checkpoint: Path | None = None,
+    progress: Callable[[int, float], None] | None = None,
+) -> tuple[DirectionAdapter, TrainingReport]:
+    """Build the training data, train an adapter on the frozen model, save it to `out`."""
+    check_compatible(sae, backend)
+    settings = settings or TrainingSettings()
+    explainer = SelfExplainer(backend, config.replace(adapter=None))
+    source = sae_layer(sae)
+    words = vocabulary_words(backend.tokenizer, set(load_words()), n_words, settings.seed)
+    train_words, val_words = split(word_directions(backend, words, source), 0.1, settings.seed)
+    parts = [(train_words, val_words)]
+    if examples is not None and held_out < sae.cfg.d_sae:
+        latents = latent_directions(sae, examples, range(held_out, sae.cfg.d_sae))
+        parts.append(split(latents, 0.1, settings.seed))
+    train, validation = join(*(p[0] for p in parts)), join(*(p[1] for p in parts))
+    described = f"{len(words)} vocabulary words (centred in-context residuals at block {source}, words.txt excluded)"
+    if len(parts) > 1:
+        described += f"; {len(parts[1][0]) + len(parts[1][1])} token-feature latents >= {held_out} labelled by token"
+    metadata = AdapterMetadata(
+        model_id=backend.model_id,
+        d_model=backend.d_model,
+        source=str(sae.cfg.metadata.hook_name),
+        layer=config.layer,
+        template=explainer.prompt.template,
+        architecture=architecture,
+        rank=rank,
+        trained_on=described + "; 10% of each held out for validation",
+    )
+    # Untrained, the adapter injects what the fixed policy does: the direction at the default scale.
+    adapter = DirectionAdapter(metadata, init_scale=explainer.reference_norm * DEFAULT_SCALE)
+    report = train_adapter(
+        adapter, backend, explainer.prompt, train, validation, settings, checkpoint=checkpoint, progress=progress
+    )
+    adapter.metadata.validation = {
+        "initial_loss": round(report.initial_validation_loss, 4),
+        "best_loss": round(report.best_validation_loss, 4),
+        "steps": report.steps,
+        "train_rows": len(train),
+        "validation_rows": len(validation),
+    }
+    adapter.save(out)
+    return adapter, report

@@ -1,0 +1,179 @@
+"""Trained maps from a feature's unit direction to the vector injected at the placeholder.
+
+    adapter = DirectionAdapter.load("adapter.safetensors")
+    SelfExplainer(backend, SelfExplainConfig(adapter=adapter, template=adapter.metadata.template))
+
+The model stays frozen; only the adapter is trained (adapter_training.py), after Pepper et al. 2026,
+"Learning Self-Interpretation from Interpretability Artifacts" (arXiv 2602.10352). For a unit direction x:
+
+| architecture | injected vector | parameters |
+|---|---|---|
+| `scale` | s·x | 1 |
+| `scalar-affine` | s·x + b | d + 1 |
+| `scalar-affine-low-rank` | s·x + (x U) Vᵀ + b | d + 2dr + 1 |
+
+The bias b is what the bare direction lacks: a decoder row is a direction *relative to* the mean residual
+that every real token's residual carries, and the model reads a vector with that mean far better.
+
+One file: safetensors tensors, with the metadata as JSON in the safetensors header.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import InputError
+
+ARCHITECTURES = ("scale", "scalar-affine", "scalar-affine-low-rank")
+METADATA_KEY = "sae_selfexplain_adapter"
+
+
+@dataclass
+class AdapterMetadata:
+    """What an adapter was trained for and on; checked against the model and settings it is used with."""
+
+    model_id: str  # the model it was trained on (short names compared, docs/usage.md)
+    d_model: int
+    source: str  # where the explained directions live, e.g. "blocks.15.hook_resid_post"
+    layer: int  # injection block
+    template: str
+    architecture: str = "scalar-affine"
+    rank: int = 0
+    trained_on: str = ""  # a sentence: the data (kinds, counts, what was held out)
+    validation: dict[str, float] = field(default_factory=dict)  # figures measured on held-out data
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> AdapterMetadata:
+        names = set(cls.__dataclass_fields__)
+        missing = sorted({"model_id", "d_model", "source", "layer", "template"} - set(d))
+        if missing:
+            raise InputError(f"adapter metadata lacks {missing}; the file was not written by DirectionAdapter.save.")
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+class DirectionAdapter(nn.Module):
+    """s·x (+ x U Vᵀ) (+ b) for unit directions x [..., d_model]; see the module docstring."""
+
+    def __init__(self, metadata: AdapterMetadata, init_scale: float = 1.0) -> None:
+        super().__init__()
+        arch, d, rank = metadata.architecture, metadata.d_model, metadata.rank
+        if arch not in ARCHITECTURES:
+            raise InputError(f"unknown adapter architecture {arch!r}; choose one of {list(ARCHITECTURES)}.")
+        if (arch == "scalar-affine-low-rank") != (rank > 0):
+            raise InputError(f"rank must be > 0 exactly for 'scalar-affine-low-rank', got {arch!r} with rank {rank}.")
+        self.metadata = metadata
+        self.scale = nn.Parameter(torch.tensor(float(init_scale)))
+        self.bias = nn.Parameter(torch.zeros(d)) if arch != "scale" else None
+        # V starts at zero, so a new low-rank adapter is exactly its scalar-affine part
+        self.U = nn.Parameter(torch.randn(d, rank) / d**0.5) if rank else None
+        self.V = nn.Parameter(torch.zeros(d, rank)) if rank else None
+
+    def forward(self, unit: torch.Tensor) -> torch.Tensor:
+        unit = unit.to(self.scale.dtype)
+        out = self.scale * unit
+        if self.U is not None and self.V is not None:
+            out = out + (unit @ self.U) @ self.V.T
+        if self.bias is not None:
+            out = out + self.bias
+        return out
+
+    @property
+    def n_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    @property
+    def fingerprint(self) -> str:
+        """Short hash of the weights and metadata: stands for the adapter in settings hashes and notes."""
+        h = hashlib.sha256(json.dumps(self.metadata.to_dict(), sort_keys=True).encode())
+        for name, tensor in sorted(self.state_dict().items()):
+            h.update(name.encode())
+            h.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()[:16]
+
+    def save(self, path: str | Path) -> Path:
+        """Write one safetensors file (weights, metadata in its header), atomically."""
+        from safetensors.torch import save
+
+        from .files import atomic_writer
+
+        path = Path(path)
+        tensors = {k: v.detach().float().cpu().contiguous() for k, v in self.state_dict().items()}
+        blob = save(tensors, metadata={METADATA_KEY: json.dumps(self.metadata.to_dict())})
+        with atomic_writer(path, "wb") as f:
+            f.write(blob)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> DirectionAdapter:
+        """Read a file written by `save`; a missing, foreign or damaged file is a clear error."""
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise InputError(f"no adapter file at {path}; train one with `sae-selfexplain train-adapter`.")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                header = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
+        except Exception as e:  # safetensors raises its own error types for damaged files
+            raise InputError(f"{path} is not a readable safetensors file ({e}); re-save or re-train it.") from None
+        if METADATA_KEY not in header:
+            raise InputError(f"{path} holds no adapter metadata; it was not written by DirectionAdapter.save.")
+        adapter = cls(AdapterMetadata.from_dict(json.loads(header[METADATA_KEY])))
+        try:
+            adapter.load_state_dict(tensors)
+        except RuntimeError as e:
+            raise InputError(f"{path}: weights do not match its metadata ({e}).") from None
+        return adapter.eval()
+
+    def check(self, model_id: str, d_model: int, layer: int, template: str) -> None:
+        """Raise InputError unless this adapter was trained for this model, injection layer and template."""
+        from .results import short_model_name
+
+        m = self.metadata
+        problems = []
+        if m.d_model != d_model:
+            problems.append(f"d_model {m.d_model} != the model's {d_model}")
+        if short_model_name(m.model_id) != short_model_name(model_id):
+            problems.append(f"model {m.model_id!r} != {model_id!r}")
+        if m.layer != layer:
+            problems.append(f"injection layer {m.layer} != {layer}")
+        if m.template != template:
+            problems.append(f"template {m.template!r} != {template!r}")
+        if problems:
+            raise InputError(
+                f"the adapter does not fit these settings: {'; '.join(problems)}. Use the adapter's own settings "
+                f"(layer={m.layer}, template={m.template!r}), train one for yours, or pass adapter=None."
+            )
+
+
+SHIPPED_DIR = Path(__file__).parent / "data" / "adapters"
+# Demo SAE latents below this never train a shipped adapter: `eval`, the sae-latent benchmark and the demo
+# use them, so their figures are on held-out latents.
+HELD_OUT_LATENTS = 1024
+
+
+def shipped_adapter(model_id: str, source: str, layer: int, template: str) -> Path | None:
+    """The adapter file shipped with the package for this model, source hook, injection layer and template."""
+    from .results import short_model_name
+
+    for path in sorted(SHIPPED_DIR.glob("*.safetensors")):
+        m = DirectionAdapter.load(path).metadata
+        if (short_model_name(m.model_id), m.source, m.layer, m.template) == (
+            short_model_name(model_id),
+            source,
+            layer,
+            template,
+        ):
+            return path
+    return None

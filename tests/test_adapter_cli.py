@@ -1,0 +1,102 @@
+"""Adapters end to end on tiny models: the train-adapter and sae-latent commands, the automatic choice of
+a shipped adapter, and the centred word-recovery vectors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from sae_selfexplain_plugin.adapters.cli import main
+from sae_selfexplain_plugin.adapters.evaluation import token_latents
+from sae_selfexplain_plugin.adapters.pipeline import load_model, load_sae
+from sae_selfexplain_plugin.adapters.sae_lens import with_adapter
+
+from sae_selfexplain_plugin import DirectionAdapter, SelfExplainConfig, SelfExplainer
+from sae_selfexplain_plugin.activation_examples import EXAMPLES_FILE, ActivationExamples
+from sae_selfexplain_plugin.word_recovery import run_word_recovery
+
+
+def _tiny(tiny_sae):
+    return ["--sae", str(tiny_sae), "--model", str(tiny_sae.parent / "tiny-model")]
+
+
+def test_train_adapter_command(tiny_sae, tmp_path):
+    out = tmp_path / "adapter.safetensors"
+    args = ["train-adapter", *_tiny(tiny_sae), "--out", str(out), "--template", "test-open", "--layer", "1"]
+    args += ["--steps", "6", "--eval-every", "3", "--batch-size", "4", "--words", "12", "--held-out", "64"]
+    assert main(args) == 0
+    adapter = DirectionAdapter.load(out)
+    sae, _ = load_sae(str(tiny_sae))
+    meta = adapter.metadata
+    assert (meta.source, meta.layer, meta.template, meta.d_model) == (sae.cfg.metadata.hook_name, 1, "test-open", 64)
+    assert meta.validation["steps"] == 6 and meta.validation["best_loss"] <= meta.validation["initial_loss"]
+    assert "latents >= 64" in meta.trained_on
+    assert not out.with_suffix(".safetensors.ckpt").exists()  # removed once the run completed
+    # an interrupted run's checkpoint is never overwritten silently
+    out.with_suffix(".safetensors.ckpt").write_bytes(b"earlier run")
+    assert main(args) == 2
+
+
+def test_sae_latent_command(tiny_sae, tmp_path):
+    report = tmp_path / "latent.json"
+    args = ["bench", "sae-latent", *_tiny(tiny_sae), "--latents", "0-127", "--min-peaks", "2"]
+    args += ["--template", "test-open", "--scales", "1,4", "--max-new-tokens", "3", "--json", str(report)]
+    assert main(args) == 0
+    row = json.loads(report.read_text())
+    examples = ActivationExamples.load(tiny_sae / EXAMPLES_FILE)
+    expected = token_latents(examples, range(128), 2)
+    assert row["qualified"] == len(expected) and row["n_words"] == min(64, len(expected))
+    assert set(row["rate_by_scale"]) == {"1.0", "4.0"} and row["adapter"] == "none"
+    for key in row["examples"]:
+        latent, word = key.split(":")
+        assert (int(latent), word) in expected
+
+
+def test_token_latents_need_one_word_peaking_often(tiny_sae):
+    examples = ActivationExamples.load(tiny_sae / EXAMPLES_FILE)
+    for latent, word in token_latents(examples, range(128), 5):
+        peaks = [t.lower() for t in examples[latent].peak_tokens()]
+        assert peaks.count(word) >= 5 and word.isalpha() and len(word) >= 3
+
+
+def test_adapter_choice(tiny_sae, tmp_path):
+    sae, _ = load_sae(str(tiny_sae))
+    backend = load_model(str(tiny_sae.parent / "tiny-model"), sae)
+    config = SelfExplainConfig(template="test-open", layer=1)
+    assert with_adapter(config, "auto", sae, backend).adapter is None  # nothing shipped for this model
+    assert with_adapter(config, "none", sae, backend).adapter is None
+    path = str(tmp_path / "a.safetensors")
+    assert with_adapter(config, path, sae, backend).adapter == path
+
+
+def test_centred_vectors_change_what_is_injected(gemma_backend):
+    words = ["cat", "dog", "sun", "tree", "blue"]
+    config = SelfExplainConfig(template="test-open", scales=(1.0, 4.0), max_new_tokens=4)
+    rows = {
+        kind: run_word_recovery(
+            gemma_backend, templates=["test-open"], config=config, source_layers=[2], words=words, vectors=kind,
+            same_layer=False,
+        )[0]
+        for kind in ("raw", "centred")
+    }  # fmt: skip
+    assert rows["raw"].vectors == "raw" and rows["centred"].vectors == "centred"
+    assert rows["raw"].examples != rows["centred"].examples
+    with pytest.raises(Exception, match="raw' or 'centred"):
+        run_word_recovery(gemma_backend, templates=["test-open"], config=config, words=words, vectors="mean")
+
+
+def test_self_explain_takes_an_adapter(tiny_sae):
+    import test_direction_adapter
+
+    sae, _ = load_sae(str(tiny_sae))
+    backend = load_model(str(tiny_sae.parent / "tiny-model"), sae)
+    adapter = test_direction_adapter.make_adapter(backend)
+    explained = sae.self_explain([0, 1], model=backend, template="test-open", layer=1, adapter=adapter)
+    d = sae.W_dec.detach()[[0, 1]].float()
+    by_hand = test_direction_adapter.by_hand(backend, adapter, d, (1.0,), SelfExplainConfig().max_new_tokens)
+    assert [e.text for e in explained] == [row[0] for row in by_hand]
+    plain = sae.self_explain([0, 1], model=backend, template="test-open", layer=1, adapter=None)
+    assert {e.scale_mode for e in explained} == {"adapter"} and {e.scale_mode for e in plain} == {"relative"}
+    assert SelfExplainer(backend, SelfExplainConfig(template="test-open", layer=1)).adapter is None
+    assert torch.is_tensor(d)

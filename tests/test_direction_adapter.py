@@ -1,0 +1,200 @@
+"""Direction adapters: file round trip, mismatch errors, training, and the engine applying them."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from sae_selfexplain_plugin import (
+    AdapterMetadata,
+    DirectionAdapter,
+    GenerationRequest,
+    Injection,
+    InputError,
+    SelfExplainConfig,
+    SelfExplainer,
+    render,
+)
+from sae_selfexplain_plugin.adapter_training import LabelledDirections, TrainingSettings, train_adapter
+from sae_selfexplain_plugin.formats import to_neuronpedia_line, validate
+
+ARCHITECTURES = [("scale", 0), ("scalar-affine", 0), ("scalar-affine-low-rank", 3)]
+
+
+def make_adapter(backend, architecture="scalar-affine", rank=0, seed=0, **changes) -> DirectionAdapter:
+    """An adapter for `backend` with random (non-initial) weights."""
+    fields = dict(
+        model_id=backend.model_id, d_model=backend.d_model, source="blocks.2.hook_resid_post", layer=1,
+        template="test-open", architecture=architecture, rank=rank,
+    )  # fmt: skip
+    adapter = DirectionAdapter(AdapterMetadata(**{**fields, **changes}), init_scale=5.0)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in adapter.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 3)
+    return adapter
+
+
+def by_hand(backend, adapter, directions, scales, max_new_tokens):
+    """The texts of injecting scale * adapter(unit direction) with a hand-built request, no engine."""
+    prompt = render("test-open", backend.tokenizer)
+    unit = directions / directions.norm(dim=-1, keepdim=True)
+    with torch.no_grad():
+        vectors = torch.cat([adapter(unit) * s for s in scales])  # scale-major rows
+    ids = torch.tensor([prompt.input_ids] * len(vectors))
+    positions = torch.zeros_like(ids, dtype=torch.bool)
+    positions[:, list(prompt.placeholder_positions)] = True
+    request = GenerationRequest(ids, torch.ones_like(ids), Injection(1, positions, vectors), max_new_tokens)
+    texts = [t.strip() for t in backend.generate(request).texts]
+    n = len(directions)
+    return [[texts[j * n + f] for j in range(len(scales))] for f in range(n)]
+
+
+def engine_texts(backend, adapter, directions, scales, max_new_tokens):
+    config = SelfExplainConfig(
+        template="test-open", layer=1, adapter=adapter, adapter_scales=scales, max_new_tokens=max_new_tokens
+    )
+    records = SelfExplainer(backend, config).explain(directions)
+    return [[c.text for c in r.candidates] for r in records], records
+
+
+@pytest.mark.parametrize(("architecture", "rank"), ARCHITECTURES)
+def test_file_round_trip(tmp_path, gemma_backend, architecture, rank):
+    adapter = make_adapter(gemma_backend, architecture, rank)
+    loaded = DirectionAdapter.load(adapter.save(tmp_path / "a.safetensors"))
+    x = torch.randn(4, gemma_backend.d_model)
+    assert torch.equal(adapter(x), loaded(x))
+    assert loaded.metadata == adapter.metadata
+    assert loaded.fingerprint == adapter.fingerprint
+    d = gemma_backend.d_model
+    assert (
+        loaded.n_parameters
+        == {"scale": 1, "scalar-affine": d + 1, "scalar-affine-low-rank": d + 2 * d * rank + 1}[architecture]
+    )
+
+
+def test_new_low_rank_adapter_is_its_scalar_affine_part(gemma_backend):
+    meta = AdapterMetadata("m", gemma_backend.d_model, "s", 1, "test-open", "scalar-affine-low-rank", rank=2)
+    x = torch.randn(3, gemma_backend.d_model)
+    assert torch.allclose(DirectionAdapter(meta, init_scale=2.0)(x), 2.0 * x)
+
+
+def test_damaged_and_foreign_files(tmp_path, gemma_backend):
+    with pytest.raises(InputError, match="no adapter file"):
+        DirectionAdapter.load(tmp_path / "missing.safetensors")
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a safetensors file")
+    with pytest.raises(InputError, match="not a readable safetensors"):
+        DirectionAdapter.load(junk)
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"w": torch.zeros(2)}, str(foreign))
+    with pytest.raises(InputError, match="no adapter metadata"):
+        DirectionAdapter.load(foreign)
+    path = make_adapter(gemma_backend).save(tmp_path / "a.safetensors")
+    blob = path.read_bytes()
+    header = json.loads(blob[8 : 8 + int.from_bytes(blob[:8], "little")])
+    meta = json.loads(header["__metadata__"]["sae_selfexplain_adapter"])
+    meta["d_model"] = 7  # metadata no longer matches the weights
+    header["__metadata__"]["sae_selfexplain_adapter"] = json.dumps(meta)
+    new_header = json.dumps(header).encode()
+    path.write_bytes(
+        len(new_header).to_bytes(8, "little") + new_header + blob[8 + int.from_bytes(blob[:8], "little") :]
+    )
+    with pytest.raises(InputError, match="do not match its metadata"):
+        DirectionAdapter.load(path)
+
+
+@pytest.mark.parametrize(
+    ("changes", "match"),
+    [
+        ({"d_model": 32}, "d_model 32"),
+        ({"model_id": "other/model"}, "model 'other/model'"),
+        ({"layer": 2}, "injection layer 2 != 1"),
+        ({"template": "identity"}, "template 'identity'"),
+    ],
+)
+def test_mismatched_adapter_is_a_clear_error(gemma_backend, changes, match):
+    adapter = DirectionAdapter(
+        AdapterMetadata(
+            **{
+                **dict(model_id=gemma_backend.model_id, d_model=64, source="s", layer=1, template="test-open"),
+                **changes,
+            }
+        )
+    )
+    with pytest.raises(InputError, match=match):
+        SelfExplainer(gemma_backend, SelfExplainConfig(template="test-open", layer=1, adapter=adapter))
+
+
+def test_bad_adapter_options(gemma_backend):
+    with pytest.raises(InputError, match="adapter must be a DirectionAdapter"):
+        SelfExplainConfig(adapter=3)
+    with pytest.raises(InputError, match="adapter_scales is empty"):
+        SelfExplainConfig(adapter_scales=())
+    with pytest.raises(InputError, match="needs an adapter"):
+        SelfExplainConfig(scale_mode="adapter")
+
+
+def test_engine_applies_the_adapter_as_by_hand(backend):
+    adapter = make_adapter(backend, model_id=backend.model_id)
+    d = torch.randn(3, backend.d_model, generator=torch.Generator().manual_seed(1)) * 7
+    texts, records = engine_texts(backend, adapter, d, (1.0, 0.5), 5)
+    assert texts == by_hand(backend, adapter, d, (1.0, 0.5), 5)
+    assert len({t for row in texts for t in row}) > 1  # the vectors matter
+    assert {c.scale_mode for r in records for c in r.candidates} == {"adapter"}
+    assert all(r.chosen is not None and r.chosen.scale == 1.0 for r in records)
+    assert validate(records[0].to_dict(), "explanation-record") == []
+    assert {c.adapter for r in records for c in r.candidates} == {adapter.fingerprint}
+    line = to_neuronpedia_line(records[0], "m", "s", None, None)
+    assert line is not None and json.loads(line["notes"])["adapter"] == adapter.fingerprint
+
+
+def test_adapter_enters_the_settings_hash_and_a_path_works(tmp_path, gemma_backend):
+    adapter = make_adapter(gemma_backend)
+    base = SelfExplainConfig(template="test-open", layer=1)
+    plain = SelfExplainer(gemma_backend, base).settings_hash
+    with_adapter = SelfExplainer(gemma_backend, base.replace(adapter=adapter)).settings_hash
+    other = SelfExplainer(gemma_backend, base.replace(adapter=make_adapter(gemma_backend, seed=1))).settings_hash
+    from_path = SelfExplainer(gemma_backend, base.replace(adapter=str(adapter.save(tmp_path / "a.safetensors"))))
+    assert len({plain, with_adapter, other}) == 3
+    assert from_path.settings_hash == with_adapter
+    assert "adapter" not in base.to_dict()  # hashes without an adapter are unchanged
+
+
+def test_training_lowers_validation_loss_and_resumes(tmp_path, gemma_backend):
+    g = torch.Generator().manual_seed(0)
+    words = ["cat", "dog", "sun", "tree"]
+    centres = torch.randn(len(words), gemma_backend.d_model, generator=g)
+
+    def data(n):
+        rows = torch.arange(n) % len(words)
+        return LabelledDirections(centres[rows] + 0.3 * torch.randn(n, gemma_backend.d_model, generator=g), [
+            words[i] for i in rows.tolist()
+        ])  # fmt: skip
+
+    train, validation = data(32), data(8)
+    prompt = render("test-open", gemma_backend.tokenizer)
+    weights = [p.detach().clone() for p in gemma_backend.model.parameters()]
+    settings = TrainingSettings(steps=20, batch_size=8, eval_every=10, patience=10, lr=0.05)
+    adapter = DirectionAdapter(
+        AdapterMetadata(
+            gemma_backend.model_id, gemma_backend.d_model, "s", 1, "test-open", "scalar-affine-low-rank", rank=2
+        ),
+        init_scale=5.0,
+    )
+    checkpoint = tmp_path / "ckpt.pt"
+    first = train_adapter(adapter, gemma_backend, prompt, train, validation, settings, checkpoint=checkpoint)
+    assert first.steps == 20 and checkpoint.is_file()
+    resumed = train_adapter(
+        adapter, gemma_backend, prompt, train, validation, settings.__class__(**{**settings.__dict__, "steps": 40}),
+        checkpoint=checkpoint,
+    )  # fmt: skip
+    assert resumed.steps == 40 and [h["step"] for h in resumed.history] == [10, 20, 30, 40]
+    assert resumed.best_validation_loss < resumed.initial_validation_loss
+    assert resumed.initial_validation_loss == first.initial_validation_loss  # carried over, not re-measured
+    # the model is untouched and trainable as before
+    assert all(torch.equal(a, b) for a, b in zip(weights, gemma_backend.model.parameters()))
+    assert all(p.requires_grad for p in gemma_backend.model.parameters())
