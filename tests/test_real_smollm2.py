@@ -77,3 +77,45 @@ def test_model_text_is_shown_verbatim_in_the_demo_table(monkeypatch, capsys, tmp
     monkeypatch.setattr(SelfExplainer, "explain", fake_explain)
     assert main(["demo", "--features", "0", "--scales", "1", "--out", str(tmp_path)]) == 0
     assert "[bold]Music[/bold] and [saelens]" in capsys.readouterr().out
+
+
+def test_the_shipped_adapter_fits_the_demo_sae_and_is_chosen_automatically(smol):
+    from sae_selfexplain_plugin.adapters.sae_lens import with_adapter
+
+    from sae_selfexplain_plugin.direction_adapter import SHIPPED_DIR, DirectionAdapter
+
+    (path,) = SHIPPED_DIR.glob("*.safetensors")
+    assert path.stat().st_size <= 2e6
+    sae = load_demo_sae()
+    meta = DirectionAdapter.load(path).metadata
+    assert (meta.source, meta.layer, meta.template) == (sae.cfg.metadata.hook_name, 2, "chat-meaning")
+    assert meta.validation["best_loss"] < meta.validation["initial_loss"]
+    assert with_adapter(SelfExplainConfig(), "auto", sae, smol).adapter == str(path)
+    assert with_adapter(SelfExplainConfig(layer=3), "auto", sae, smol).adapter is None  # another layer: none
+    explained = sae.self_explain(7, model=smol, max_new_tokens=4)
+    assert explained.scale_mode == "adapter" and explained.adapter == DirectionAdapter.load(path).fingerprint
+
+
+def test_the_shipped_adapter_names_held_out_token_latents_more_often(smol):
+    from sae_selfexplain_plugin.adapters.evaluation import latent_recovery, token_latents
+
+    from sae_selfexplain_plugin.direction_adapter import HELD_OUT_LATENTS, SHIPPED_DIR
+
+    sae = load_demo_sae()
+    latents = token_latents(demo_examples(), range(HELD_OUT_LATENTS))[:16]
+    config = SelfExplainConfig(template="chat-meaning", scales=(4.0,), max_new_tokens=6)
+    bare = latent_recovery(sae, smol, latents, config).rate_by_scale[4.0]
+    (path,) = SHIPPED_DIR.glob("*.safetensors")
+    adapted = latent_recovery(sae, smol, latents, config.replace(adapter=str(path))).rate_by_scale[1.0]
+    assert adapted >= 0.25 and adapted > bare
+
+
+def test_demo_uses_the_shipped_adapter(tmp_path, capsys):
+    live = demo_examples().live_features()[:2]
+    args = ["--features", ",".join(map(str, live)), "--max-new-tokens", "6", "--out", str(tmp_path)]
+    assert main(["demo", *args]) == 0
+    assert "through the adapter" in capsys.readouterr().out
+    records = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    for r in records:
+        (candidate,) = r["candidates"]
+        assert candidate["scale_mode"] == "adapter" and candidate["adapter"]
