@@ -1,14 +1,14 @@
 """Throughput of self-explanation against the naive loop and the raw-generation limit (`make bench`).
 
-    python benchmarks/bench_explain.py [--model gemma-3-270m] [--features 64] [--naive-rows 48] [--json out.json]
+    python benchmarks/bench_explain.py [--model smollm2-135m-instruct] [--features 64] [--naive-rows 48] [--json F]
 
-Workload: `features` directions (residuals of real words read at block 6, like SAE features there) x 8 relative
-scales, greedy, at most 24 new tokens, the model's default template. Side by side:
+Workload: `features` directions (residuals of real words read at a third of the depth, like SAE features there)
+x 8 relative scales, greedy, at most 24 new tokens, the model's default template. Side by side:
 1. naive: one hooked `model.generate` per (feature, scale), as users write it by hand (a forward pre-hook
    that patches the placeholder on the prompt pass). It is slow, so it runs on `--naive-rows` rows and its
    per-row cost is multiplied out (printed as such);
-2. ours: `SelfExplainer.explain` (the public API), every scale generated; and the cheap path
-   (`policy="composite", generate="chosen"`, keep_top 1 and 3);
+2. ours: `SelfExplainer.explain` (the public API), every scale generated, with and without the prefix KV
+   cache (its prompt-pass time is printed too); and the cheap paths (`generate="chosen"`, keep_top 1 and 3);
 3. limit: plain batched `model.generate`, no hooks, same prompts, batch 64, exactly as many new tokens as
    ours generated on average per row (min_new_tokens = max_new_tokens = that mean).
 Then a scaling table for ours (16, 64, 256 features). Peak RSS comes from `resource` (the process's max).
@@ -24,7 +24,7 @@ import time
 from typing import Any
 
 import torch
-from sae_selfexplain_plugin.adapters.embedded import load_backend
+from sae_selfexplain_plugin.adapters.embedded import DEFAULT_MODEL, load_backend
 
 from sae_selfexplain_plugin import SelfExplainConfig, SelfExplainer
 from sae_selfexplain_plugin.word_recovery import load_words, single_token_words, word_vectors
@@ -38,22 +38,32 @@ def peak_rss_gb() -> float:
 
 def run_ours(explainer: SelfExplainer, directions: torch.Tensor) -> dict[str, float]:
     backend: Any = explainer.backend
-    generate, counted = backend.generate, [0]
+    generate, counted, prompt_s = backend.generate, [0], [0.0]
 
     def counting(request: Any) -> Any:  # count the tokens each row really generated (EOS included)
         result = generate(request)
         counted[0] += sum(len(t) + (r == "eos") for t, r in zip(result.tokens, result.stop_reasons))
         return result
 
-    backend.generate = counting
+    def timing(method: Any) -> Any:  # time the prompt passes: generation prefill and metric probes
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                prompt_s[0] += time.perf_counter() - start
+
+        return timed
+
+    backend.generate, backend.prefill, backend.probe = counting, timing(backend.prefill), timing(backend.probe)
     try:
         start = time.perf_counter()
         records = explainer.explain(directions)
         seconds = time.perf_counter() - start
     finally:
-        del backend.generate
+        del backend.generate, backend.prefill, backend.probe
     rows = sum(len(r.candidates) for r in records)
-    return {"seconds": seconds, "features": len(records), "rows": rows, "tokens": counted[0]}
+    return {"seconds": seconds, "features": len(records), "rows": rows, "tokens": counted[0], "prompt_s": prompt_s[0]}
 
 
 def run_naive(explainer: SelfExplainer, directions: torch.Tensor, n_rows: int) -> dict[str, float]:
@@ -106,7 +116,7 @@ def run_limit(explainer: SelfExplainer, n_rows: int, new_tokens: int, batch: int
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="gemma-3-270m")
+    p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--features", type=int, default=64)
     p.add_argument("--naive-rows", type=int, default=48, help="rows the naive loop runs (its cost is multiplied out)")
     p.add_argument("--scaling", default="16,64,256", help="feature counts for the scaling table ('' to skip)")
@@ -133,32 +143,38 @@ def main(argv: list[str] | None = None) -> int:
     mean_tokens = max(1, round(ours["tokens"] / ours["rows"]))
     naive = results["naive"] = run_naive(explainer, work, args.naive_rows)
     limit = results["limit"] = run_limit(explainer, ours["rows"], mean_tokens)
+    backend.prefixes.enabled = False
+    before = results["ours, before prefix caching"] = run_ours(explainer, work)
+    backend.prefixes.enabled = True
     results["ours, metrics=False"] = run_ours(SelfExplainer(backend, config.replace(metrics=False)), work)
     for keep in (1, 3):
-        cheap = SelfExplainer(backend, config.replace(policy="composite", generate="chosen", keep_top=keep))
-        results[f"ours, composite, generate chosen (top {keep})"] = run_ours(cheap, work)
+        cheap = SelfExplainer(backend, config.replace(generate="chosen", keep_top=keep))
+        results[f"ours, generate chosen (top {keep})"] = run_ours(cheap, work)
 
     naive_row_s = naive["seconds"] / naive["rows"]
     naive_fpm = 60 / (naive_row_s * len(SCALES))
-    rows = [("naive (hooked generate per row)", naive_fpm, naive["tokens"] / naive["seconds"])]
+    rows = {"naive (hooked generate per row)": (naive_fpm, naive["tokens"] / naive["seconds"], float("nan"))}
     for name in [k for k in results if k.startswith("ours")]:
         r = results[name]
-        rows.append((name, r["features"] / r["seconds"] * 60, r["tokens"] / r["seconds"]))
-    rows.append(("limit (plain batched generate)", float("nan"), limit["tokens"] / limit["seconds"]))
-    print(f"\n{'':48s} {'features/min':>12s} {'tokens/s':>9s}")
-    for name, fpm, tps in rows:
-        print(f"{name:48s} {fpm:12.1f} {tps:9.1f}")
-    ours_tps = ours["tokens"] / ours["seconds"]
+        rows[name] = (r["features"] / r["seconds"] * 60, r["tokens"] / r["seconds"], r["prompt_s"])
+    limit_tps = limit["tokens"] / limit["seconds"]
+    rows["limit (plain batched generate)"] = (float("nan"), limit_tps, float("nan"))
+    print(f"\n{'':48s} {'features/min':>12s} {'tokens/s':>9s} {'prompt passes s':>15s}")
+    for name, (per_min, tps, prompt_s) in rows.items():
+        print(f"{name:48s} {per_min:12.1f} {tps:9.1f} {prompt_s:15.1f}")
+    fpm = {name: values[0] for name, values in rows.items()}
     ratios = {
-        "ours/naive (features/min)": rows[1][1] / naive_fpm,
-        "ours/limit (tokens/s)": ours_tps / (limit["tokens"] / limit["seconds"]),
-        "ours metrics=False/limit (tokens/s)": rows[2][2] / (limit["tokens"] / limit["seconds"]),
-        "cheap top-1/ours (features/min)": rows[3][1] / rows[1][1],
-        "cheap top-3/ours (features/min)": rows[4][1] / rows[1][1],
+        "ours/naive (features/min)": fpm["ours"] / naive_fpm,
+        "ours/before prefix caching (features/min)": fpm["ours"] / fpm["ours, before prefix caching"],
+        "prompt-pass time, ours/before prefix caching": ours["prompt_s"] / before["prompt_s"],
+        "ours/limit (tokens/s)": rows["ours"][1] / limit_tps,
+        "ours metrics=False/limit (tokens/s)": rows["ours, metrics=False"][1] / limit_tps,
+        "generate chosen top-1/ours (features/min)": fpm["ours, generate chosen (top 1)"] / fpm["ours"],
+        "generate chosen top-3/ours (features/min)": fpm["ours, generate chosen (top 3)"] / fpm["ours"],
     }
     print(f"\nnaive ran {naive['rows']} rows ({naive_row_s:.2f} s/row), multiplied out to {len(SCALES)} rows/feature")
     for k, v in ratios.items():
-        print(f"{k:40s} {v:6.2f}x")
+        print(f"{k:46s} {v:6.2f}x")
     results["ratios"] = ratios
 
     scaling = []
