@@ -177,19 +177,32 @@ class TransformersBackend:
     def _prompt_pass(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, injection: Injection, *, use_cache: bool
     ) -> Any:
-        """The injected forward over whole (left-padded) sequences, from the cached shared prefix where
-        there is one; logits at the last position only."""
+        """The injected forward over whole prompts; logits at the last position only."""
+        return self._injected_forward(input_ids, attention_mask, injection, use_cache=use_cache, logits_to_keep=1)[1]
+
+    def _injected_forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        injection: Injection,
+        *,
+        use_cache: bool,
+        logits_to_keep: int,
+    ) -> tuple[int, Any]:
+        """The injected forward over whole (left-padded) sequences, from the cached shared prefix where there
+        is one: (the prefix's length, the model's output for the positions after it)."""
         n, prefix = self.prefixes.lookup(input_ids, attention_mask, injection)
         cache = None if prefix is None else _expanded(prefix, input_ids.shape[0])
         with self.injecting(replace(injection, positions=injection.positions[:, n:])):
-            return self.model(
+            out = self.model(
                 input_ids=input_ids[:, n:],
                 attention_mask=attention_mask,
                 position_ids=position_ids(attention_mask)[:, n:],
                 cache=cache,
                 use_cache=use_cache,
-                logits_to_keep=1,
+                logits_to_keep=logits_to_keep,
             )
+        return n, out
 
     # StepModel
     def prefill(
@@ -275,21 +288,11 @@ class TransformersBackend:
     def continuation_logprobs(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, injection: Injection, start: int
     ) -> torch.Tensor:
-        n, prefix = self.prefixes.lookup(input_ids, attention_mask, injection)  # before our hooks
+        keep = input_ids.shape[1] - start + 1  # logits at start - 1 .. T - 1 predict tokens start .. T (dropped)
+        n, out = self._injected_forward(input_ids, attention_mask, injection, use_cache=False, logits_to_keep=keep)
         if n >= start:
             raise InputError(f"the scored continuation starts at {start}, inside the shared prefix ({n} tokens).")
-        cache = None if prefix is None else _expanded(prefix, input_ids.shape[0])
-        keep = input_ids.shape[1] - start + 1  # logits at start - 1 .. T - 1 predict tokens start .. T (dropped)
-        with self.injecting(replace(injection, positions=injection.positions[:, n:])):
-            logits = self.model(
-                input_ids=input_ids[:, n:],
-                attention_mask=attention_mask,
-                position_ids=position_ids(attention_mask)[:, n:],
-                cache=cache,
-                use_cache=cache is not None,
-                logits_to_keep=keep,
-            ).logits[:, :-1]
-        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        logprobs = torch.log_softmax(out.logits[:, :-1].float(), dim=-1)
         return logprobs.gather(-1, input_ids[:, start:, None]).squeeze(-1)
 
 

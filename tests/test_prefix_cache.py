@@ -106,3 +106,24 @@ def test_word_recovery_is_unchanged(gemma_backend):
             gemma_backend.prefixes.enabled = True
         runs.append([(r.source, r.rate_by_scale, r.examples) for r in rows])
     assert runs[0] == runs[1]
+
+
+def test_training_scores_and_gradients_are_the_same_from_the_prefix(gemma_backend):
+    from sae_selfexplain_plugin import render
+    from sae_selfexplain_plugin.adapter_training import label_batch
+
+    prompt = render("test-long-prefix", gemma_backend.tokenizer)
+    results = []
+    for enabled in (False, True):
+        gemma_backend.prefixes.enabled = enabled
+        vectors = torch.randn(3, gemma_backend.d_model, generator=torch.Generator().manual_seed(2)) * 5
+        vectors.requires_grad_(True)
+        ids, mask, injection, target = label_batch(prompt, gemma_backend.tokenizer, 1, vectors, ["cat", "dog sun", "x"])
+        try:
+            logprobs = gemma_backend.continuation_logprobs(ids, mask, injection, len(prompt.input_ids))
+        finally:
+            gemma_backend.prefixes.enabled = True
+        (logprobs * target).sum().backward()
+        results.append((logprobs.detach(), vectors.grad))
+    assert torch.allclose(results[0][0], results[1][0], atol=1e-5)
+    assert torch.allclose(results[0][1], results[1][1], atol=1e-5) and results[0][1].abs().sum() > 0
