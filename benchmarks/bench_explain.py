@@ -24,6 +24,7 @@ import time
 from typing import Any
 
 import torch
+from machine import matmul_gflops
 from sae_selfexplain_plugin.adapters.embedded import DEFAULT_MODEL, load_backend
 
 from sae_selfexplain_plugin import SelfExplainConfig, SelfExplainer
@@ -135,10 +136,12 @@ def main(argv: list[str] | None = None) -> int:
     explainer = SelfExplainer(backend, config)
     explainer.explain(directions[:2])  # warm-up: reference norm, first-call overheads
     work = directions[: args.features]
+    gflops = matmul_gflops()
     print(f"{backend.model_id}: {args.features} features x {len(SCALES)} scales, <= 24 new tokens, greedy, "
-          f"template {explainer.prompt.template}, torch threads {torch.get_num_threads()}", flush=True)  # fmt: skip
+          f"template {explainer.prompt.template}, torch threads {torch.get_num_threads()}, "
+          f"fp32 matmul {gflops:.0f} GFLOPS", flush=True)  # fmt: skip
 
-    results: dict[str, Any] = {}
+    results: dict[str, Any] = {"matmul_gflops": gflops}
     ours = results["ours"] = run_ours(explainer, work)
     mean_tokens = max(1, round(ours["tokens"] / ours["rows"]))
     naive = results["naive"] = run_naive(explainer, work, args.naive_rows)

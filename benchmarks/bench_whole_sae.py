@@ -18,11 +18,11 @@ import json
 import resource
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from machine import matmul_gflops
 from sae_selfexplain_plugin.adapters.demo_sae import load_demo_sae
 from sae_selfexplain_plugin.adapters.embedded import load_backend
 from sae_selfexplain_plugin.adapters.pipeline import explain_sae, stored_records
@@ -30,16 +30,6 @@ from sae_selfexplain_plugin.adapters.pipeline import explain_sae, stored_records
 from sae_selfexplain_plugin import SelfExplainConfig
 from sae_selfexplain_plugin.config import WHOLE_SAE_CONFIG
 from sae_selfexplain_plugin.store import ResultsStore
-
-
-def matmul_gflops(n: int = 1024, repeats: int = 20) -> float:
-    """fp32 matmul speed of this machine with torch's threads, for context beside absolute figures."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    start = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e9
 
 
 def run(sae: Any, backend: Any, features: list[int], config: SelfExplainConfig, folder: Path) -> dict[str, Any]:

@@ -103,7 +103,9 @@ class SelfExplainConfig:
                     "negate the direction itself if that is what you mean."
                 )
         if self.scale_mode not in ("relative", "absolute", "adapter"):
-            raise InputError(f"scale_mode must be 'relative' or 'absolute', got {self.scale_mode!r}.")
+            raise InputError(
+                f"scale_mode must be 'relative' or 'absolute' ('adapter' with an adapter), got {self.scale_mode!r}."
+            )
         if self.scale_mode == "adapter" and self.adapter is None:
             raise InputError("scale_mode 'adapter' needs an adapter; pass adapter=PATH or use 'relative'.")
         if (

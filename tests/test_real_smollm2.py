@@ -114,7 +114,8 @@ def test_demo_uses_the_shipped_adapter(tmp_path, capsys):
     live = demo_examples().live_features()[:2]
     args = ["--features", ",".join(map(str, live)), "--max-new-tokens", "6", "--out", str(tmp_path)]
     assert main(["demo", *args]) == 0
-    assert "through the adapter" in capsys.readouterr().out
+    status = " ".join(capsys.readouterr().err.split())  # the status line goes to stderr, wrapped
+    assert "through the adapter smollm2-135m-instruct" in status
     records = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
     for r in records:
         (candidate,) = r["candidates"]
