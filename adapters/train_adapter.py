@@ -3,9 +3,9 @@
 - word directions: single-token words of the model's own vocabulary, read in a carrier sentence at the
   SAE's layer, minus their mean (an SAE decoder row has no mean component either), labelled with the word.
   The benchmark's word list (data/words.txt) is left out;
-- SAE latents that are token features (most top-activating contexts peak on one token), labelled with
-  that token, from the SAE's activation examples. Latents below `held_out` never train: the demo SAE's
-  eval, `sae-latent` benchmark and demo use latents 0..1023.
+- SAE latents that are token features (at least 5 of 10 top-activating contexts peak on one alphabetic
+  word of >= 3 letters), labelled with that word, from the SAE's activation examples. Latents below
+  `held_out` never train: the demo SAE's eval, `sae-latent` benchmark and demo use latents 0..1023.
 
 Both are split 90/10 into training and validation by a seeded shuffle.
 """
@@ -34,9 +34,10 @@ from sae_selfexplain_plugin.direction_adapter import HELD_OUT_LATENTS, AdapterMe
 from sae_selfexplain_plugin.errors import InputError
 from sae_selfexplain_plugin.word_recovery import CARRIER, load_words, single_token_words, word_vectors
 
+from .evaluation import token_latents
 from .sae_lens import check_compatible, sae_layer
 
-LATENT_MIN_PEAKS = 5  # a latent is a token feature when >= 5 of its 10 top contexts peak on one token
+LATENT_MIN_PEAKS = 5  # a training latent: >= 5 of its 10 top contexts peak on one word
 
 
 def vocabulary_words(tokenizer: Any, exclude: set[str], n: int, seed: int = 0) -> list[str]:
@@ -73,16 +74,12 @@ def word_directions(backend: Any, words: list[str], layer: int) -> LabelledDirec
 def latent_directions(
     sae: SAE[Any], examples: ActivationExamples, latents: range, min_peaks: int = LATENT_MIN_PEAKS
 ) -> LabelledDirections:
-    """Decoder rows of the token-feature latents among `latents`, labelled with their token."""
-    rows, labels = [], []
-    for f in latents:
-        token = examples[f].dominant_token(min_peaks)
-        if token and any(c.isalpha() for c in token):
-            rows.append(f)
-            labels.append(token)
-    if not rows:
+    """Decoder rows of the token-feature latents among `latents` (the sae-latent benchmark's rule, with
+    `min_peaks`), labelled with their word."""
+    found = token_latents(examples, latents, min_peaks)
+    if not found:
         raise InputError("no latent in the training range is a token feature; train on words only.")
-    return LabelledDirections(sae.W_dec.detach()[rows].float().cpu(), labels)
+    return LabelledDirections(sae.W_dec.detach()[[f for f, _ in found]].float().cpu(), [w for _, w in found])
 
 
 def split(data: LabelledDirections, fraction: float, seed: int) -> tuple[LabelledDirections, LabelledDirections]:
