@@ -25,7 +25,13 @@ from rich.text import Text
 
 from sae_selfexplain_plugin import FeatureExplanations, SelfExplainConfig, SelfExplainError, __version__
 from sae_selfexplain_plugin.activation_examples import ActivationExamples, Context, FeatureExamples
-from sae_selfexplain_plugin.adapter_training import TrainableModel, TrainingSettings
+from sae_selfexplain_plugin.adapter_training import (
+    DEFAULT_ARCHITECTURE,
+    DEFAULT_RANK,
+    DEFAULT_WORDS,
+    TrainableModel,
+    TrainingSettings,
+)
 from sae_selfexplain_plugin.config import DEFAULT_SCALES, POLICIES, WHOLE_SAE_CONFIG
 from sae_selfexplain_plugin.dashboard import write_dashboard
 from sae_selfexplain_plugin.direction_adapter import ARCHITECTURES, HELD_OUT_LATENTS
@@ -385,7 +391,7 @@ def cmd_train_adapter(args: argparse.Namespace) -> int:
 
         adapter, report = train_for_sae(
             sae, cast(TrainableModel, backend), examples, out, config=config, architecture=args.architecture,
-            rank=args.rank, n_words=args.words, held_out=args.held_out, settings=settings, checkpoint=checkpoint,
+            rank=_rank(args), n_words=args.words, held_out=args.held_out, settings=settings, checkpoint=checkpoint,
             progress=advance,
         )  # fmt: skip
     checkpoint.unlink(missing_ok=True)
@@ -399,6 +405,12 @@ def cmd_train_adapter(args: argparse.Namespace) -> int:
         markup=False,
     )
     return 0
+
+
+def _rank(args: argparse.Namespace) -> int:
+    if args.rank is not None:
+        return int(args.rank)
+    return DEFAULT_RANK if args.architecture == "scalar-affine-low-rank" else 0
 
 
 def cmd_sae_latent(args: argparse.Namespace) -> int:
@@ -656,17 +668,19 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--examples", help="activation examples, for token-feature latents (default: in the SAE folder)")
     tr.add_argument("--model", help="embedded model name or checkpoint folder (default: the SAE's model_name)")
     tr.add_argument("--out", default="out/adapter.safetensors", help="adapter file (default: %(default)s)")
-    tr.add_argument("--architecture", choices=ARCHITECTURES, default="scalar-affine")
-    tr.add_argument("--rank", type=int, default=0, help="low-rank part (scalar-affine-low-rank)")
+    tr.add_argument("--architecture", choices=ARCHITECTURES, default=DEFAULT_ARCHITECTURE, help="(%(default)s)")
+    tr.add_argument(
+        "--rank", type=int, help=f"of the low-rank part (default: {DEFAULT_RANK} for scalar-affine-low-rank, else 0)"
+    )
     tr.add_argument("--layer", type=int, default=SelfExplainConfig().layer, help="injection block")
     tr.add_argument("--template", help="prompt template (default: from the tokenizer)")
-    tr.add_argument("--words", type=int, default=2000, help="vocabulary words to train on")
+    tr.add_argument("--words", type=int, default=DEFAULT_WORDS, help="vocabulary words to train on (%(default)s)")
     tr.add_argument("--held-out", type=int, default=HELD_OUT_LATENTS, help="latents below this never train")
     defaults = TrainingSettings()
-    tr.add_argument("--steps", type=int, default=defaults.steps)
-    tr.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    tr.add_argument("--lr", type=float, default=defaults.lr)
-    tr.add_argument("--eval-every", type=int, default=defaults.eval_every)
+    tr.add_argument("--steps", type=int, default=defaults.steps, help="(%(default)s)")
+    tr.add_argument("--batch-size", type=int, default=defaults.batch_size, help="(%(default)s)")
+    tr.add_argument("--lr", type=float, default=defaults.lr, help="(%(default)s)")
+    tr.add_argument("--eval-every", type=int, default=defaults.eval_every, help="steps (%(default)s)")
     tr.add_argument("--patience", type=int, default=defaults.patience, help="evaluations without improvement")
     tr.add_argument("--resume", action="store_true", help="continue from OUT.ckpt")
     tr.set_defaults(func=cmd_train_adapter)

@@ -23,6 +23,9 @@ from sae_lens import SAE
 from sae_selfexplain_plugin import SelfExplainConfig, SelfExplainer
 from sae_selfexplain_plugin.activation_examples import ActivationExamples
 from sae_selfexplain_plugin.adapter_training import (
+    DEFAULT_ARCHITECTURE,
+    DEFAULT_RANK,
+    DEFAULT_WORDS,
     LabelledDirections,
     TrainableModel,
     TrainingReport,
@@ -105,9 +108,9 @@ def train_for_sae(
     out: Path,
     *,
     config: SelfExplainConfig,
-    architecture: str = "scalar-affine",
-    rank: int = 0,
-    n_words: int = 2000,
+    architecture: str = DEFAULT_ARCHITECTURE,
+    rank: int = DEFAULT_RANK,
+    n_words: int = DEFAULT_WORDS,
     held_out: int = HELD_OUT_LATENTS,
     settings: TrainingSettings | None = None,
     checkpoint: Path | None = None,

@@ -25,16 +25,21 @@ from .direction_adapter import DirectionAdapter
 from .errors import InputError
 from .templates import RenderedPrompt
 
+# The recipe of the shipped adapter (docs/adapters.md); `train-adapter` uses it by default.
+DEFAULT_ARCHITECTURE = "scalar-affine-low-rank"
+DEFAULT_RANK = 8
+DEFAULT_WORDS = 4000  # vocabulary words in the training data
+
 
 @dataclass(frozen=True)
 class TrainingSettings:
     """Optimisation settings. `lr` is in units of the adapter's own size (see `_param_groups`)."""
 
-    steps: int = 400
+    steps: int = 500
     batch_size: int = 16
     lr: float = 0.02
-    eval_every: int = 25
-    patience: int = 4
+    eval_every: int = 50
+    patience: int = 3
     seed: int = 0
 
     def __post_init__(self) -> None:
