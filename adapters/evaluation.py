@@ -30,7 +30,7 @@ from sae_selfexplain_plugin.errors import InputError
 from sae_selfexplain_plugin.policies import ranked_scales
 from sae_selfexplain_plugin.results import FeatureExplanations
 from sae_selfexplain_plugin.scoring import Score, activation_check, embedding_score
-from sae_selfexplain_plugin.word_recovery import RecoveryRow, rate_by_policy, recovery_by_scale
+from sae_selfexplain_plugin.word_recovery import RecoveryRow, recovery_row
 
 from .sae_lens import check_compatible, sae_input_ids, sae_input_layer, sae_layer
 
@@ -288,18 +288,5 @@ def latent_recovery(
         raise InputError("no token-feature latents to test; lower min_peaks or pass other latents.")
     explainer = SelfExplainer(backend, config)
     records = explainer.explain(sae.W_dec.detach()[features].float().cpu(), features, progress=progress)
-    cfg = explainer.config
-    default_scale = min(cfg.scales, key=lambda s: abs(s - cfg.chosen_scale))
-    return RecoveryRow(
-        backend.model_id,
-        explainer.prompt.template,
-        "sae-latent",
-        sae_layer(sae),
-        cfg.layer,
-        len(features),
-        recovery_by_scale(records, names, cfg),
-        default_scale,
-        {f"{f}:{w}": r.at_scale(default_scale)[0].text for f, w, r in zip(features, names, records)},
-        rate_by_policy(records, names, cfg),
-        "sae-latent",
-    )
+    keys = [f"{f}:{w}" for f, w in latents]
+    return recovery_row(explainer, records, names, "sae-latent", sae_layer(sae), "sae-latent", keys)

@@ -254,7 +254,7 @@ def with_adapter(config: SelfExplainConfig, adapter: Any, sae: SAE[Any], backend
     if adapter != AUTO:
         return config.replace(adapter=adapter)
     template = config.template or default_template_name(backend.tokenizer)
-    path = shipped_adapter(backend.model_id, str(sae.cfg.metadata.hook_name), config.layer, template)
+    path = shipped_adapter(backend.model_id, backend.d_model, str(sae.cfg.metadata.hook_name), config.layer, template)
     return config.replace(adapter=None if path is None else str(path))
 
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from .direction_adapter import DirectionAdapter
 from .errors import InputError
 
 ScaleMode = Literal["relative", "absolute", "adapter"]
@@ -108,11 +109,7 @@ class SelfExplainConfig:
             )
         if self.scale_mode == "adapter" and self.adapter is None:
             raise InputError("scale_mode 'adapter' needs an adapter; pass adapter=PATH or use 'relative'.")
-        if (
-            self.adapter is not None
-            and not isinstance(self.adapter, (str, Path))
-            and not hasattr(self.adapter, "check")
-        ):
+        if self.adapter is not None and not isinstance(self.adapter, (str, Path, DirectionAdapter)):
             raise InputError(
                 f"adapter must be a DirectionAdapter or the path of its file, got {type(self.adapter).__name__}."
             )

@@ -136,8 +136,8 @@ class DirectionAdapter(nn.Module):
             raise InputError(f"{path}: weights do not match its metadata ({e}).") from None
         return adapter.eval()
 
-    def check(self, model_id: str, d_model: int, layer: int, template: str) -> None:
-        """Raise InputError unless this adapter was trained for this model, injection layer and template."""
+    def mismatches(self, model_id: str, d_model: int, layer: int, template: str) -> list[str]:
+        """How this adapter differs from the model, injection layer and template it would be used with."""
         from .results import short_model_name
 
         m = self.metadata
@@ -150,6 +150,12 @@ class DirectionAdapter(nn.Module):
             problems.append(f"injection layer {m.layer} != {layer}")
         if m.template != template:
             problems.append(f"template {m.template!r} != {template!r}")
+        return problems
+
+    def check(self, model_id: str, d_model: int, layer: int, template: str) -> None:
+        """Raise InputError unless this adapter was trained for this model, injection layer and template."""
+        m = self.metadata
+        problems = self.mismatches(model_id, d_model, layer, template)
         if problems:
             raise InputError(
                 f"the adapter does not fit these settings: {'; '.join(problems)}. Use the adapter's own settings "
@@ -163,17 +169,10 @@ SHIPPED_DIR = Path(__file__).parent / "data" / "adapters"
 HELD_OUT_LATENTS = 1024
 
 
-def shipped_adapter(model_id: str, source: str, layer: int, template: str) -> Path | None:
+def shipped_adapter(model_id: str, d_model: int, source: str, layer: int, template: str) -> Path | None:
     """The adapter file shipped with the package for this model, source hook, injection layer and template."""
-    from .results import short_model_name
-
     for path in sorted(SHIPPED_DIR.glob("*.safetensors")):
-        m = DirectionAdapter.load(path).metadata
-        if (short_model_name(m.model_id), m.source, m.layer, m.template) == (
-            short_model_name(model_id),
-            source,
-            layer,
-            template,
-        ):
+        adapter = DirectionAdapter.load(path)
+        if adapter.metadata.source == source and not adapter.mismatches(model_id, d_model, layer, template):
             return path
     return None

@@ -351,12 +351,9 @@ def render_name(config: SelfExplainConfig, backend: Backend) -> str:
     return config.template or default_template_name(backend.tokenizer)
 
 
-def _load_adapter(adapter: object) -> DirectionAdapter | None:
-    if adapter is None or isinstance(adapter, DirectionAdapter):
-        return adapter
-    if isinstance(adapter, (str, Path)):
-        return DirectionAdapter.load(adapter)
-    raise InputError(f"adapter must be a DirectionAdapter or the path of its file, got {type(adapter).__name__}.")
+def _load_adapter(adapter: DirectionAdapter | str | Path | None) -> DirectionAdapter | None:
+    """The config's adapter (its type is checked there), loaded if it is a path."""
+    return DirectionAdapter.load(adapter) if isinstance(adapter, (str, Path)) else adapter
 
 
 class _SweepTable:

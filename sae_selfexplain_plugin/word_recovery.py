@@ -152,26 +152,38 @@ def run_word_recovery(
     rows = []
     for template in templates:
         explainer = SelfExplainer(backend, config.replace(template=template))
-        cfg = explainer.config  # with an adapter, its own sweep
-        default_scale = min(cfg.scales, key=lambda s: abs(s - cfg.chosen_scale))
         for name, layer, ctx in sources:
             records = explainer.explain(inputs[name], progress=progress)
-            rows.append(
-                RecoveryRow(
-                    backend.model_id,
-                    template,
-                    name,
-                    layer,
-                    cfg.layer,
-                    len(words),
-                    recovery_by_scale(records, words, cfg),
-                    default_scale,
-                    {w: r.at_scale(default_scale)[0].text for r, w in zip(records, words)},
-                    rate_by_policy(records, words, cfg),
-                    vectors if ctx else "raw",
-                )
-            )
+            rows.append(recovery_row(explainer, records, words, name, layer, vectors if ctx else "raw"))
     return rows
+
+
+def recovery_row(
+    explainer: SelfExplainer,
+    records: Sequence[FeatureExplanations],
+    names: Sequence[str],
+    source: str,
+    source_layer: int,
+    vectors: str,
+    keys: Sequence[str] | None = None,
+) -> RecoveryRow:
+    """The recovery of `names` by `records` (explained by `explainer`), per scale and policy; examples at the
+    default scale under `keys` (default: the names)."""
+    cfg = explainer.config  # with an adapter, its own sweep
+    default_scale = min(cfg.scales, key=lambda s: abs(s - cfg.chosen_scale))
+    return RecoveryRow(
+        explainer.backend.model_id,
+        explainer.prompt.template,
+        source,
+        source_layer,
+        cfg.layer,
+        len(names),
+        recovery_by_scale(records, names, cfg),
+        default_scale,
+        {k: r.at_scale(default_scale)[0].text for r, k in zip(records, keys or names)},
+        rate_by_policy(records, names, cfg),
+        vectors,
+    )
 
 
 def recovery_by_scale(
