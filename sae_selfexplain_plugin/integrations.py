@@ -28,25 +28,32 @@ def _call(ep: EntryPoint, action: str) -> None:
 
 
 class _PostImportFinder(importlib.abc.MetaPathFinder):
-    """Wraps the loader of watched modules so that their integration installs after they execute."""
+    """Wraps the loader of watched modules so that their integration installs after they execute.
+
+    A name stays watched until its module has executed: `importlib.util.find_spec(name)` alone (as
+    optional-dependency checks do) only builds a spec, so it must not end the watch."""
 
     def __init__(self) -> None:
         self.pending: dict[str, list[EntryPoint]] = {}
+        self._resolving: set[str] = set()
 
     def find_spec(
         self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None
     ) -> importlib.machinery.ModuleSpec | None:
-        if fullname not in self.pending:
+        if fullname not in self.pending or fullname in self._resolving:
             return None
-        eps = self.pending.pop(fullname)
-        spec = importlib.util.find_spec(fullname)  # the real finders: we no longer watch this name
+        self._resolving.add(fullname)
+        try:
+            spec = importlib.util.find_spec(fullname)  # the real finders (we skip ourselves meanwhile)
+        finally:
+            self._resolving.discard(fullname)
         if spec is None or spec.loader is None:
             return spec
         exec_module = spec.loader.exec_module
 
         def exec_and_install(module: ModuleType) -> None:
             exec_module(module)
-            for ep in eps:
+            for ep in self.pending.pop(fullname, []):
                 _call(ep, "install")
 
         spec.loader.exec_module = exec_and_install  # type: ignore[method-assign]
