@@ -2,10 +2,13 @@
 
 Injection goes through TL hook points (`blocks.{L}.hook_resid_pre`), attached with `model.hooks(...)`:
 TL's `generate(fwd_hooks=...)` silently ignores hooks, so we run our own decode loop over TL's KV cache.
+An SAE that a HookedSAETransformer attaches at that hook point replaces it with a wrapper; we then inject
+at the wrapper's `hook_sae_output`, the value the later blocks read.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -14,6 +17,7 @@ from typing import Any
 import torch
 from transformer_lens import HookedTransformer
 from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+from transformer_lens.hook_points import HookPoint
 
 from sae_selfexplain_plugin.backend import (
     GenerationRequest,
@@ -26,8 +30,47 @@ from sae_selfexplain_plugin.backend import (
 from sae_selfexplain_plugin.decoding import decode
 from sae_selfexplain_plugin.errors import InputError
 from sae_selfexplain_plugin.ops import padded_positions
+from sae_selfexplain_plugin.results import short_model_name
 
 from .transformers import TransformersBackend, eos_token_ids
+
+
+@functools.cache
+def _official_names() -> tuple[dict[str, str], dict[str, str]]:
+    """TransformerLens's alias table: every official name and alias (lower case) -> the official name; and
+    the same keyed by names without their organisation, where that is unambiguous."""
+    from transformer_lens.loading_from_pretrained import make_model_alias_map
+
+    full: dict[str, str] = make_model_alias_map()
+    by_short: dict[str, set[str]] = {}
+    for name, official in full.items():
+        by_short.setdefault(short_model_name(name), set()).add(official)
+    return full, {short: next(iter(o)) for short, o in by_short.items() if len(o) == 1}
+
+
+def canonical_model_name(name: str) -> str:
+    """One spelling per model: TransformerLens's official name for an alias ("gpt2-small" -> "gpt2",
+    "tiny-stories-1M" -> "roneneldan/TinyStories-1M"), a Hugging Face id or a name without its organisation
+    mapped the same way; a model TransformerLens does not know keeps its name without the organisation."""
+    full, by_short = _official_names()
+    official = full.get(name.lower()) or by_short.get(short_model_name(name))
+    return short_model_name(official or name)
+
+
+def residual_hook(model: HookedTransformer, layer: int) -> str:
+    """The hook point whose value block `layer` reads: `blocks.{layer}.hook_resid_pre`, or, where a
+    HookedSAETransformer has attached an SAE there, the output hook of the SAE's wrapper."""
+    name = f"blocks.{layer}.hook_resid_pre"
+    wrapped = f"{name}.hook_sae_output"
+    if not isinstance(model.mod_dict.get(name), HookPoint) and wrapped in model.mod_dict:
+        return wrapped
+    return name
+
+
+def attached_saes(model: HookedTransformer) -> tuple[tuple[str, int], ...]:
+    """Which SAE wrappers a HookedSAETransformer has attached where (empty for other models): prefix caches
+    computed with other SAEs attached are not reused."""
+    return tuple((name, id(wrapper)) for name, wrapper in getattr(model, "_acts_to_saes", {}).items())
 
 
 def _injection_hook(injection: Injection) -> Any:
@@ -46,7 +89,7 @@ class TransformerLensBackend:
         self.model = model.eval()
         self._model_id = model_id or str(model.cfg.model_name)
         self.eos_token_ids = eos_token_ids(None, model.tokenizer)
-        self.prefixes = PrefixCache(self._run_prefix)
+        self.prefixes = PrefixCache(self._run_prefix, state=lambda: attached_saes(self.model))
         self.prefixes.enabled = reuse_prefix
 
     @property
@@ -80,7 +123,7 @@ class TransformerLensBackend:
         self.model.run_with_hooks(
             input_ids.to(self.device),
             attention_mask=attention_mask.to(self.device),
-            fwd_hooks=[(f"blocks.{layer}.hook_resid_pre", hook)],
+            fwd_hooks=[(residual_hook(self.model, layer), hook)],
             stop_at_layer=layer + 1,
         )
         return captured[0]
@@ -115,7 +158,8 @@ class TransformerLensBackend:
                 previous_attention_mask=prefix.previous_attention_mask.expand(batch, -1),
             )
         injection = replace(injection, positions=injection.positions[:, n:])
-        with self.model.hooks(fwd_hooks=[(f"blocks.{injection.layer}.hook_resid_pre", _injection_hook(injection))]):
+        hook = residual_hook(self.model, injection.layer)
+        with self.model.hooks(fwd_hooks=[(hook, _injection_hook(injection))]):
             logits = self.model(input_ids[:, n:], attention_mask=attention_mask[:, n:], past_kv_cache=cache)
         return logits[:, -1], cache
 

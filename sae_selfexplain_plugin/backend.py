@@ -172,9 +172,13 @@ class PrefixCache:
 
     min_length = 4  # shorter shared prefixes are not worth a cache
 
-    def __init__(self, run_prefix: Callable[[torch.Tensor], Any], size: int = 4) -> None:
+    def __init__(
+        self, run_prefix: Callable[[torch.Tensor], Any], size: int = 4, state: Callable[[], Any] | None = None
+    ) -> None:
         self.run_prefix = run_prefix
         self.size = size
+        # what else a prefix pass depends on (e.g. SAEs attached to the model): a change means a new cache
+        self.state = state
         self.enabled = True
         self._caches: dict[tuple[Any, ...], Any] = {}
 
@@ -185,7 +189,7 @@ class PrefixCache:
         n = shared_prefix_length(input_ids, attention_mask, injection) if self.enabled else 0
         if n < self.min_length:
             return 0, None
-        key = (str(input_ids.device), *input_ids[0, :n].tolist())
+        key = (str(input_ids.device), self.state() if self.state else None, *input_ids[0, :n].tolist())
         if key not in self._caches:
             if len(self._caches) >= self.size:
                 del self._caches[next(iter(self._caches))]
