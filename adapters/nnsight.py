@@ -247,9 +247,13 @@ def _model_method(self: Any, sae: Any, features: Any = None, remote: Any = False
 
         config = options.pop("config", None) or SelfExplainConfig(**options)
         return SelfExplainer(NNsightBackend(self, remote=remote), config).explain(sae, features)
-    from .sae_lens import self_explain
-
-    return self_explain(sae, features, self, remote=remote, **options)
+    explain = getattr(sae, "self_explain", None)  # the SAELens integration's method: no import of it here
+    if explain is None:
+        raise InputError(
+            f"expected a SAELens SAE (with sae_selfexplain_plugin installed) or a [n, d_model] tensor, got "
+            f"{type(sae).__name__}; call sae_selfexplain_plugin.install() if you uninstalled it."
+        )
+    return explain(features, self, remote=remote, **options)
 
 
 _model_method.__name__ = "self_explain"

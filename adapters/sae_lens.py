@@ -11,56 +11,51 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 import torch
 from sae_lens import SAE
 from safetensors import safe_open
 
-from sae_selfexplain_plugin import Backend, Explanation, FeatureExplanations, SelfExplainConfig, SelfExplainer
+from sae_selfexplain_plugin import Backend, FeatureExplanations, SelfExplainConfig, SelfExplainer
 from sae_selfexplain_plugin.direction_adapter import shipped_adapter
 from sae_selfexplain_plugin.errors import InputError
-from sae_selfexplain_plugin.results import short_model_name
 from sae_selfexplain_plugin.templates import default_template_name
 
+from .backends import backend_for
 from .embedded import EMBEDDED_MODELS, load_backend
-from .transformers import TransformersBackend
+from .transformer_lens import canonical_model_name
 
-# Hook names in residual space: (pattern, offset to the block whose input it is, equal to that input?).
+# Hook names in the residual stream: (pattern, offset to the block whose input it is, equal to that input?).
 # Sublayer outputs and resid_mid write into the residual stream but are not the residual entering a block.
+# TransformerBridge names its hooks after the modules (hook_in, ln2.hook_in, mlp.hook_out, ...).
 _RESIDUAL_HOOKS = [
     (re.compile(r"^blocks\.(\d+)\.hook_resid_pre$"), 0, True),
-    (re.compile(r"^blocks\.(\d+)\.hook_in$"), 0, True),  # TransformerBridge alias of hook_resid_pre
+    (re.compile(r"^blocks\.(\d+)\.hook_in$"), 0, True),  # bridge: hook_resid_pre
     (re.compile(r"^blocks\.(\d+)\.hook_resid_mid$"), 0, False),
+    (re.compile(r"^blocks\.(\d+)\.ln2\.hook_in$"), 0, False),  # bridge: hook_resid_mid
     (re.compile(r"^blocks\.(\d+)\.hook_(attn|mlp)_out$"), 0, False),
+    (re.compile(r"^blocks\.(\d+)\.(attn|mlp)\.hook_out$"), 0, False),  # bridge: hook_attn_out, hook_mlp_out
     (re.compile(r"^blocks\.(\d+)\.hook_resid_post$"), 1, True),
-    (re.compile(r"^blocks\.(\d+)\.hook_out$"), 1, True),
+    (re.compile(r"^blocks\.(\d+)\.hook_out$"), 1, True),  # bridge: hook_resid_post
     (re.compile(r"^model\.layers\.(\d+)\.output$"), 1, True),  # Hugging Face / nnsight names (hf_hook_name)
     (re.compile(r"^model\.layers\.(\d+)\.input$"), 0, True),
 ]
+_RESIDUAL_HOOK_NAMES = (
+    "hook_resid_pre/mid/post, hook_attn_out, hook_mlp_out, or TransformerBridge's hook_in, ln2.hook_in, "
+    "attn.hook_out, mlp.hook_out, hook_out"
+)
 _CONFIG_FIELDS = {f.name for f in dataclasses.fields(SelfExplainConfig)}
 _backends: dict[str, Backend] = {}  # embedded models loaded on demand, once per process
+_warned_hooks: set[str] = set()  # non-residual hooks already warned about (check_hook=False), once each
 
 
-def sae_layer(sae: SAE[Any]) -> int:
-    """The block whose input residual the SAE reads (e.g. 7 for blocks.6.hook_resid_post)."""
-    found = _match_hook(sae)
-    if found is not None:
-        return found[0]
-    meta = sae.cfg.metadata
-    raise InputError(
-        f"cannot map the SAE's hook {meta.hook_name!r} to a residual-stream layer: self-explanation injects "
-        "decoder rows into the residual stream, so the SAE must read or write it (hook_resid_pre/mid/post, "
-        "hook_attn_out, hook_mlp_out). Pass check_hook=False to inject its decoder rows anyway."
-    )
-
-
-def _match_hook(sae: SAE[Any]) -> tuple[int, bool] | None:
-    meta = sae.cfg.metadata
-    for name in (meta.hook_name, meta.hf_hook_name):
+def _residual_position(*names: str | None) -> tuple[int, bool] | None:
+    """(block, is that block's input?) of the first name that is a residual-stream hook."""
+    for name in names:
         for pattern, offset, is_block_input in _RESIDUAL_HOOKS:
             m = pattern.match(name or "")
             if m:
@@ -68,9 +63,36 @@ def _match_hook(sae: SAE[Any]) -> tuple[int, bool] | None:
     return None
 
 
+def decoder_hook(sae: SAE[Any]) -> str:
+    """The hook the SAE's decoder writes: `hook_name_out` for transcoders, else the hook it reads."""
+    meta = sae.cfg.metadata
+    return str(meta.hook_name_out or meta.hook_name)
+
+
+def _decoder_position(sae: SAE[Any]) -> tuple[int, bool] | None:
+    meta = sae.cfg.metadata
+    if meta.hook_name_out:  # a transcoder: where it writes, not what it reads
+        return _residual_position(meta.hook_name_out)
+    return _residual_position(meta.hook_name, meta.hf_hook_name)
+
+
+def sae_layer(sae: SAE[Any]) -> int:
+    """The residual layer the SAE's decoder rows live in (e.g. 7 for blocks.6.hook_resid_post; 1 for a
+    transcoder writing blocks.1.hook_mlp_out)."""
+    found = _decoder_position(sae)
+    if found is not None:
+        return found[0]
+    raise InputError(
+        f"the SAE's decoder writes {decoder_hook(sae)!r}, which is not in the residual stream: self-explanation "
+        f"injects decoder rows into the residual stream ({_RESIDUAL_HOOK_NAMES}). "
+        "Pass check_hook=False to inject its decoder rows anyway."
+    )
+
+
 def sae_input_layer(sae: SAE[Any]) -> int | None:
     """The block whose input residual is exactly what the SAE encodes; None if it reads something else."""
-    found = _match_hook(sae)
+    meta = sae.cfg.metadata
+    found = _residual_position(meta.hook_name, meta.hf_hook_name)
     return found[0] if found is not None and found[1] else None
 
 
@@ -118,48 +140,21 @@ def sae_identity(sae: SAE[Any]) -> dict[str, Any]:
 
 
 def resolve_backend(sae: SAE[Any], model: Any = None, tokenizer: Any = None, remote: Any = False) -> Backend:
-    """A backend for `model`; with no model, the embedded model named by the SAE's metadata.
-    `remote` (nnsight models only): True for NDIF, a host URL, or "local" for nnsight's simulation."""
-    if "nnsight" in sys.modules:
-        from .nnsight import NNsightBackend, is_nnsight_model
-
-        if is_nnsight_model(model):
-            return NNsightBackend(model, remote=remote)
+    """A backend for `model` (see `backends.backend_for`); with no model, the embedded model named by the
+    SAE's metadata, loaded once per process."""
+    if model is not None:
+        return backend_for(model, tokenizer, remote)
     if remote:
-        raise InputError("remote= needs an nnsight model (TransformersModel); this model runs locally.")
-    if model is None:
-        wanted = sae.cfg.metadata.model_name
-        for spec in EMBEDDED_MODELS.values():
-            if wanted and short_model_name(wanted) in (spec.name, short_model_name(spec.hf_id)):
-                if spec.name not in _backends:
-                    _backends[spec.name] = load_backend(spec.name)
-                return _backends[spec.name]
-        raise InputError(
-            f"the SAE was trained on {wanted!r}, which is not an embedded model ({sorted(EMBEDDED_MODELS)}); "
-            "pass the model: sae.self_explain(feature, model=HookedTransformer.from_pretrained(...))."
-        )
-    if isinstance(model, Backend):
-        return model
-    from transformer_lens import HookedTransformer
-    from transformer_lens.model_bridge import TransformerBridge
-
-    from .transformer_lens import TransformerBridgeBackend, TransformerLensBackend
-
-    if isinstance(model, HookedTransformer):  # HookedSAETransformer too: attached SAEs stay active
-        return TransformerLensBackend(model)
-    if isinstance(model, TransformerBridge):
-        return TransformerBridgeBackend(model)
-    from transformers import PreTrainedModel
-
-    if isinstance(model, PreTrainedModel):
-        if tokenizer is None:
-            raise InputError(
-                "a transformers model needs its tokenizer: pass tokenizer=AutoTokenizer.from_pretrained(...)."
-            )
-        return TransformersBackend(model, tokenizer)
+        raise InputError("remote= needs an nnsight model: pass model=TransformersModel(...).")
+    wanted = sae.cfg.metadata.model_name
+    for spec in EMBEDDED_MODELS.values():
+        if wanted and canonical_model_name(wanted) in {spec.name, canonical_model_name(spec.hf_id)}:
+            if spec.name not in _backends:
+                _backends[spec.name] = load_backend(spec.name)
+            return _backends[spec.name]
     raise InputError(
-        f"unsupported model type {type(model).__name__}: pass a HookedTransformer, HookedSAETransformer, "
-        "TransformerBridge, a transformers PreTrainedModel (with tokenizer=), or a sae_selfexplain Backend."
+        f"the SAE was trained on {wanted!r}, which is not an embedded model ({sorted(EMBEDDED_MODELS)}); "
+        "pass the model: sae.self_explain(feature, model=HookedTransformer.from_pretrained(...))."
     )
 
 
@@ -219,26 +214,32 @@ def load_sae_folder(path: str | Path, device: str = "cpu") -> SAE[Any]:
 
 
 def check_compatible(sae: SAE[Any], backend: Backend, *, check_model: bool = True, check_hook: bool = True) -> None:
-    """Raise InputError unless the SAE's decoder rows are residual directions of this model."""
+    """Raise InputError unless the SAE's decoder rows are residual directions of this model.
+
+    check_hook=False accepts a decoder that writes elsewhere (with a warning, once per hook name)."""
     d_out = int(sae.W_dec.shape[1])
-    if check_hook:
-        if d_out != sae.cfg.d_in or sae.cfg.metadata.hook_name_out:
-            raise InputError(
-                f"this SAE ({type(sae).__name__}) decodes into {sae.cfg.metadata.hook_name_out or 'another space'} "
-                f"(d_out={d_out}, d_in={sae.cfg.d_in}), not the residual stream it reads; its decoder rows are not "
-                "residual directions. Pass check_hook=False to inject them anyway (d_out must equal d_model)."
+    if _decoder_position(sae) is None:
+        if check_hook:
+            sae_layer(sae)  # raises, naming the hook
+        elif decoder_hook(sae) not in _warned_hooks:
+            _warned_hooks.add(decoder_hook(sae))
+            warnings.warn(
+                f"the SAE's decoder writes {decoder_hook(sae)!r}, not the residual stream; with check_hook=False "
+                "self-explanation treats its decoder rows as residual directions, which they are not.",
+                UserWarning,
+                stacklevel=3,
             )
-        sae_layer(sae)
     if d_out != backend.d_model:
         raise InputError(
             f"the SAE's decoder width {d_out} != the model's d_model {backend.d_model}: "
             "this SAE belongs to another model."
         )
     wanted = sae.cfg.metadata.model_name
-    if check_model and wanted and short_model_name(wanted) != short_model_name(backend.model_id):
+    if check_model and wanted and canonical_model_name(wanted) != canonical_model_name(backend.model_id):
         raise InputError(
-            f"the SAE was trained on {wanted!r} but the model is {backend.model_id!r}; pass the matching model, "
-            "or check_model=False to explain it through another model on purpose (e.g. the -it variant)."
+            f"the SAE was trained on {wanted!r} but the model is {backend.model_id!r} (compared through "
+            "TransformerLens's model aliases); pass the matching model, or check_model=False to explain it "
+            "through another model on purpose (e.g. the -it variant)."
         )
 
 
@@ -258,44 +259,82 @@ def with_adapter(config: SelfExplainConfig, adapter: Any, sae: SAE[Any], backend
     return config.replace(adapter=None if path is None else str(path))
 
 
+@overload
+def self_explain(
+    sae: SAE[Any], features: int, model: Any = None, *, config: SelfExplainConfig | None = None, **options: Any
+) -> FeatureExplanations: ...
+
+
+@overload
+def self_explain(
+    sae: SAE[Any],
+    features: Sequence[int] | torch.Tensor,
+    model: Any = None,
+    *,
+    config: SelfExplainConfig | None = None,
+    **options: Any,
+) -> list[FeatureExplanations]: ...
+
+
 def self_explain(
     sae: SAE[Any],
     features: int | Sequence[int] | torch.Tensor,
     model: Any = None,
     *,
-    tokenizer: Any = None,
     config: SelfExplainConfig | None = None,
-    return_all: bool = False,
+    injection_layer: int | None = None,
+    tokenizer: Any = None,
+    remote: Any = False,
     check_model: bool = True,
     check_hook: bool = True,
-    remote: Any = False,
-    **options: Any,
-) -> Explanation | list[Explanation] | FeatureExplanations | list[FeatureExplanations]:
+    return_all: bool | None = None,
+    **config_fields: Any,
+) -> FeatureExplanations | list[FeatureExplanations]:
     """Explain SAE features by injecting their decoder rows (W_dec) into the model's residual stream.
 
     Args:
-        sae: any SAELens SAE whose decoder writes to the residual stream.
+        sae: any SAELens SAE or transcoder whose decoder writes to the residual stream.
         features: an index, a list/range of indices, or an integer tensor of indices.
         model: HookedTransformer, HookedSAETransformer, TransformerBridge, a transformers model (with
-            `tokenizer=`) or a Backend. None: the embedded model named by `sae.cfg.metadata.model_name`.
-        config / options: a SelfExplainConfig, or its fields as keywords (layer=, template=, scales=, ...).
-            `adapter` defaults to "auto": the adapter shipped for this model, SAE hook, layer and template, if
-            any (docs/adapters.md); adapter=None turns it off.
-        return_all: return FeatureExplanations (every scale tried) instead of the chosen Explanation.
-        check_model: refuse a model whose name differs from the SAE's `model_name`.
-        check_hook: refuse an SAE that does not read or write the residual stream (e.g. transcoders).
+            `tokenizer=`), an nnsight TransformersModel, or a Backend. None: the embedded model named by
+            `sae.cfg.metadata.model_name`.
+        config: a SelfExplainConfig; `config_fields` (its fields as keywords: template=, scales=, ...)
+            override it. `adapter` defaults to "auto": the adapter shipped for this model, SAE hook,
+            injection layer and template, if any (docs/adapters.md); adapter=None turns it off.
+        injection_layer: the block whose input residual receives the decoder row (default 2), whatever
+            layer the SAE sits at. `layer=` is the same option under its older name.
+        tokenizer: the tokenizer of a transformers model.
         remote: with an nnsight model, True runs on NDIF (key from NDIF_API_KEY or nnsight's config),
             a URL runs on that host, "local" runs nnsight's local simulation of the remote path.
+        check_model: refuse a model whose name differs from the SAE's `model_name` (aliases match).
+        check_hook: refuse an SAE whose decoder does not write the residual stream; False warns instead.
+        return_all: deprecated, has no effect (the result always holds every candidate).
 
-    Returns an Explanation for an int feature, a list otherwise (FeatureExplanations with return_all).
+    Returns a FeatureExplanations for an int feature (`.text` is the chosen explanation, `.candidates`
+    every scale tried, `.chosen` the chosen candidate), a list of them otherwise.
     """
-    unknown = sorted(set(options) - _CONFIG_FIELDS)
+    if return_all is not None:
+        warnings.warn(
+            "return_all is deprecated and has no effect: self_explain always returns FeatureExplanations "
+            "(.text, .chosen, .candidates).",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+    unknown = sorted(set(config_fields) - _CONFIG_FIELDS)
     if unknown:
         raise InputError(
             f"unknown options {unknown}; self_explain takes SelfExplainConfig fields {sorted(_CONFIG_FIELDS)}."
         )
-    adapter = options.pop("adapter", AUTO if config is None else config.adapter)
-    cfg = (config or SelfExplainConfig()).replace(**options) if options else (config or SelfExplainConfig())
+    if injection_layer is not None:
+        old = config_fields.get("layer", injection_layer)
+        if old != injection_layer:
+            raise InputError(
+                f"injection_layer={injection_layer} and layer={old} disagree; pass one "
+                "(layer is the older name of injection_layer)."
+            )
+        config_fields["layer"] = injection_layer
+    adapter = config_fields.pop("adapter", AUTO if config is None else config.adapter)
+    cfg = (config or SelfExplainConfig()).replace(**config_fields)
     indices = _feature_indices(features, sae.cfg.d_sae)
     backend = resolve_backend(sae, model, tokenizer, remote)
     check_compatible(sae, backend, check_model=check_model, check_hook=check_hook)
@@ -305,15 +344,12 @@ def self_explain(
     identity = sae_identity(sae)
     for r in records:
         r.sae = identity
-    if return_all:
-        return records[0] if isinstance(features, int) else records
-    chosen = [r.chosen or r.candidates[0] for r in records]
-    return chosen[0] if isinstance(features, int) else chosen
+    return records[0] if isinstance(features, int) else records
 
 
 def _method(
     self: SAE[Any], features: int | Sequence[int] | torch.Tensor, model: Any = None, **options: Any
-) -> Explanation | list[Explanation] | FeatureExplanations | list[FeatureExplanations]:
+) -> FeatureExplanations | list[FeatureExplanations]:
     return self_explain(self, features, model, **options)
 
 

@@ -60,6 +60,12 @@ class FeatureExplanations:
         """The chosen explanation (None when the policy declined to choose)."""
         return None if self.chosen_index is None else self.candidates[self.chosen_index]
 
+    @property
+    def text(self) -> str | None:
+        """The chosen explanation's text (None when the policy declined to choose: see `flags`)."""
+        chosen = self.chosen
+        return None if chosen is None else chosen.text
+
     def at_scale(self, scale: float) -> list[Explanation]:
         """The candidates generated at `scale` (several when sampling)."""
         return [c for c in self.candidates if c.scale == scale]

@@ -97,6 +97,7 @@ def test_self_explain_takes_an_adapter(tiny_sae):
     by_hand = test_direction_adapter.by_hand(backend, adapter, d, (1.0,), SelfExplainConfig().max_new_tokens)
     assert [e.text for e in explained] == [row[0] for row in by_hand]
     plain = sae.self_explain([0, 1], model=backend, template="test-open", layer=1, adapter=None)
-    assert {e.scale_mode for e in explained} == {"adapter"} and {e.scale_mode for e in plain} == {"relative"}
+    assert {e.chosen.scale_mode for e in explained} == {"adapter"}
+    assert {e.chosen.scale_mode for e in plain} == {"relative"}
     assert SelfExplainer(backend, SelfExplainConfig(template="test-open", layer=1)).adapter is None
     assert torch.is_tensor(d)

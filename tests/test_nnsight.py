@@ -127,9 +127,9 @@ def test_sae_self_explain_through_nnsight(nn_model, expected, directions, api_ke
     sae = StandardSAE(StandardSAEConfig(d_in=64, d_sae=3, metadata=SAEMetadata(hook_name="blocks.1.hook_resid_pre")))
     with torch.no_grad():
         sae.W_dec.copy_(directions)
-    via_sae = sae.self_explain([0, 1, 2], model=nn_model, remote="local", config=CFG, return_all=True)
+    via_sae = sae.self_explain([0, 1, 2], model=nn_model, remote="local", config=CFG)
     assert texts(via_sae) == expected
-    via_model = nn_model.self_explain(sae, [0, 1, 2], config=CFG, return_all=True)  # the entry on the nnsight model
+    via_model = nn_model.self_explain(sae, [0, 1, 2], config=CFG)  # the entry on the nnsight model
     assert texts(via_model) == expected
     assert texts(nn_model.self_explain(directions, config=CFG)) == expected
     with pytest.raises(InputError, match="remote= needs an nnsight model"):

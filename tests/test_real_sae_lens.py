@@ -51,9 +51,9 @@ def texts(records):
 
 def test_self_explain_resolves_the_embedded_model_from_metadata(word_sae):
     explanations = word_sae.self_explain(range(len(WORDS)), config=CFG)
-    assert [e.scale for e in explanations] == [4.0] * len(WORDS)
+    assert [e.chosen.scale for e in explanations] == [4.0] * len(WORDS)
     assert sum(recovered(e.text, w) for e, w in zip(explanations, WORDS)) >= 3
-    one = word_sae.self_explain(0, config=CFG, return_all=True)
+    one = word_sae.self_explain(0, config=CFG)
     assert one.sae["neuronpedia_id"] == "gemma-3-270m/6-selfexplain-words"
     assert one.model_id == "google/gemma-3-270m"
 
@@ -62,8 +62,8 @@ def test_self_explain_resolves_the_embedded_model_from_metadata(word_sae):
 def test_transformer_lens_equals_transformers(word_sae, real_backend, hooked_sae_transformer, template):
     cfg = CFG.replace(template=template)
     feats = list(range(len(WORDS)))
-    via_hf = word_sae.self_explain(feats, model=real_backend, config=cfg, return_all=True)
-    via_tl = word_sae.self_explain(feats, model=hooked_sae_transformer, config=cfg, return_all=True)
+    via_hf = word_sae.self_explain(feats, model=real_backend, config=cfg)
+    via_tl = word_sae.self_explain(feats, model=hooked_sae_transformer, config=cfg)
     assert texts(via_tl) == texts(via_hf)
 
 
@@ -71,8 +71,8 @@ def test_transformer_bridge_equals_transformers(word_sae, real_backend):
     model, tok = load_embedded("gemma-3-270m")
     bridge = TransformerBridge.boot_transformers("google/gemma-3-270m", hf_model=model, tokenizer=tok)
     cfg = CFG.replace(template="definition", scales=(4.0,))
-    via_hf = word_sae.self_explain([0, 1], model=real_backend, config=cfg, return_all=True)
-    via_bridge = word_sae.self_explain([0, 1], model=bridge, config=cfg, return_all=True)
+    via_hf = word_sae.self_explain([0, 1], model=real_backend, config=cfg)
+    via_bridge = word_sae.self_explain([0, 1], model=bridge, config=cfg)
     assert texts(via_bridge) == texts(via_hf)
 
 

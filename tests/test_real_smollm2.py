@@ -93,7 +93,8 @@ def test_the_shipped_adapter_fits_the_demo_sae_and_is_chosen_automatically(smol)
     assert with_adapter(SelfExplainConfig(), "auto", sae, smol).adapter == str(path)
     assert with_adapter(SelfExplainConfig(layer=3), "auto", sae, smol).adapter is None  # another layer: none
     explained = sae.self_explain(7, model=smol, max_new_tokens=4)
-    assert explained.scale_mode == "adapter" and explained.adapter == DirectionAdapter.load(path).fingerprint
+    chosen = explained.chosen
+    assert chosen.scale_mode == "adapter" and chosen.adapter == DirectionAdapter.load(path).fingerprint
 
 
 def test_the_shipped_adapter_names_held_out_token_latents_more_often(smol):

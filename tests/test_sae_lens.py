@@ -27,8 +27,8 @@ from transformer_lens.model_bridge import TransformerBridge
 
 import sae_selfexplain_plugin
 from sae_selfexplain_plugin import (
-    Explanation,
     FeatureExplanations,
+    Injection,
     InputError,
     SelfExplainConfig,
     SelfExplainer,
@@ -83,7 +83,7 @@ def make_sae(
 def test_every_architecture_gains_self_explain(hooked, cls, cfg_cls, kw):
     sae = make_sae(cls, cfg_cls, **kw)
     one = sae.self_explain(3, model=hooked, config=CFG)
-    assert isinstance(one, Explanation) and one.feature_id == 3 and one.scale == 4.0
+    assert isinstance(one, FeatureExplanations) and one.feature_id == 3 and one.chosen.scale == 4.0
     many = sae.self_explain(range(2), model=hooked, config=CFG)
     assert [e.feature_id for e in many] == [0, 1]
     tensor = sae.self_explain(torch.tensor([5, 1]), model=hooked, config=CFG)
@@ -92,7 +92,7 @@ def test_every_architecture_gains_self_explain(hooked, cls, cfg_cls, kw):
 
 def test_results_equal_the_engine_on_the_decoder_rows(hooked):
     sae = make_sae()
-    records = sae.self_explain([2, 7], model=hooked, config=CFG, return_all=True)
+    records = sae.self_explain([2, 7], model=hooked, config=CFG)
     direct = SelfExplainer(TransformerLensBackend(hooked), CFG).explain(sae.W_dec[[2, 7]].detach(), [2, 7])
     assert [c.text for r in records for c in r.candidates] == [c.text for r in direct for c in r.candidates]
     assert isinstance(records[0], FeatureExplanations)
@@ -101,7 +101,7 @@ def test_results_equal_the_engine_on_the_decoder_rows(hooked):
 
 def test_options_are_config_fields(hooked):
     sae = make_sae()
-    rec = sae.self_explain(0, model=hooked, template="test-open", scales=[2.0], max_new_tokens=3, return_all=True)
+    rec = sae.self_explain(0, model=hooked, template="test-open", scales=[2.0], max_new_tokens=3)
     assert [c.scale for c in rec.candidates] == [2.0]
     with pytest.raises(InputError, match="unknown options"):
         sae.self_explain(0, model=hooked, scale=[2.0])
@@ -221,7 +221,7 @@ def test_sae_from_another_model(hooked):
 
 def test_unmappable_hook(hooked):
     sae = make_sae(hook="blocks.1.attn.hook_z")
-    with pytest.raises(InputError, match=r"cannot map the SAE's hook 'blocks\.1\.attn\.hook_z'"):
+    with pytest.raises(InputError, match=r"decoder writes 'blocks\.1\.attn\.hook_z', which is not in the residual"):
         sae.self_explain(0, model=hooked, config=CFG)
     assert sae.self_explain(0, model=hooked, config=CFG, check_hook=False).feature_id == 0
 
@@ -233,16 +233,6 @@ def test_unmappable_hook(hooked):
 )  # fmt: skip
 def test_hook_names_map_to_layers(hook, layer):
     assert adapter.sae_layer(make_sae(hook=hook)) == layer
-
-
-def test_transcoder_needs_an_explicit_option(hooked):
-    meta = SAEMetadata(
-        model_name="tiny-tl", hook_name="blocks.1.ln2.hook_normalized", hook_name_out="blocks.1.hook_mlp_out"
-    )
-    tc = Transcoder(TranscoderConfig(d_in=D_MODEL, d_sae=16, d_out=D_MODEL, apply_b_dec_to_input=False, metadata=meta))
-    with pytest.raises(InputError, match=r"decodes into blocks\.1\.hook_mlp_out"):
-        tc.self_explain(0, model=hooked, config=CFG)
-    assert tc.self_explain(0, model=hooked, config=CFG, check_hook=False).feature_id == 0
 
 
 def test_unsupported_model_type():
@@ -270,3 +260,177 @@ def test_tl_engine_applies_an_adapter_as_by_hand(hooked):
     d = torch.randn(3, D_MODEL, generator=torch.Generator().manual_seed(6))
     texts, _ = test_direction_adapter.engine_texts(backend, adapter, d, (1.0, 0.5), 5)
     assert texts == test_direction_adapter.by_hand(backend, adapter, d, (1.0, 0.5), 5)
+
+
+# --- Fit with SAELens and TransformerLens (issue 18) ---
+
+
+@pytest.mark.parametrize("use_error_term", [True, False])
+def test_sae_attached_at_the_injection_hook(hooked, use_error_term):
+    sae = make_sae(hook="blocks.2.hook_resid_pre")  # CFG injects at the input of block 2
+    unattached = sae.self_explain([0, 1, 2], model=hooked, config=CFG)
+    hooked.add_sae(sae, use_error_term=use_error_term)
+    try:
+        attached = sae.self_explain([0, 1, 2], model=hooked, config=CFG)
+        backend = TransformerLensBackend(hooked)
+        ids = torch.tensor([[1, 5, 6, 7]])
+        vectors = torch.randn(1, D_MODEL)
+        seen: list[torch.Tensor] = []
+        handle = hooked.blocks[2].ln1.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+        try:
+            injection = Injection(2, torch.tensor([[False, False, True, False]]), vectors)
+            backend.prefill(ids, torch.ones_like(ids), injection)
+        finally:
+            handle.remove()
+    finally:
+        hooked.reset_saes()
+    # block 2 reads the injected vector at the placeholder (ln1 is the first to read it), whatever the SAE does
+    assert torch.allclose(seen[0][0, 2], vectors[0])
+    if use_error_term:  # the SAE's output equals its input: the model is unchanged, so are the texts
+        assert [e.text for e in attached] == [e.text for e in unattached]
+    else:
+        assert all(e.text is not None for e in attached)
+
+
+def test_attaching_an_sae_invalidates_the_prefix_cache(hooked):
+    import test_prefix_cache  # registers "test-long-prefix"
+
+    d = torch.randn(3, D_MODEL, generator=torch.Generator().manual_seed(5))
+    backend = TransformerLensBackend(hooked)
+    config = test_prefix_cache.CFG
+    SelfExplainer(backend, config).explain(d)  # caches the prefix of the unattached model
+    hooked.add_sae(make_sae(hook="blocks.1.hook_resid_pre"), use_error_term=False)  # changes the prefix's keys
+    try:
+        reused = SelfExplainer(backend, config).explain(d)
+        fresh = SelfExplainer(TransformerLensBackend(hooked), config).explain(d)
+    finally:
+        hooked.reset_saes()
+    assert [c.text for r in reused for c in r.candidates] == [c.text for r in fresh for c in r.candidates]
+
+
+def test_residual_reads_what_follows_an_attached_sae(hooked):
+    sae = make_sae(hook="blocks.2.hook_resid_pre")
+    backend = TransformerLensBackend(hooked)
+    ids = torch.tensor([[1, 5, 6, 7]])
+    plain = backend.residual(ids, torch.ones_like(ids), 2)
+    hooked.add_sae(sae, use_error_term=True)
+    try:
+        attached = backend.residual(ids, torch.ones_like(ids), 2)
+    finally:
+        hooked.reset_saes()
+    assert torch.allclose(attached, plain, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("sae_model", "model_id"),
+    [("gpt2-small", "gpt2"), ("gpt2", "gpt2-small"), ("gpt2-small", "openai-community/gpt2"),
+     ("tiny-stories-1M", "TinyStories-1M"), ("roneneldan/TinyStories-1M", "tiny-stories-1M"),
+     ("google/gemma-3-270m", "gemma-3-270m")],
+)  # fmt: skip
+def test_model_aliases_match(hooked, sae_model, model_id):
+    sae = make_sae(model=sae_model)
+    adapter.check_compatible(sae, TransformerLensBackend(hooked, model_id=model_id))
+
+
+def test_a_real_model_mismatch_names_both(hooked):
+    sae = make_sae(model="gpt2-medium")
+    with pytest.raises(InputError, match=r"trained on 'gpt2-medium'.*model is 'gpt2'"):
+        adapter.check_compatible(sae, TransformerLensBackend(hooked, model_id="gpt2"))
+
+
+def _fresh_python(code: str) -> str:
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+def test_install_survives_find_spec_before_the_first_import():
+    # optional-dependency checks call find_spec without importing: the method must still be added later
+    out = _fresh_python(
+        "import importlib.util, sae_selfexplain_plugin\n"
+        "assert importlib.util.find_spec('sae_lens') is not None\n"
+        "assert importlib.util.find_spec('nnsight') is not None\n"
+        "import sae_lens, nnsight\n"
+        "from nnsight.modeling.transformers import TransformersModel\n"
+        "print(hasattr(sae_lens.SAE, 'self_explain'), hasattr(TransformersModel, 'self_explain'))"
+    )
+    assert out == "True True"
+
+
+def test_install_when_sae_lens_is_imported_first():
+    out = _fresh_python("import sae_lens, sae_selfexplain_plugin\nprint(hasattr(sae_lens.SAE, 'self_explain'))")
+    assert out == "True"
+
+
+def _transcoder(hook_in="blocks.1.ln2.hook_normalized", hook_out="blocks.1.hook_mlp_out"):
+    meta = SAEMetadata(model_name="tiny-tl", hook_name=hook_in, hook_name_out=hook_out)
+    torch.manual_seed(3)
+    tc = Transcoder(TranscoderConfig(d_in=D_MODEL, d_sae=16, d_out=D_MODEL, apply_b_dec_to_input=False, metadata=meta))
+    with torch.no_grad():
+        tc.W_dec.copy_(torch.randn_like(tc.W_dec))
+    return tc
+
+
+def test_transcoders_explain_their_decoder_rows(hooked):
+    tc = _transcoder()
+    records = tc.self_explain([0, 3], model=hooked, config=CFG)
+    direct = SelfExplainer(TransformerLensBackend(hooked), CFG).explain(tc.W_dec[[0, 3]].detach(), [0, 3])
+    assert [r.text for r in records] == [r.text for r in direct]
+    assert adapter.sae_layer(tc) == 1  # its decoder writes blocks.1.hook_mlp_out
+
+
+def test_a_transcoder_writing_outside_the_residual_stream_is_refused(hooked):
+    tc = _transcoder(hook_out="blocks.1.mlp.hook_post")
+    with pytest.raises(InputError, match=r"decoder writes 'blocks\.1\.mlp\.hook_post'"):
+        tc.self_explain(0, model=hooked, config=CFG)
+
+
+@pytest.mark.parametrize(
+    ("hook", "layer"),
+    [("blocks.4.mlp.hook_out", 4), ("blocks.4.attn.hook_out", 4), ("blocks.4.ln2.hook_in", 4),
+     ("blocks.4.hook_in", 4), ("blocks.4.hook_out", 5)],
+)  # fmt: skip
+def test_bridge_hook_names_map_to_layers(hook, layer):
+    assert adapter.sae_layer(make_sae(hook=hook)) == layer
+
+
+def test_check_hook_false_on_a_non_residual_hook_warns_once(hooked):
+    adapter._warned_hooks.clear()
+    sae = make_sae(hook="blocks.1.attn.hook_z")
+    with pytest.warns(UserWarning, match="treats its decoder rows as residual directions"):
+        sae.self_explain(0, model=hooked, config=CFG, check_hook=False)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sae.self_explain(1, model=hooked, config=CFG, check_hook=False)
+
+
+def test_one_return_type(hooked):
+    sae = make_sae()
+    one = sae.self_explain(3, model=hooked, config=CFG)
+    assert isinstance(one, FeatureExplanations) and one.feature_id == 3
+    assert one.chosen is not None and one.text == one.chosen.text and len(one.candidates) == 2
+    many = sae.self_explain([3, 4], model=hooked, config=CFG)
+    assert isinstance(many, list) and all(isinstance(r, FeatureExplanations) for r in many)
+    assert many[0].text == one.text
+
+
+def test_config_beside_keyword_options_and_the_injection_layer_name(hooked):
+    sae = make_sae()
+    by_config = sae.self_explain(0, model=hooked, config=CFG.replace(layer=1, scales=(2.0,)))
+    by_keywords = sae.self_explain(0, model=hooked, config=CFG, injection_layer=1, scales=(2.0,))
+    by_alias = sae.self_explain(0, model=hooked, config=CFG, layer=1, scales=(2.0,))
+    assert by_config.text == by_keywords.text == by_alias.text
+    assert by_keywords.candidates[0].layer == 1
+    with pytest.raises(InputError, match="injection_layer=1 and layer=2"):
+        sae.self_explain(0, model=hooked, config=CFG, injection_layer=1, layer=2)
+
+
+def test_return_all_is_deprecated(hooked):
+    with pytest.warns(DeprecationWarning, match="return_all"):
+        rec = make_sae().self_explain(0, model=hooked, config=CFG, return_all=True)
+    assert isinstance(rec, FeatureExplanations)
