@@ -229,7 +229,9 @@ def test_unmappable_hook(hooked):
 @pytest.mark.parametrize(
     ("hook", "layer"),
     [("blocks.6.hook_resid_pre", 6), ("blocks.6.hook_resid_post", 7), ("blocks.6.hook_mlp_out", 6),
-     ("blocks.3.hook_out", 4), ("model.layers.12.output", 13)],
+     ("blocks.3.hook_out", 4), ("model.layers.12.output", 13),
+     # TransformerBridge's own names
+     ("blocks.4.mlp.hook_out", 4), ("blocks.4.attn.hook_out", 4), ("blocks.4.ln2.hook_in", 4), ("blocks.4.hook_in", 4)],
 )  # fmt: skip
 def test_hook_names_map_to_layers(hook, layer):
     assert adapter.sae_layer(make_sae(hook=hook)) == layer
@@ -386,15 +388,6 @@ def test_a_transcoder_writing_outside_the_residual_stream_is_refused(hooked):
     tc = _transcoder(hook_out="blocks.1.mlp.hook_post")
     with pytest.raises(InputError, match=r"decoder writes 'blocks\.1\.mlp\.hook_post'"):
         tc.self_explain(0, model=hooked, config=CFG)
-
-
-@pytest.mark.parametrize(
-    ("hook", "layer"),
-    [("blocks.4.mlp.hook_out", 4), ("blocks.4.attn.hook_out", 4), ("blocks.4.ln2.hook_in", 4),
-     ("blocks.4.hook_in", 4), ("blocks.4.hook_out", 5)],
-)  # fmt: skip
-def test_bridge_hook_names_map_to_layers(hook, layer):
-    assert adapter.sae_layer(make_sae(hook=hook)) == layer
 
 
 def test_check_hook_false_on_a_non_residual_hook_warns_once(hooked):
