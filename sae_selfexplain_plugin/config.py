@@ -23,6 +23,8 @@ POLICIES = ("fixed", "max-self-similarity", "composite", "knee")
 # The grid brackets the useful range measured on Gemma 3 270M by the word-recovery benchmark
 # (docs/benchmarks.md).
 DEFAULT_SCALES: tuple[float, ...] = (0.5, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0)
+MAX_SCALE = 1e6  # far above any useful scale, far below float32 overflow after the reference norm
+NOT_IN_HASH = ("batch_size",)  # settings that do not change outputs
 DEFAULT_LAYER = 2  # input of block 2, as the original work did on an 18-layer Gemma
 DEFAULT_SCALE = 4.0  # the `fixed` policy's choice when no metric-based policy is asked for
 
@@ -103,6 +105,12 @@ class SelfExplainConfig:
                     f"{name} must be finite and >= 0, got {bad}: a negative scale flips the direction; "
                     "negate the direction itself if that is what you mean."
                 )
+            huge = [s for s in values if s > MAX_SCALE]
+            if huge:
+                raise InputError(
+                    f"{name} {huge} are above {MAX_SCALE:g}: such a vector swamps (or overflows) every residual; "
+                    "useful scales are around 1 to 100."
+                )
         if self.scale_mode not in ("relative", "absolute", "adapter"):
             raise InputError(
                 f"scale_mode must be 'relative' or 'absolute' ('adapter' with an adapter), got {self.scale_mode!r}."
@@ -174,8 +182,10 @@ class SelfExplainConfig:
         return cls(**d)
 
     def settings_hash(self) -> str:
-        """Short stable hash of every setting that changes the output; keys results stores and exports."""
-        blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        """Short stable hash of every setting that changes the output; keys results stores and exports.
+        `batch_size` is left out: it changes how rows are grouped, not what is generated."""
+        settings = {k: v for k, v in self.to_dict().items() if k not in NOT_IN_HASH}
+        blob = json.dumps(settings, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

@@ -81,7 +81,7 @@ def dashboard_data(
 
 def render_dashboard(data: dict[str, Any]) -> str:
     """The page with `data` inlined. `<` is escaped in the JSON, so no text can close the script element."""
-    blob = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    blob = json.dumps(data, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
     blob = blob.replace("<", "\\u003c").replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
     template = files("sae_selfexplain_plugin").joinpath("data/dashboard.html").read_text(encoding="utf-8")
     return template.replace("/*DATA*/", blob, 1)

@@ -9,6 +9,7 @@ runs every (feature, scale, sample) row through the backend in batches.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Sequence
 from functools import cached_property
 from pathlib import Path
@@ -105,7 +106,7 @@ class SelfExplainer:
     def measure(self, directions: torch.Tensor) -> list[Sweep]:
         """Per feature, the metric sweep over config.scales (scale_metrics.py), from prompt passes only:
         one batch of rows per (feature, scale), plus two baseline rows for all features."""
-        directions = self._check_directions(directions)
+        directions = self._check_directions(directions, None)
         if not self.can_measure:
             raise InputError(
                 f"{type(self.backend).__name__} cannot run prompt probes, so the scale metrics are unavailable; "
@@ -152,10 +153,9 @@ class SelfExplainer:
         With a backend that runs prompt probes the scale metrics are measured: with `generate="all"` on the
         generation's own prompt pass (no extra pass), with `"chosen"` by prompt passes first (`measure`), so
         that only the policy's kept scales are generated."""
-        directions = self._check_directions(directions)
-        ids = list(range(len(directions))) if feature_ids is None else [int(i) for i in feature_ids]
-        if len(ids) != len(directions):
-            raise InputError(f"got {len(directions)} directions but {len(ids)} feature ids; pass one id per row.")
+        ids = None if feature_ids is None else feature_id_list(feature_ids)
+        directions = self._check_directions(directions, ids)
+        ids = list(range(len(directions))) if ids is None else ids
         cfg = self.config
         measured = self.can_measure and (cfg.metrics or cfg.policy != "fixed")
         unmeasured: list[Sweep] = [{"scale": list(cfg.scales)} for _ in ids]
@@ -320,9 +320,13 @@ class SelfExplainer:
             probe_layers=probe_layers,
         )
 
-    def _check_directions(self, directions: torch.Tensor) -> torch.Tensor:
+    def _check_directions(self, directions: torch.Tensor, feature_ids: Sequence[int] | None) -> torch.Tensor:
         if not isinstance(directions, torch.Tensor):
             raise InputError(f"directions must be a torch.Tensor [n_features, d_model], got {type(directions)}.")
+        if directions.is_complex() or directions.dtype == torch.bool:
+            raise InputError(f"directions must be real numbers, got dtype {directions.dtype}.")
+        if directions.is_meta:
+            raise InputError("directions are on the meta device (no values); load the SAE's weights first.")
         if directions.ndim == 1:
             directions = directions[None]
         if directions.ndim != 2:
@@ -335,15 +339,43 @@ class SelfExplainer:
                 "the directions come from a different model or hook "
                 "(an SAE's decoder rows, W_dec, are [d_sae, d_in])."
             )
-        finite = torch.isfinite(directions).all(dim=-1)
-        if not bool(finite.all()):
-            bad = torch.nonzero(~finite).flatten().tolist()[:10]
-            raise InputError(f"directions at rows {bad} contain NaN or inf; drop or repair those features.")
-        zero = directions.float().norm(dim=-1) == 0
-        if bool(zero.any()):
-            bad = torch.nonzero(zero).flatten().tolist()[:10]
-            raise InputError(f"directions at rows {bad} are all zeros and have no direction to explain.")
+        if feature_ids is not None and len(feature_ids) != len(directions):
+            raise InputError(
+                f"got {len(directions)} directions but {len(feature_ids)} feature ids; pass one id per row."
+            )
+        problems = bad_directions(directions)
+        if problems:
+            ids = list(range(len(directions))) if feature_ids is None else list(feature_ids)
+            named = [f"feature {ids[row]}: {why}" for row, why in list(problems.items())[:10]]
+            raise InputError(f"cannot explain {len(problems)} directions ({'; '.join(named)}); drop or repair them.")
         return directions.detach().cpu()
+
+
+def bad_directions(directions: torch.Tensor) -> dict[int, str]:
+    """Rows that have no direction to inject, with why: NaN or inf values, or all zeros."""
+    rows = directions.detach().float()
+    finite = torch.isfinite(rows).all(dim=-1)
+    zero = finite & (rows.norm(dim=-1) == 0)
+    problems = {int(r): "NaN or inf values" for r in torch.nonzero(~finite).flatten()}
+    problems.update({int(r): "all zeros" for r in torch.nonzero(zero).flatten()})
+    return dict(sorted(problems.items()))
+
+
+def feature_id_list(feature_ids: Sequence[int] | torch.Tensor) -> list[int]:
+    """Feature ids as non-negative ints; 1.7, -1, True or "3" are refused, not coerced."""
+    if isinstance(feature_ids, torch.Tensor):
+        if feature_ids.is_floating_point() or feature_ids.is_complex() or feature_ids.dtype == torch.bool:
+            raise InputError(f"feature ids must be integers, got a {feature_ids.dtype} tensor.")
+        feature_ids = feature_ids.flatten().tolist()
+    ids: list[int] = []
+    for i in feature_ids:
+        if isinstance(i, bool) or not hasattr(i, "__index__"):
+            raise InputError(f"feature ids must be integers, got {i!r} ({type(i).__name__}).")
+        ids.append(operator.index(i))
+    negative = [i for i in ids if i < 0]
+    if negative:
+        raise InputError(f"feature ids must be >= 0, got {negative[:5]}.")
+    return ids
 
 
 def render_name(config: SelfExplainConfig, backend: Backend) -> str:

@@ -22,6 +22,7 @@ from typing import Any
 from jsonschema import Draft202012Validator, FormatChecker
 
 from .errors import InputError
+from .files import parse_json
 from .results import FeatureExplanations
 
 SCHEMA_NAMES = ("explanation-record", "neuronpedia-explanation", "neuronpedia-upload-batch", "neuron-explainer")
@@ -77,13 +78,38 @@ def validate(doc: Any, name: str | None = None, line: int | None = None) -> list
     """Every violation of `doc` against the schema `name` (detected when None)."""
     name = name or detect(doc)
     validator = Draft202012Validator(schema(name), format_checker=FormatChecker())
-    found = [
-        Violation(line, _json_path(e.absolute_path), e.message)
-        for e in sorted(validator.iter_errors(doc), key=lambda e: list(map(str, e.absolute_path)))
-    ]
+    try:
+        found = [
+            Violation(line, _json_path(e.absolute_path), e.message)
+            for e in sorted(validator.iter_errors(doc), key=lambda e: list(map(str, e.absolute_path)))
+        ]
+    except RecursionError:
+        return [Violation(line, "$", "nested too deeply to check")]
     if name == "neuronpedia-upload-batch" and isinstance(doc, dict):
         found += _upload_batch_rules(doc, line)
+    if name == "explanation-record" and isinstance(doc, dict) and not found:
+        found += _record_rules(doc, line)
     return found
+
+
+def _record_rules(doc: dict[str, Any], line: int | None) -> list[Violation]:
+    """Rules of our record that JSON Schema cannot express."""
+    chosen, n = doc.get("chosen_index"), len(doc["candidates"])
+    if chosen is not None and chosen >= n:
+        return [Violation(line, "$.chosen_index", f"{chosen} is out of range: the record has {n} candidates")]
+    return []
+
+
+def checked_record(doc: Any, where: str) -> FeatureExplanations:
+    """A FeatureExplanations from a document read back (a JSONL line, a store row), checked by the same rules
+    as `validate`; InputError naming `where` and the first problem otherwise."""
+    problems = validate(doc, "explanation-record")
+    if problems:
+        raise InputError(
+            f"{where} is not a valid explanation record ({problems[0].path}: {problems[0].message}); "
+            "`sae-selfexplain validate FILE` lists every problem."
+        )
+    return FeatureExplanations.from_dict(doc)
 
 
 def _upload_batch_rules(doc: dict[str, Any], line: int | None) -> list[Violation]:
@@ -119,11 +145,8 @@ def read_documents(path: str | Path) -> Iterator[tuple[int | None, Any]]:
 
 
 def _parse(text: str, path: Path, line: int | None) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        where = f"line {line}" if line is not None else f"character {e.pos}"
-        raise InputError(f"{path}: malformed or truncated JSON at {where}: {e.msg}.") from e
+    where = f"{path} line {line}" if line is not None else str(path)
+    return parse_json(text, where)
 
 
 def validate_file(path: str | Path, name: str | None = None) -> tuple[int, list[Violation]]:
@@ -180,7 +203,7 @@ def to_neuronpedia_line(
         "description": chosen.text.strip()[:MAX_DESCRIPTION],
         "typeName": type_name,
         "explanationModelName": explanation_model_name,
-        "notes": json.dumps(notes),
+        "notes": json.dumps(notes, allow_nan=False),
         "createdAt": datetime.now(timezone.utc).isoformat(),
     }
 

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
 from ._version import __version__
 from .errors import InputError
+from .files import parse_json, to_json
 
 
 @dataclass
@@ -82,14 +82,11 @@ class FeatureExplanations:
         return cls(**d)
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), ensure_ascii=False)
+        return to_json(self.to_dict())
 
     @classmethod
     def from_json(cls, s: str) -> FeatureExplanations:
-        try:
-            data = json.loads(s)
-        except json.JSONDecodeError as e:
-            raise InputError(f"not a FeatureExplanations JSON record ({e}); check the file is JSONL.") from e
+        data = parse_json(s, "a FeatureExplanations record")
         if not isinstance(data, dict):
             raise InputError("a FeatureExplanations record must be a JSON object.")
         return cls.from_dict(data)

@@ -2,11 +2,12 @@
 
 Each `put` is one transaction, so a process killed mid-run loses at most the batch in flight, and a
 re-run skips what `done()` reports. Several processes may write to one store: SQLite serialises them.
+Commands that only read open it read-only (`read_only=True`): the file is never changed, and a file
+that is not a results store (another SQLite database, an empty file) is refused, not converted.
 """
 
 from __future__ import annotations
 
-import json
 import sqlite3
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -14,6 +15,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from .errors import SelfExplainError
+from .files import parse_json
+from .formats import checked_record
 from .results import FeatureExplanations
 
 SCHEMA_VERSION = 1
@@ -34,6 +37,15 @@ CREATE TABLE IF NOT EXISTS explanations (
     created_at TEXT NOT NULL,
     PRIMARY KEY (model_id, sae_id, feature, settings_hash)
 );
+CREATE TABLE IF NOT EXISTS failed (
+    model_id TEXT NOT NULL,
+    sae_id TEXT NOT NULL,
+    feature INTEGER NOT NULL,
+    settings_hash TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    PRIMARY KEY (model_id, sae_id, feature, settings_hash)
+);
 CREATE TABLE IF NOT EXISTS uploads (
     host TEXT NOT NULL,
     np_model TEXT NOT NULL,
@@ -46,27 +58,69 @@ CREATE TABLE IF NOT EXISTS uploads (
 """
 
 
+_EXPLANATION_COLUMNS = ["model_id", "sae_id", "feature", "settings_hash", "record", "created_at"]
+
+
 class ResultsStore:
     """Explanations keyed by (model_id, sae_id, feature, settings_hash)."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, read_only: bool = False) -> None:
         self.path = Path(path)
+        self.read_only = read_only
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(self.path, timeout=60, isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: a committed batch survives a crash
-            self._db.executescript(_DDL)
-            version = self._meta("schema_version")
-            if version is None:
+            if read_only:
+                self._db = self._open_read_only()
+            else:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._db = sqlite3.connect(self.path, timeout=60, isolation_level=None)
+                self._refuse_foreign()
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: a committed batch survives a crash
+                self._db.executescript(_DDL)
                 self._db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-            elif int(version) > SCHEMA_VERSION:
+            version = self._meta("schema_version")
+            if version is not None and int(version) > SCHEMA_VERSION:
                 raise StoreError(
                     f"the store {self.path} has schema version {version}, newer than this sae-selfexplain "
                     f"understands ({SCHEMA_VERSION}); upgrade sae-selfexplain or use another --store."
                 )
-        except (sqlite3.Error, OSError) as e:
+        except sqlite3.DatabaseError as e:
+            if "not a database" in str(e) or "malformed" in str(e):
+                raise StoreError(f"{self.path} is not a results store (not an SQLite database: {e}).") from e
             raise StoreError(f"cannot open the results store {self.path} ({e}); choose a writable --store path.") from e
+        except OSError as e:
+            raise StoreError(f"cannot open the results store {self.path} ({e}); choose a writable --store path.") from e
+
+    def _open_read_only(self) -> sqlite3.Connection:
+        if not self.path.is_file() or self.path.stat().st_size == 0:
+            what = "is empty" if self.path.is_file() else "does not exist"
+            raise StoreError(f"{self.path} {what}: it is not a results store written by `explain`.")
+        uri = f"{self.path.resolve().as_uri()}?mode=ro"
+        try:
+            db = sqlite3.connect(uri, uri=True, isolation_level=None)
+            db.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        except sqlite3.OperationalError:
+            # a WAL store in a folder we cannot write (no -shm file can be made): read the file as it is
+            db = sqlite3.connect(uri + "&immutable=1", uri=True, isolation_level=None)
+        self._db = db
+        self._refuse_foreign(require_ours=True)
+        return db
+
+    def _refuse_foreign(self, require_ours: bool = False) -> None:
+        """Refuse an SQLite file whose tables are not ours (or, read-only, that lacks ours)."""
+        tables = {str(t) for (t,) in self._db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        ours = {"meta", "explanations", "uploads", "failed"}
+        if (tables and not tables <= ours) or (require_ours and not {"meta", "explanations"} <= tables):
+            self._db.close()
+            raise StoreError(
+                f"{self.path} is not a results store (its tables: {sorted(tables) or 'none'}); "
+                "pass a .db written by `explain`, or a new path."
+            )
+        if tables:  # our tables: check their columns too
+            columns = [str(row[1]) for row in self._db.execute("PRAGMA table_info(explanations)")]
+            if columns and columns != _EXPLANATION_COLUMNS:
+                self._db.close()
+                raise StoreError(f"{self.path} has an explanations table of another layout ({columns}); not ours.")
 
     def _meta(self, key: str) -> str | None:
         row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
@@ -95,6 +149,23 @@ class ResultsStore:
             raise
         self._db.execute("COMMIT")
 
+    def put_failed(self, model_id: str, sae_id: str, settings_hash: str, reasons: dict[int, str]) -> None:
+        """Record features a run could not explain, with why (one transaction)."""
+        now = datetime.now(timezone.utc).isoformat()
+        rows = [(model_id, sae_id, f, settings_hash, why, now) for f, why in reasons.items()]
+        with self._transaction():
+            self._db.executemany("INSERT OR REPLACE INTO failed VALUES (?, ?, ?, ?, ?, ?)", rows)
+
+    def failed(self, model_id: str, sae_id: str, settings_hash: str) -> dict[int, str]:
+        """Features a run with these settings could not explain, and why."""
+        if "failed" not in {t for (t,) in self._db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}:
+            return {}  # a store from before this table, opened read-only
+        cur = self._db.execute(
+            "SELECT feature, reason FROM failed WHERE model_id = ? AND sae_id = ? AND settings_hash = ?",
+            (model_id, sae_id, settings_hash),
+        )
+        return {int(f): str(why) for f, why in cur}
+
     def done(self, model_id: str, sae_id: str, settings_hash: str) -> set[int]:
         """Features already explained with these settings."""
         cur = self._db.execute(
@@ -113,7 +184,8 @@ class ResultsStore:
             (model_id, sae_id, settings_hash),
         )
         for sae, record in cur:
-            yield str(sae), FeatureExplanations.from_dict(json.loads(record))
+            where = f"{self.path}: a stored record of {sae}"
+            yield str(sae), checked_record(parse_json(str(record), where), where)
 
     def uploaded(self, host: str, np_model: str, np_source: str) -> set[tuple[int, str]]:
         """(feature, text hash) pairs already uploaded to this Neuronpedia source."""
