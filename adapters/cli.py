@@ -23,7 +23,14 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from sae_selfexplain_plugin import FeatureExplanations, SelfExplainConfig, SelfExplainError, __version__
+from sae_selfexplain_plugin import (
+    FeatureExplanations,
+    InputError,
+    SelfExplainConfig,
+    SelfExplainer,
+    SelfExplainError,
+    __version__,
+)
 from sae_selfexplain_plugin.activation_examples import ActivationExamples, Context, FeatureExamples
 from sae_selfexplain_plugin.adapter_training import (
     DEFAULT_ARCHITECTURE,
@@ -36,7 +43,8 @@ from sae_selfexplain_plugin.config import DEFAULT_SCALES, POLICIES, WHOLE_SAE_CO
 from sae_selfexplain_plugin.dashboard import write_dashboard
 from sae_selfexplain_plugin.direction_adapter import ARCHITECTURES, HELD_OUT_LATENTS
 from sae_selfexplain_plugin.export import DEFAULT_TYPE_NAME
-from sae_selfexplain_plugin.formats import SCHEMA_NAMES
+from sae_selfexplain_plugin.files import atomic_writer, check_writable
+from sae_selfexplain_plugin.formats import SCHEMA_NAMES, checked_record
 from sae_selfexplain_plugin.word_recovery import (
     default_source_layers,
     load_words,
@@ -80,10 +88,31 @@ def _load(name: str) -> TransformersBackend:
         return load_backend(name)
 
 
+class Interrupted(SelfExplainError):
+    """Ctrl-C during a long run: what was stored is kept."""
+
+
+def _positive(text: str) -> int:
+    """An argparse type: an integer >= 1 (ASCII digits)."""
+    if not (text.isascii() and text.isdigit()) or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return int(text)
+
+
+def _int_list(text: str, flag: str) -> list[int]:
+    """Comma-separated non-negative integers (ASCII digits) for `flag`."""
+    parts = [p.strip() for p in text.split(",")]
+    if not all(p.isascii() and p.isdigit() for p in parts):
+        raise InputError(f"{flag} {text!r} must be comma-separated block numbers such as 10,15.")
+    return [int(p) for p in parts]
+
+
 def _scales(text: str | None) -> tuple[float, ...]:
     if not text:
         return DEFAULT_SCALES
     try:
+        if not text.isascii():
+            raise ValueError(text)
         return tuple(float(s) for s in text.split(","))
     except ValueError:
         raise SelfExplainError(f"--scales takes comma-separated numbers, e.g. 1,2,4; got {text!r}.") from None
@@ -192,11 +221,13 @@ def _highlight(context: Context) -> Text:
 
 
 def cmd_word_recovery(args: argparse.Namespace) -> int:
+    sources = _int_list(args.sources, "--sources") if args.sources else None
+    if args.json:
+        check_writable(args.json, "--json")
     backend = _load(args.model)
     chat = EMBEDDED_MODELS[args.model].chat
     default = ["identity", "chat-repeat", "chat-meaning"] if chat else ["identity", "definition"]
     templates = args.templates.split(",") if args.templates else default
-    sources = [int(s) for s in args.sources.split(",")] if args.sources else None
     adapter = None if args.adapter == "none" else args.adapter
     config = SelfExplainConfig(
         layer=args.layer, scales=_scales(args.scales), max_new_tokens=args.max_new_tokens, adapter=adapter
@@ -250,7 +281,8 @@ def cmd_word_recovery(args: argparse.Namespace) -> int:
     view.print(table)
     view.print(f"{elapsed:.0f}s")
     if args.json:
-        Path(args.json).write_text(json.dumps({"elapsed_s": elapsed, "rows": [r.to_dict() for r in rows]}, indent=1))
+        with atomic_writer(args.json) as f:
+            json.dump({"elapsed_s": elapsed, "rows": [r.to_dict() for r in rows]}, f, indent=1, allow_nan=False)
         view.print(f"wrote {args.json}", markup=False)
     return 0
 
@@ -263,6 +295,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     except ImportError as e:
         raise SelfExplainError(f"`explain` needs SAELens ({e}): pip install 'sae-selfexplain[saelens]'.") from None
 
+    check_writable(args.out, "--out")
     with _status(f"Loading SAE {args.sae}...", "loaded the SAE"):
         sae, sae_key = load_sae(args.sae, device=args.device or "cpu")
     features = parse_features(args.features, sae.cfg.d_sae) if args.features else list(range(sae.cfg.d_sae))
@@ -282,12 +315,17 @@ def cmd_explain(args: argparse.Namespace) -> int:
     with _status("Loading the model...", "loaded the model"):
         backend = load_model(args.model, sae, args.device)
     config = _with_adapter(config, args, sae, backend)
-    with _progress() as progress:
-        task = progress.add_task("explaining features", total=len(features))
-        summary = explain_sae(
-            sae, sae_key, backend, features, config, store, resume=args.resume,
-            on_batch=lambda n: progress.advance(task, n),
-        )  # fmt: skip
+    try:
+        with _progress() as progress:
+            task = progress.add_task("explaining features", total=len(features))
+            summary = explain_sae(
+                sae, sae_key, backend, features, config, store, resume=args.resume,
+                retry_failed=args.retry_failed, on_batch=lambda n: progress.advance(task, n),
+            )  # fmt: skip
+    except KeyboardInterrupt:
+        stored = len(store.done(backend.model_id, sae_key, SelfExplainer(backend, config).settings_hash))
+        store.close()
+        raise Interrupted(f"interrupted; {stored} features stored in {store_path}, rerun with --resume.") from None
     from sae_selfexplain_plugin.export import export_jsonl
 
     records = stored_records(store, backend.model_id, sae_key, summary.settings_hash, features)
@@ -300,6 +338,13 @@ def cmd_explain(args: argparse.Namespace) -> int:
         f"{summary.skipped} already in the store; {n} records written to {args.out}; store: {store_path}",
         markup=False,
     )
+    if summary.failed:
+        shown = "; ".join(f"{f}: {why}" for f, why in list(summary.failed.items())[:10])
+        view.print(
+            f"{len(summary.failed)} features could not be explained and were skipped ({shown}); they are recorded "
+            "in the store, and --resume --retry-failed tries them again.",
+            markup=False,
+        )
     return 0
 
 
@@ -312,6 +357,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     config = SelfExplainConfig(
         layer=args.layer, template=args.template, scales=_scales(args.scales), max_new_tokens=args.max_new_tokens
     )
+    if args.out:
+        check_writable(args.out, "--out")
     sae, examples_path = _sae_and_examples_path(args)
     examples = ActivationExamples.load(examples_path)
     live = examples.live_features()
@@ -342,10 +389,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         markup=False,
     )
     if args.out:
-        from sae_selfexplain_plugin.files import atomic_writer
-
         with atomic_writer(args.out) as f:
-            json.dump(report.to_dict(), f, indent=1)
+            json.dump(report.to_dict(), f, indent=1, allow_nan=False)
         view.print(f"wrote {args.out}", markup=False)
     return 0
 
@@ -418,6 +463,8 @@ def cmd_sae_latent(args: argparse.Namespace) -> int:
     from .evaluation import latent_recovery, token_latents
     from .pipeline import load_model, parse_features
 
+    if args.json:
+        check_writable(args.json, "--json")
     sae, examples_path = _sae_and_examples_path(args)
     examples = ActivationExamples.load(examples_path)
     candidates = token_latents(examples, parse_features(args.latents, sae.cfg.d_sae), args.min_peaks)
@@ -446,10 +493,8 @@ def cmd_sae_latent(args: argparse.Namespace) -> int:
     for key, text in list(row.examples.items())[:12]:
         view.print(f"  {key:24s} {text}", markup=False)
     if args.json:
-        from sae_selfexplain_plugin.files import atomic_writer
-
         with atomic_writer(args.json) as f:
-            json.dump({**row.to_dict(), "qualified": len(candidates), "adapter": adapter}, f, indent=1)
+            json.dump({**row.to_dict(), "qualified": len(candidates), "adapter": adapter}, f, indent=1, allow_nan=False)
     return 0
 
 
@@ -495,15 +540,13 @@ def _read_records(results: str | None, store_path: str | None, sae_id: str | Non
         from sae_selfexplain_plugin.formats import read_documents
 
         for line, doc in read_documents(results):
-            if not isinstance(doc, dict):
-                raise SelfExplainError(f"{results} line {line}: not a JSON object.")
-            yield FeatureExplanations.from_dict(doc)
+            yield checked_record(doc, f"{results} line {line}")
     else:
         from sae_selfexplain_plugin.store import ResultsStore
 
         if store_path is None or not Path(store_path).is_file():
             raise SelfExplainError(f"no results store at {store_path}; pass --results FILE or --store FILE.db.")
-        with ResultsStore(store_path) as store:
+        with ResultsStore(store_path, read_only=True) as store:
             for _, record in store.records(sae_id=sae_id):
                 yield record
 
@@ -537,18 +580,21 @@ def cmd_upload(args: argparse.Namespace) -> int:
     from sae_selfexplain_plugin.formats import neuronpedia_ids
     from sae_selfexplain_plugin.store import ResultsStore
 
-    from .neuronpedia import upload
+    from .neuronpedia import check_host, upload
 
     if bool(args.results) == bool(args.store):
         raise SelfExplainError("pass exactly one of --results FILE.jsonl or --store FILE.db.")
     records = list(_records(args))
     if not records:
         raise SelfExplainError("no results to upload.")
+    host = check_host(args.host, args.allow_http)
     model_id, source = neuronpedia_ids(records[0], args.model_id, args.source)
-    ledger_path = args.ledger or args.store or str(Path(args.results).with_suffix(".db"))
-    with ResultsStore(ledger_path) as ledger:
+    ledger_path = Path(args.ledger or args.store or Path(args.results).with_suffix(".db"))
+    # a dry run writes nothing: it reads the ledger if there is one, else starts from an empty one in memory
+    ledger_at = ledger_path if not args.dry_run or ledger_path.is_file() else Path(":memory:")
+    with ResultsStore(ledger_at, read_only=args.dry_run and ledger_at != Path(":memory:")) as ledger:
         summary = upload(
-            records, model_id=model_id, source=source, ledger=ledger, host=args.host,
+            records, model_id=model_id, source=source, ledger=ledger, host=host, allow_http=args.allow_http,
             method_name=args.method_name, model_name=args.model_name, dry_run=args.dry_run,
             log=lambda m: console.print(m, soft_wrap=True, markup=False, highlight=False),
         )  # fmt: skip
@@ -617,6 +663,7 @@ def _with_adapter(config: SelfExplainConfig, args: argparse.Namespace, sae: Any,
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sae-selfexplain", description=__doc__)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of any error")
     sub = parser.add_subparsers(dest="command", required=True)
     models = sorted(EMBEDDED_MODELS)
 
@@ -638,6 +685,9 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--out", required=True, help="results JSONL, written atomically at the end")
     ex.add_argument("--store", help="SQLite results store (default: OUT with .db); committed per batch")
     ex.add_argument("--resume", action="store_true", help="skip features already in the store")
+    ex.add_argument(
+        "--retry-failed", action="store_true", help="with --resume: try again the features a run had to skip"
+    )
     ex.add_argument("--layer", type=int, default=SelfExplainConfig().layer)
     ex.add_argument("--template", help="prompt template (default: from the tokenizer)")
     ex.add_argument("--scales", help="comma-separated relative scales")
@@ -653,7 +703,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--examples", help="activation examples file (default: in the SAE folder)")
     ev.add_argument("--model", help="embedded model name or checkpoint folder (default: the SAE's model_name)")
     ev.add_argument("--features", help="e.g. 0-63 (default: the first --limit live features)")
-    ev.add_argument("--limit", type=int, default=64)
+    ev.add_argument("--limit", type=_positive, default=64, help="how many live features (default: %(default)s)")
     ev.add_argument("--layer", type=int, default=SelfExplainConfig().layer)
     ev.add_argument("--template", help="prompt template (default: from the tokenizer)")
     ev.add_argument("--scales", help="comma-separated relative scales")
@@ -716,7 +766,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--model-id", help="Neuronpedia model id (default: from the SAE's neuronpedia_id)")
     up.add_argument("--source", help="Neuronpedia source id, of a source set you created (default: neuronpedia_id)")
     up.add_argument("--ledger", help="store that remembers what was uploaded (default: the results' store)")
-    up.add_argument("--host", default=DEFAULT_HOST)
+    up.add_argument("--host", default=DEFAULT_HOST, help="https origin (default: %(default)s)")
+    up.add_argument("--allow-http", action="store_true", help="allow a plain-http loopback host (test servers)")
     up.add_argument("--method-name", help="an explanation type Neuronpedia knows (else omitted)")
     up.add_argument("--model-name", help="an explanation model name Neuronpedia knows (else omitted)")
     up.add_argument("--dry-run", action="store_true", help="print what would be sent; send nothing")
@@ -746,7 +797,7 @@ def build_parser() -> argparse.ArgumentParser:
     sl.add_argument("--examples", help="activation examples file (default: in the SAE folder)")
     sl.add_argument("--model", help="embedded model name or checkpoint folder (default: the SAE's model_name)")
     sl.add_argument("--latents", default=f"0-{HELD_OUT_LATENTS - 1}", help="latents to pick from (%(default)s)")
-    sl.add_argument("--limit", type=int, default=64, help="the first N token latents (default: %(default)s)")
+    sl.add_argument("--limit", type=_positive, default=64, help="the first N token latents (default: %(default)s)")
     sl.add_argument("--min-peaks", type=int, default=8, help="top contexts that must peak on the word (of 10)")
     sl.add_argument("--template", help="prompt template (default: from the tokenizer)")
     sl.add_argument("--scales", help="comma-separated relative scales")
@@ -763,9 +814,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except SelfExplainError as e:
+    except Interrupted as e:
+        console.print(f"[bold yellow]{escape(str(e))}[/bold yellow]", soft_wrap=True, highlight=False)
+        return 130
+    except KeyboardInterrupt:
+        console.print("[bold yellow]interrupted[/bold yellow]", highlight=False)
+        return 130
+    except SelfExplainError as e:  # bad input, or a service that refused: one line, naming the fix
+        if args.debug:
+            console.print_exception()
         console.print(f"[bold red]error:[/bold red] {escape(str(e))}", soft_wrap=True, highlight=False)
         return 2
+    except Exception as e:  # a bug: say so in one line; --debug shows where
+        if args.debug:
+            raise
+        console.print(
+            f"[bold red]internal error:[/bold red] {escape(type(e).__name__)}: {escape(str(e)[:300])}. "
+            "This is a bug in sae-selfexplain: rerun with --debug and report the traceback.",
+            soft_wrap=True,
+            highlight=False,
+        )
+        return 1
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import json
 import os
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -28,6 +29,43 @@ DEFAULT_HOST = "https://www.neuronpedia.org"
 API_KEY_ENV = "NEURONPEDIA_API_KEY"
 MAX_BATCH = 128
 _RETRY_STATUS = {429, 500, 502, 503, 504}
+_LOOPBACK = {"localhost", "127.0.0.1", "::1"}
+
+
+def check_host(host: str, allow_http: bool = False) -> str:
+    """The host as a base URL we may send the API key to: https only (plain http only for a loopback
+    address, and only when allowed: a test server); no path, query, fragment or credentials."""
+    parts = urllib.parse.urlsplit(host)
+    loopback = parts.hostname in _LOOPBACK
+    if parts.scheme not in ("https", "http") or not parts.hostname:
+        raise UploadError(f"--host {host!r} is not an https:// URL (e.g. {DEFAULT_HOST}).")
+    if parts.scheme == "http" and not (allow_http and loopback):
+        hint = " (pass --allow-http for this loopback test server)" if loopback else ""
+        raise UploadError(f"--host {host!r} is plain http: the API key would travel unencrypted; use https{hint}.")
+    if parts.username or parts.password or parts.query or parts.fragment or parts.path.strip("/"):
+        raise UploadError(f"--host {host!r} must be a bare origin such as {DEFAULT_HOST} (no path, query or '#').")
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """Never follow a redirect: the request carries the API key, which must go to --host only."""
+
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+_OPENER = urllib.request.build_opener(_NoRedirect)
+
+
+def _accepted(status: int, body: bytes) -> bool:
+    """Neuronpedia's upload-batch answers 200 with {"message": "N features created."} (route.tsx)."""
+    if status != 200:
+        return False
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        return False
+    return isinstance(doc, dict) and isinstance(doc.get("message"), str) and "created" in doc["message"]
 
 
 class UploadError(SelfExplainError, RuntimeError):
@@ -85,6 +123,7 @@ def upload(
     ledger: ResultsStore,
     api_key: str | None = None,
     host: str = DEFAULT_HOST,
+    allow_http: bool = False,
     method_name: str | None = None,
     model_name: str | None = None,
     dry_run: bool = False,
@@ -94,7 +133,10 @@ def upload(
     log: Callable[[str], None] = print,
     sleep: Callable[[float], None] = time.sleep,
 ) -> UploadSummary:
-    """Upload every record not yet in the ledger, in batches of at most 128 features."""
+    """Upload every record not yet in the ledger, in batches of at most 128 features. A batch counts as
+    uploaded (and enters the ledger) only when the server answers with the JSON Neuronpedia sends on
+    success. `host` must be https (see check_host); redirects are never followed."""
+    host = check_host(host, allow_http)
     model_id, source = model_id.lower(), source.lower()  # Neuronpedia lowercases both
     done = ledger.uploaded(host, model_id, source)
     summary = UploadSummary()
@@ -147,11 +189,22 @@ def _post(
             url, data=data, method="POST", headers={"Content-Type": "application/json", "x-api-key": key}
         )
         try:
-            with urllib.request.urlopen(request, timeout=timeout_s) as response:
-                response.read()
-                return
+            with _OPENER.open(request, timeout=timeout_s) as response:
+                answer = response.read(1 << 20)
+                if _accepted(response.status, answer):
+                    return
+                raise UploadError(
+                    f"unexpected answer to the batch starting at feature {first} (HTTP {response.status}: "
+                    f"{redact(answer[:200].decode('utf-8', 'replace'))!r}); is --host a Neuronpedia server? "
+                    "Nothing of this batch was marked as uploaded."
+                )
         except urllib.error.HTTPError as e:
             message = redact(e.read().decode("utf-8", "replace")[:300])
+            if 300 <= e.code < 400:
+                raise UploadError(
+                    f"{host} redirected the upload to {e.headers.get('Location')!r}; the API key is sent to --host "
+                    "only, so pass the final address as --host."
+                ) from None
             if e.code in (401, 403):
                 raise UploadError(
                     f"Neuronpedia refused the API key ({e.code}); check {API_KEY_ENV} and that you own the source set."

@@ -5,13 +5,15 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from sae_lens import SAE
 
 from sae_selfexplain_plugin import Backend, SelfExplainConfig, SelfExplainer
+from sae_selfexplain_plugin.engine import bad_directions
 from sae_selfexplain_plugin.errors import InputError
 from sae_selfexplain_plugin.results import FeatureExplanations
 from sae_selfexplain_plugin.store import ResultsStore
@@ -23,41 +25,81 @@ from .transformers import TransformersBackend
 
 def parse_features(spec: str, d_sae: int) -> list[int]:
     """`0-1023`, `1,5,9`, `0-9,20`, or the path of a file of indices (whitespace or comma separated)."""
-    text = Path(spec).read_text() if Path(spec).is_file() else spec
-    out: list[int] = []
+    path = Path(spec)
+    try:
+        text = path.read_text(encoding="utf-8") if path.is_file() else spec
+    except UnicodeDecodeError:
+        raise InputError(f"--features file {spec} is not text: write indices and ranges such as 0-1023,2048.") from None
+    ranges: list[tuple[int, int]] = []
     for part in (p for p in re.split(r"[\s,]+", text.strip()) if p):
-        m = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
+        m = re.fullmatch(r"([0-9]+)(?:-([0-9]+))?", part)  # ASCII digits only: no full-width or other scripts
         if not m:
             raise InputError(f"cannot read feature {part!r}: use indices and ranges such as 0-1023,2048 or a file.")
         lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
         if hi < lo:
             raise InputError(f"feature range {part!r} is empty: write it low-high.")
-        out.extend(range(lo, hi + 1))
-    if not out:
+        if hi >= d_sae:  # checked per range, before any list is built
+            raise InputError(f"features up to {hi} are outside the SAE, which has features 0..{d_sae - 1}.")
+        ranges.append((lo, hi))
+    if not ranges:
         raise InputError(f"no features in {spec!r}.")
-    bad = [f for f in out if f >= d_sae]
-    if bad:
-        raise InputError(f"features {bad[:5]} are outside the SAE, which has features 0..{d_sae - 1}.")
-    return list(dict.fromkeys(out))  # de-duplicated, order kept
+    return list(dict.fromkeys(f for lo, hi in ranges for f in range(lo, hi + 1)))  # de-duplicated, order kept
 
 
 def load_sae(spec: str, device: str = "cpu") -> tuple[SAE[Any], str]:
     """A local SAELens folder, or `RELEASE:SAE_ID` from SAELens's registry; returns (sae, store key)."""
+    check_device(device)
     path = Path(spec)
     if path.exists():
         sae = load_sae_folder(path, device=device)
     elif ":" in spec:
         release, sae_id = spec.split(":", 1)
-        sae = SAE.from_pretrained(release, sae_id, device=device)
+        sae = _load_from_registry(release, sae_id, device)
     else:
         raise InputError(f"--sae {spec!r} is neither an existing folder nor RELEASE:SAE_ID.")
     key = sae.cfg.metadata.neuronpedia_id or str(path.resolve() if path.exists() else spec)
     return sae, key
 
 
+def _load_from_registry(release: str, sae_id: str, device: str) -> SAE[Any]:
+    from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+
+    known = get_pretrained_saes_directory()
+    if release not in known:
+        raise InputError(
+            f"--sae {release}:{sae_id}: {release!r} is not a release in SAELens's registry, and no folder of that "
+            "name exists; pass a SAELens SAE folder or RELEASE:SAE_ID (see SAELens's pretrained_saes.yaml)."
+        )
+    if sae_id not in known[release].saes_map:
+        some = ", ".join(list(known[release].saes_map)[:3])
+        raise InputError(f"--sae {release}:{sae_id}: release {release!r} has no SAE {sae_id!r} (it has {some}, ...).")
+    try:
+        return SAE.from_pretrained(release, sae_id, device=device)
+    except OSError as e:  # huggingface_hub's offline and connection errors are OSErrors
+        raise InputError(
+            f"cannot download {release}:{sae_id} from the Hugging Face hub ({type(e).__name__}); without network, "
+            "save the SAE once with sae.save_model(FOLDER) where you have it and pass --sae FOLDER."
+        ) from None
+
+
+def check_device(device: str | None) -> None:
+    """Refuse a device this machine does not have, before anything is loaded onto it."""
+    if not device or device == "cpu":
+        return
+    try:
+        torch_device = torch.device(device)
+    except RuntimeError:
+        raise InputError(f"--device {device!r} is not a device name; use cpu, cuda or cuda:N.") from None
+    if torch_device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device {device}: CUDA is not available on this machine; use --device cpu.")
+    if torch_device.type == "cuda" and (torch_device.index or 0) >= torch.cuda.device_count():
+        raise InputError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA devices.")
+
+
 def load_model(spec: str | None, sae: SAE[Any] | None = None, device: str | None = None) -> Backend:
     """An embedded model by name, a local transformers checkpoint folder, or (None) the SAE's model
     (an embedded one, on a GPU if there is one)."""
+    check_device(device)
     if spec is None:
         if sae is None:
             raise InputError("name a model (an embedded model or a checkpoint folder), or pass the SAE it belongs to.")
@@ -67,8 +109,18 @@ def load_model(spec: str | None, sae: SAE[Any] | None = None, device: str | None
     if Path(spec).is_dir():
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        model: Any = AutoModelForCausalLM.from_pretrained(spec)  # TransformersBackend puts it in eval mode
-        return TransformersBackend(model.to(device or "cpu"), AutoTokenizer.from_pretrained(spec))
+        if not (Path(spec) / "config.json").is_file():
+            raise InputError(
+                f"--model {spec} is a folder but not a transformers checkpoint (no config.json); pass a folder "
+                "saved with model.save_pretrained() and tokenizer.save_pretrained(), or an embedded model: "
+                f"{sorted(EMBEDDED_MODELS)}."
+            )
+        try:
+            model: Any = AutoModelForCausalLM.from_pretrained(spec)  # TransformersBackend puts it in eval mode
+            tokenizer = AutoTokenizer.from_pretrained(spec)
+        except (OSError, ValueError, KeyError) as e:
+            raise InputError(f"cannot load the checkpoint in {spec} ({type(e).__name__}: {str(e)[:200]}).") from None
+        return TransformersBackend(model.to(device or "cpu"), tokenizer)
     raise InputError(
         f"--model {spec!r} is neither an embedded model ({sorted(EMBEDDED_MODELS)}) nor a local checkpoint folder."
     )
@@ -81,6 +133,7 @@ class RunSummary:
     explained: int
     seconds: float
     settings_hash: str  # keys this run's records in the store
+    failed: dict[int, str] = field(default_factory=dict)  # features skipped, and why (also in the store)
 
 
 def explain_sae(
@@ -92,30 +145,46 @@ def explain_sae(
     store: ResultsStore,
     *,
     resume: bool = False,
+    retry_failed: bool = False,
     on_batch: Callable[[int], None] | None = None,
 ) -> RunSummary:
-    """Explain `features`, committing each batch to `store`; with `resume`, skip features already stored."""
+    """Explain `features`, committing each batch to `store`; with `resume`, skip features already stored
+    (and those a run had to skip, unless `retry_failed`). A feature whose decoder row has no direction
+    (NaN, inf, all zeros) is recorded as failed, with why, and the run goes on."""
     check_compatible(sae, backend)
     explainer = SelfExplainer(backend, config)
-    done = store.done(backend.model_id, sae_key, explainer.settings_hash) if resume else set()
+    settings = explainer.settings_hash
+    done = store.done(backend.model_id, sae_key, settings) if resume else set()
+    if resume and not retry_failed:
+        done |= set(store.failed(backend.model_id, sae_key, settings))
     todo = [f for f in features if f not in done]
     # features per committed batch: enough to fill one generate call with their rows
     scales_generated = min(config.keep_top, len(config.scales)) if config.generate == "chosen" else len(config.scales)
     per_batch = max(1, config.batch_size // (scales_generated * config.n_samples))
     identity = sae_identity(sae)
+    failed: dict[int, str] = {}
     start = time.perf_counter()
     for i in range(0, len(todo), per_batch):
         chunk = todo[i : i + per_batch]
-        records = explainer.explain(sae.W_dec.detach()[chunk].float().cpu(), chunk)
-        texts = [(r.chosen.text if r.chosen else "") for r in records]
-        for r, act in zip(records, activation_records(sae, backend, chunk, texts, "own explanation")):
-            r.sae = identity
-            r.activations = [] if act is None else [act]
-        store.put(records, sae_key)
+        rows = sae.W_dec.detach()[chunk].float().cpu()
+        bad = {chunk[r]: f"decoder row has {why}" for r, why in bad_directions(rows).items()}
+        if bad:
+            store.put_failed(backend.model_id, sae_key, settings, bad)
+            failed.update(bad)
+            keep = [r for r, f in enumerate(chunk) if f not in bad]
+            chunk, rows = [chunk[r] for r in keep], rows[keep]
+        if chunk:
+            records = explainer.explain(rows, chunk)
+            texts = [(r.chosen.text if r.chosen else "") for r in records]
+            for r, act in zip(records, activation_records(sae, backend, chunk, texts, "own explanation")):
+                r.sae = identity
+                r.activations = [] if act is None else [act]
+            store.put(records, sae_key)
         if on_batch is not None:
-            on_batch(len(chunk))
+            on_batch(len(chunk) + len([f for f in todo[i : i + per_batch] if f in bad]))
     seconds = time.perf_counter() - start
-    return RunSummary(len(features), len(features) - len(todo), len(todo), seconds, explainer.settings_hash)
+    explained = len(todo) - len(failed)
+    return RunSummary(len(features), len(features) - len(todo), explained, seconds, settings, failed)
 
 
 def stored_records(

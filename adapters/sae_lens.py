@@ -9,7 +9,6 @@ The functional form is `self_explain(sae, features, model=...)`.
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 import warnings
 from collections.abc import Sequence
@@ -23,6 +22,7 @@ from safetensors import safe_open
 from sae_selfexplain_plugin import Backend, FeatureExplanations, SelfExplainConfig, SelfExplainer
 from sae_selfexplain_plugin.direction_adapter import shipped_adapter
 from sae_selfexplain_plugin.errors import InputError
+from sae_selfexplain_plugin.files import parse_json
 from sae_selfexplain_plugin.templates import default_template_name
 
 from .backends import backend_for
@@ -179,6 +179,12 @@ def _feature_indices(features: int | Sequence[int] | torch.Tensor, d_sae: int) -
     return indices
 
 
+def sae_lens_version() -> str:
+    from importlib.metadata import version
+
+    return version("sae-lens")
+
+
 def load_sae_folder(path: str | Path, device: str = "cpu") -> SAE[Any]:
     """`SAE.load_from_disk`, with errors that say what is wrong with the folder: no cfg.json, an unreadable
     cfg, a corrupt or truncated weights file, or weights whose shapes disagree with the cfg."""
@@ -187,10 +193,18 @@ def load_sae_folder(path: str | Path, device: str = "cpu") -> SAE[Any]:
     if not cfg_path.is_file():
         raise InputError(f"{path} is not a SAELens SAE folder (no cfg.json); save one with sae.save_model().")
     try:
-        cfg = json.loads(cfg_path.read_text())
+        cfg = parse_json(cfg_path.read_text(), str(cfg_path))
         d_in, d_sae = int(cfg["d_in"]), int(cfg["d_sae"])
     except (ValueError, KeyError, TypeError) as e:
         raise InputError(f"{cfg_path} is not a valid SAE config ({e!r}); it needs d_in and d_sae.") from e
+    from sae_lens.registry import SAE_CLASS_REGISTRY
+
+    architecture = cfg.get("architecture", "standard")
+    if architecture not in SAE_CLASS_REGISTRY:
+        raise InputError(
+            f"{cfg_path}: architecture {architecture!r} is not one this SAELens ({sae_lens_version()}) knows "
+            f"({', '.join(sorted(SAE_CLASS_REGISTRY))}); upgrade sae-lens, or check the cfg."
+        )
     weights = path / "sae_weights.safetensors"
     try:
         with safe_open(str(weights), framework="pt") as f:
@@ -233,6 +247,12 @@ def check_compatible(sae: SAE[Any], backend: Backend, *, check_model: bool = Tru
         raise InputError(
             f"the SAE's decoder width {d_out} != the model's d_model {backend.d_model}: "
             "this SAE belongs to another model."
+        )
+    position = _decoder_position(sae)
+    if position is not None and position[0] > backend.n_layers:
+        raise InputError(
+            f"the SAE's hook {decoder_hook(sae)!r} is beyond this model's {backend.n_layers} blocks: the SAE belongs "
+            "to another (deeper) model."
         )
     wanted = sae.cfg.metadata.model_name
     if check_model and wanted and canonical_model_name(wanted) != canonical_model_name(backend.model_id):

@@ -101,7 +101,7 @@ def test_upload_batch_rules_beyond_json_schema():
 def test_malformed_and_truncated_jsonl(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps(record(1).to_dict()) + "\n" + '{"feature_id": 2, "cand')
-    with pytest.raises(InputError, match=r"truncated JSON at line 2"):
+    with pytest.raises(InputError, match=r"bad.jsonl line 2: malformed or truncated JSON"):
         list(read_documents(bad))
     gz = tmp_path / "cut.jsonl.gz"
     lines = "".join(json.dumps({"n": i, "h": hash(str(i))}) + "\n" for i in range(2000)).encode()

@@ -34,7 +34,7 @@ def ledger(tmp_path):
 
 
 def go(records, server, ledger, logs=None, **kw):
-    kw = {"model_id": "Gemma-3-270m", "source": "6-test", "ledger": ledger, "api_key": KEY, "host": server.url,
+    kw = {"model_id": "Gemma-3-270m", "source": "6-test", "ledger": ledger, "api_key": KEY, "host": server.url, "allow_http": True,
           "backoff_s": 0.0, "log": (logs.append if logs is not None else lambda m: None), **kw}  # fmt: skip
     return upload(records, **kw)
 
@@ -93,13 +93,13 @@ def test_cli_upload_reads_the_key_from_the_environment(server, tmp_path, monkeyp
     results = tmp_path / "r.jsonl"
     export_jsonl([record(1), record(2)], results)
     monkeypatch.delenv("NEURONPEDIA_API_KEY", raising=False)
-    assert main(["upload", "--results", str(results), "--host", server.url]) == 2
+    assert main(["upload", "--results", str(results), "--host", server.url, "--allow-http"]) == 2
     assert "NEURONPEDIA_API_KEY" in capsys.readouterr().err
     monkeypatch.setenv("NEURONPEDIA_API_KEY", KEY)
-    assert main(["upload", "--results", str(results), "--host", server.url]) == 0
+    assert main(["upload", "--results", str(results), "--host", server.url, "--allow-http"]) == 0
     out = capsys.readouterr()
     assert "sent 2 features in 1 batches to gemma-3-270m/6-test" in out.out
     assert KEY not in out.out + out.err
     assert all(KEY.encode() not in p.read_bytes() for p in tmp_path.iterdir())  # nor in any file
-    assert main(["upload", "--results", str(results), "--host", server.url]) == 0
+    assert main(["upload", "--results", str(results), "--host", server.url, "--allow-http"]) == 0
     assert "2 already uploaded" in capsys.readouterr().out
