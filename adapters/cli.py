@@ -8,7 +8,7 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, NoReturn, cast
 
 from rich.console import Console
 from rich.markup import escape
@@ -660,8 +660,20 @@ def _with_adapter(config: SelfExplainConfig, args: argparse.Namespace, sae: Any,
     return config.replace(adapter_scales=_scales(scales)) if config.adapter is not None and scales else config
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (no usage block), exit 2 like every other input error."""
+
+    def error(self, message: str) -> NoReturn:
+        console.print(
+            f"[bold red]error:[/bold red] {escape(self.prog)}: {escape(message)} (see {escape(self.prog)} --help)",
+            soft_wrap=True,
+            highlight=False,
+        )
+        raise SystemExit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sae-selfexplain", description=__doc__)
+    parser = _Parser(prog="sae-selfexplain", description=__doc__)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of any error")
     sub = parser.add_subparsers(dest="command", required=True)

@@ -183,11 +183,28 @@ def test_position_ids_ignore_left_padding():
         (torch.zeros(0, 64), "empty"),
         (torch.zeros(1, 64), "all zeros"),
         (torch.randn(2, 3, 64), "shape"),
+        (torch.randn(1, 64, dtype=torch.complex64), "real numbers"),
+        (torch.empty(1, 64, device="meta"), "meta device"),
     ],
 )
 def test_bad_directions(gemma_backend, bad, match):
     with pytest.raises(InputError, match=match):
         SelfExplainer(gemma_backend, CFG).explain(bad)
+
+
+def test_bad_rows_are_named_by_feature_id(gemma_backend):
+    d = directions(gemma_backend, 3)
+    d[1] = float("inf")
+    d[2] = 0.0
+    with pytest.raises(InputError, match=r"feature 11: NaN or inf values; feature 12: all zeros"):
+        SelfExplainer(gemma_backend, CFG).explain(d, feature_ids=[10, 11, 12])
+
+
+@pytest.mark.parametrize(("ids", "match"), [([-1], ">= 0"), ([1.7], "integers"), ([True], "integers"),
+                                            (["3"], "integers"), (torch.tensor([1.0]), "integers")])  # fmt: skip
+def test_feature_ids_are_not_coerced(gemma_backend, ids, match):
+    with pytest.raises(InputError, match=match):
+        SelfExplainer(gemma_backend, CFG).explain(directions(gemma_backend, 1), feature_ids=ids)
 
 
 def test_feature_ids_must_match(gemma_backend):
@@ -215,6 +232,7 @@ def test_unknown_template(gemma_backend):
         ({"injection": "multiply"}, "injection must be"),
         ({"scale_mode": "percent"}, "scale_mode must be"),
         ({"layer": -1}, "layer must be >= 0"),
+        ({"scales": (1.0, 1e38)}, r"above 1e\+06"),
     ],
 )
 def test_bad_config(changes, match):
@@ -226,6 +244,7 @@ def test_config_round_trip_and_hash():
     cfg = SelfExplainConfig(scales=(1, 2), template="identity")
     assert SelfExplainConfig.from_dict(cfg.to_dict()) == cfg
     assert cfg.settings_hash() != cfg.replace(layer=3).settings_hash()
+    assert cfg.settings_hash() == cfg.replace(batch_size=7).settings_hash()  # grouping, not output
     with pytest.raises(InputError, match="unknown SelfExplainConfig keys"):
         SelfExplainConfig.from_dict({"scale": [1]})
 
