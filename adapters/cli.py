@@ -338,6 +338,12 @@ def cmd_explain(args: argparse.Namespace) -> int:
         f"{summary.skipped} already in the store; {n} records written to {args.out}; store: {store_path}",
         markup=False,
     )
+    if summary.elsewhere:
+        view.print(
+            f"{summary.elsewhere} features were claimed by another run resuming this store; rerun with --resume "
+            "once it has finished to write them all to --out.",
+            markup=False,
+        )
     if summary.failed:
         shown = "; ".join(f"{f}: {why}" for f, why in list(summary.failed.items())[:10])
         view.print(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -134,6 +135,7 @@ class RunSummary:
     seconds: float
     settings_hash: str  # keys this run's records in the store
     failed: dict[int, str] = field(default_factory=dict)  # features skipped, and why (also in the store)
+    elsewhere: int = 0  # features another run resuming the same store explained instead
 
 
 def explain_sae(
@@ -164,8 +166,12 @@ def explain_sae(
     identity = sae_identity(sae)
     failed: dict[int, str] = {}
     start = time.perf_counter()
+    owner = uuid.uuid4().hex  # this run, in the store's claims
+    elsewhere = 0  # features another run resuming this store claimed first
     for i in range(0, len(todo), per_batch):
-        chunk = todo[i : i + per_batch]
+        window = todo[i : i + per_batch]
+        chunk = store.claim(backend.model_id, sae_key, settings, window, owner) if resume else window
+        elsewhere += len(window) - len(chunk)
         rows = sae.W_dec.detach()[chunk].float().cpu()
         bad = {chunk[r]: f"decoder row has {why}" for r, why in bad_directions(rows).items()}
         if bad:
@@ -181,10 +187,10 @@ def explain_sae(
                 r.activations = [] if act is None else [act]
             store.put(records, sae_key)
         if on_batch is not None:
-            on_batch(len(chunk) + len([f for f in todo[i : i + per_batch] if f in bad]))
+            on_batch(len(window))
     seconds = time.perf_counter() - start
-    explained = len(todo) - len(failed)
-    return RunSummary(len(features), len(features) - len(todo), explained, seconds, settings, failed)
+    explained = len(todo) - len(failed) - elsewhere
+    return RunSummary(len(features), len(features) - len(todo), explained, seconds, settings, failed, elsewhere)
 
 
 def stored_records(

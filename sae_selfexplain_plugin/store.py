@@ -9,6 +9,7 @@ that is not a results store (another SQLite database, an empty file) is refused,
 from __future__ import annotations
 
 import sqlite3
+import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -44,6 +45,15 @@ CREATE TABLE IF NOT EXISTS failed (
     settings_hash TEXT NOT NULL,
     reason TEXT NOT NULL,
     created_at TEXT NOT NULL,
+    PRIMARY KEY (model_id, sae_id, feature, settings_hash)
+);
+CREATE TABLE IF NOT EXISTS claims (
+    model_id TEXT NOT NULL,
+    sae_id TEXT NOT NULL,
+    feature INTEGER NOT NULL,
+    settings_hash TEXT NOT NULL,
+    owner TEXT NOT NULL,
+    claimed_at REAL NOT NULL,
     PRIMARY KEY (model_id, sae_id, feature, settings_hash)
 );
 CREATE TABLE IF NOT EXISTS uploads (
@@ -109,7 +119,7 @@ class ResultsStore:
     def _refuse_foreign(self, require_ours: bool = False) -> None:
         """Refuse an SQLite file whose tables are not ours (or, read-only, that lacks ours)."""
         tables = {str(t) for (t,) in self._db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        ours = {"meta", "explanations", "uploads", "failed"}
+        ours = {"meta", "explanations", "uploads", "failed", "claims"}
         if (tables and not tables <= ours) or (require_ours and not {"meta", "explanations"} <= tables):
             self._db.close()
             raise StoreError(
@@ -165,6 +175,27 @@ class ResultsStore:
             (model_id, sae_id, settings_hash),
         )
         return {int(f): str(why) for f, why in cur}
+
+    def claim(
+        self, model_id: str, sae_id: str, settings_hash: str, features: list[int], owner: str, lease_s: float = 900.0
+    ) -> list[int]:
+        """Of `features`, those this `owner` may compute now: not stored yet and not claimed by another
+        owner within `lease_s` seconds (a crashed run's claims expire). They become this owner's claims,
+        so two runs resuming one store share the work instead of both doing all of it."""
+        now = time.time()
+        key = (model_id, sae_id, settings_hash)
+        with self._transaction():
+            done = self.done(*key)
+            taken = {int(f) for (f,) in self._db.execute(
+                "SELECT feature FROM claims WHERE model_id = ? AND sae_id = ? AND settings_hash = ? AND owner != ? "
+                "AND claimed_at > ?", (*key, owner, now - lease_s),
+            )}  # fmt: skip
+            mine = [f for f in features if f not in done and f not in taken]
+            self._db.executemany(
+                "INSERT OR REPLACE INTO claims VALUES (?, ?, ?, ?, ?, ?)",
+                [(*key[:2], f, key[2], owner, now) for f in mine],
+            )
+        return mine
 
     def done(self, model_id: str, sae_id: str, settings_hash: str) -> set[int]:
         """Features already explained with these settings."""

@@ -245,3 +245,30 @@ def test_explain_without_sae_lens_names_the_extra(monkeypatch, tmp_path, capsys)
     monkeypatch.setattr(builtins, "__import__", no_pipeline)
     assert main(["explain", "--sae", str(tmp_path), "--out", str(tmp_path / "o.jsonl")]) == 2
     assert "sae-selfexplain[saelens]" in capsys.readouterr().err
+
+
+def test_claims_share_the_work_of_two_resuming_runs(tmp_path):
+    with ResultsStore(tmp_path / "s.db") as store:
+        key = ("m", "sae", "h")
+        assert store.claim(*key, [0, 1, 2, 3], owner="a") == [0, 1, 2, 3]
+        assert store.claim(*key, [0, 1, 2, 3, 4, 5], owner="b") == [4, 5]  # a's claims are live
+        assert store.claim(*key, [0, 1], owner="a") == [0, 1]  # its own claims stay its own
+        assert store.claim(*key, [0, 1], owner="b", lease_s=0.0) == [0, 1]  # a crashed run's claims expire
+        rec = FeatureExplanations(2, [], None, model_id="m", settings_hash="h")
+        store.put([rec], "sae")
+        assert store.claim(*key, [2, 3], owner="c", lease_s=0.0) == [3]  # stored features are never claimed
+
+
+def test_resume_leaves_features_another_run_claimed(assets, tmp_path, capsys):
+    out = tmp_path / "o.jsonl"
+    assert main(explain_args(assets, out, "--features", "0-1")) == 0
+    store_path = out.with_suffix(".db")
+    first = read_jsonl(out)[0]
+    with ResultsStore(store_path) as store:
+        key = (first.model_id, first.sae["neuronpedia_id"], first.settings_hash)
+        assert store.claim(*key, [2, 3], owner="other run") == [2, 3]
+    capsys.readouterr()
+    assert main(explain_args(assets, out, "--features", "0-5", "--resume")) == 0
+    said = " ".join(capsys.readouterr().out.split())
+    assert "2 features explained" in said and "2 features were claimed by another run" in said
+    assert [r.feature_id for r in read_jsonl(out)] == [0, 1, 4, 5]
