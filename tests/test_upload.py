@@ -35,7 +35,8 @@ def ledger(tmp_path):
 
 def go(records, server, ledger, logs=None, **kw):
     kw = {"model_id": "Gemma-3-270m", "source": "6-test", "ledger": ledger, "api_key": KEY, "host": server.url,
-          "allow_http": True, "backoff_s": 0.0, "log": (logs.append if logs is not None else lambda m: None), **kw}  # fmt: skip
+          "allow_http": True, "backoff_s": 0.0, "log": (logs.append if logs is not None else lambda m: None),
+          **kw}  # fmt: skip
     return upload(records, **kw)
 
 
