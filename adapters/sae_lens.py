@@ -130,6 +130,16 @@ def activation_records(
     return out
 
 
+def decoder_rows(sae: SAE[Any], features: list[int]) -> torch.Tensor:
+    """The SAE's decoder rows (W_dec) of `features`, as float32 on the CPU: the directions to explain."""
+    if sae.W_dec.is_meta:
+        raise InputError("the SAE's weights are on the meta device (not loaded); load them, e.g. SAE.load_from_disk.")
+    if sae.W_dec.is_complex():
+        raise InputError(f"the SAE's decoder is complex ({sae.W_dec.dtype}); its rows are not residual directions.")
+    rows: torch.Tensor = sae.W_dec.detach()[features].float().cpu()
+    return rows
+
+
 def sae_identity(sae: SAE[Any]) -> dict[str, Any]:
     """What identifies the SAE in results and exports."""
     meta = sae.cfg.metadata
@@ -359,7 +369,7 @@ def self_explain(
     backend = resolve_backend(sae, model, tokenizer, remote)
     check_compatible(sae, backend, check_model=check_model, check_hook=check_hook)
     cfg = with_adapter(cfg, adapter, sae, backend)
-    directions = sae.W_dec.detach()[indices].float().cpu()
+    directions = decoder_rows(sae, indices)
     records = SelfExplainer(backend, cfg).explain(directions, indices)
     identity = sae_identity(sae)
     for r in records:

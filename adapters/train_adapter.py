@@ -38,7 +38,7 @@ from sae_selfexplain_plugin.errors import InputError
 from sae_selfexplain_plugin.word_recovery import CARRIER, load_words, single_token_words, word_vectors
 
 from .evaluation import token_latents
-from .sae_lens import check_compatible, sae_layer
+from .sae_lens import check_compatible, decoder_rows, sae_layer
 
 LATENT_MIN_PEAKS = 5  # a training latent: >= 5 of its 10 top contexts peak on one word
 
@@ -82,7 +82,7 @@ def latent_directions(
     found = token_latents(examples, latents, min_peaks)
     if not found:
         raise InputError("no latent in the training range is a token feature; train on words only.")
-    return LabelledDirections(sae.W_dec.detach()[[f for f, _ in found]].float().cpu(), [w for _, w in found])
+    return LabelledDirections(decoder_rows(sae, [f for f, _ in found]), [w for _, w in found])
 
 
 def split(data: LabelledDirections, fraction: float, seed: int) -> tuple[LabelledDirections, LabelledDirections]:

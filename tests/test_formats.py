@@ -137,3 +137,11 @@ def test_unwritable_export_target(tmp_path):
     blocker.write_text("x")
     with pytest.raises(OutputError, match="writable"):
         export_jsonl([record(1)], blocker / "out.jsonl")
+
+
+def test_chosen_index_out_of_range_is_a_violation():
+    doc = record(1).to_dict()
+    doc["chosen_index"] = 5
+    assert [(v.path, v.message) for v in validate(doc)] == [
+        ("$.chosen_index", "5 is out of range: the record has 2 candidates")
+    ]

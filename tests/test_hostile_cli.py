@@ -87,10 +87,15 @@ def copy_store(change: str | None = None) -> Callable[[Path, Path], None]:
     return setup
 
 
+def _sqlite(path: Path, *statements: str) -> None:
+    with sqlite3.connect(path) as db:
+        for statement in statements:
+            db.execute(statement)
+    sqlite3.connect(path).close()
+
+
 def foreign_db(case: Path, assets: Path) -> None:
-    with sqlite3.connect(case / "in.db") as db:
-        db.execute("CREATE TABLE users (name TEXT)")
-        db.execute("INSERT INTO users VALUES ('alice')")
+    _sqlite(case / "in.db", "CREATE TABLE users (name TEXT)", "INSERT INTO users VALUES ('alice')")
 
 
 @dataclass

@@ -207,6 +207,12 @@ def test_bad_feature_indices(hooked, features, match):
         make_sae().self_explain(features, model=hooked, config=CFG)
 
 
+def test_sae_on_the_meta_device(hooked):
+    sae = make_sae().to("meta")
+    with pytest.raises(InputError, match="meta device"):
+        sae.self_explain(0, model=hooked, config=CFG)
+
+
 def test_d_in_mismatch(hooked):
     with pytest.raises(InputError, match="decoder width 48 != the model's d_model 64"):
         make_sae(d_in=48).self_explain(0, model=hooked, config=CFG)
