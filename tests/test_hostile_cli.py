@@ -112,7 +112,6 @@ def explain(*extra: str, sae: str = "{a}/sae") -> list[str]:
     return ["explain", "--sae", sae, "--model", "{a}/tiny-gemma3", "--out", "{c}/out/r.jsonl", *FAST, *extra]
 
 
-# fmt: off
 CASES = [
     Case("sae-unknown-release", ["explain", "--sae", "foo:bar", "--out", "{c}/out/r.jsonl"], r"'foo' is not a release"),
     Case(
@@ -218,6 +217,12 @@ CASES = [
         setup=foreign_db,
     ),
     Case(
+        "store-table-of-another-layout",
+        ["dashboard", "{c}/in.db", "--out", "{c}/out/d.html"],
+        r"explanations table of another layout",
+        setup=lambda c, a: _sqlite(c / "in.db", "CREATE TABLE meta (k TEXT)", "CREATE TABLE explanations (x TEXT)"),
+    ),
+    Case(
         "store-empty-file",
         ["dashboard", "{c}/in.db", "--out", "{c}/out/d.html"],
         r"is empty: it is not a results",
@@ -297,7 +302,6 @@ CASES = [
         r"plain http: the API key would travel unencrypted",
     ),
 ]
-# fmt: on
 
 
 def _sae_with_cfg(case: Path, assets: Path, **changes: Any) -> None:
