@@ -29,6 +29,7 @@ from loopback import LoopbackServer, send_json
 from sae_lens import StandardSAE, StandardSAEConfig
 from sae_lens.saes.sae import SAEMetadata
 from sae_selfexplain_plugin.adapters.cli import main
+from test_dashboard import page  # noqa: F401 (the Chromium page fixture)
 
 KEY = "hostile-test-key-0123"
 FAST = ["--template", "test-open", "--scales", "1,4", "--max-new-tokens", "3", "--batch-size", "4"]
@@ -478,9 +479,19 @@ def test_ctrl_c_keeps_the_store_and_says_how_to_resume(assets: Path, tmp_path: P
     assert "Traceback" not in stderr
 
 
-def test_export_of_a_run_has_no_nan_and_strict_json(assets: Path, tmp_path: Path) -> None:
-    assert main(["export", "--results", str(assets / "results.jsonl"), "--format", "neuronpedia",
-                 "--out", str(tmp_path)]) == 0  # fmt: skip
-    for batch in tmp_path.rglob("*.jsonl.gz"):
-        text = gzip.decompress(batch.read_bytes()).decode()
-        assert "NaN" not in text and "Infinity" not in text
+def test_a_run_at_the_largest_scale_exports_no_nan_and_renders(assets: Path, tmp_path: Path, page: Any) -> None:  # noqa: F811
+    # the largest scale accepted (1e6 times the residual norm), every scale generated and measured
+    out = tmp_path / "r.jsonl"
+    args = ["explain", "--sae", str(assets / "sae"), "--model", str(assets / "tiny-gemma3"), "--features", "0-3",
+            "--out", str(out), "--template", "test-open", "--scales", "1,1000000", "--max-new-tokens", "3",
+            "--generate", "all", "--metrics"]  # fmt: skip
+    assert main(args) == 0
+    assert main(["export", "--results", str(out), "--format", "neuronpedia", "--out", str(tmp_path / "np")]) == 0
+    texts = [out.read_text()] + [gzip.decompress(p.read_bytes()).decode() for p in (tmp_path / "np").rglob("*.gz")]
+    assert len(texts) == 2 and not any("NaN" in t or "Infinity" in t for t in texts)
+    assert main(["dashboard", str(out), "--out", str(tmp_path / "d.html")]) == 0
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto((tmp_path / "d.html").as_uri())
+    page.wait_for_selector("tr.row")
+    assert page.locator("tr.row").count() == 4 and errors == []
