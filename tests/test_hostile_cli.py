@@ -113,6 +113,10 @@ def explain(*extra: str, sae: str = "{a}/sae") -> list[str]:
     return ["explain", "--sae", sae, "--model", "{a}/tiny-gemma3", "--out", "{c}/out/r.jsonl", *FAST, *extra]
 
 
+def export_neuronpedia(*extra: str, results: str = "{a}/results.jsonl") -> list[str]:
+    return ["export", "--results", results, "--format", "neuronpedia", "--out", "{c}/out", *extra]
+
+
 CASES = [
     Case("sae-unknown-release", ["explain", "--sae", "foo:bar", "--out", "{c}/out/r.jsonl"], r"'foo' is not a release"),
     Case(
@@ -231,32 +235,12 @@ CASES = [
     ),
     Case(
         "export-model-id-escapes",
-        [
-            "export",
-            "--results",
-            "{a}/results.jsonl",
-            "--format",
-            "neuronpedia",
-            "--out",
-            "{c}/out",
-            "--model-id",
-            "../../x",
-        ],
+        export_neuronpedia("--model-id", "../../x"),
         r"model id '\.\./\.\./x' cannot",
     ),
     Case(
         "export-absolute-model-id",
-        [
-            "export",
-            "--results",
-            "{a}/results.jsonl",
-            "--format",
-            "neuronpedia",
-            "--out",
-            "{c}/out",
-            "--model-id",
-            "/tmp/x",
-        ],
+        export_neuronpedia("--model-id", "/tmp/x"),
         r"model id '/tmp/x' cannot",
     ),
     Case(
