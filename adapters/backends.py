@@ -14,17 +14,20 @@ from sae_selfexplain_plugin.errors import InputError
 from .transformers import TransformersBackend
 
 
-def backend_for(model: Any, tokenizer: Any = None, remote: Any = False) -> Backend:
+def backend_for(model: Any, tokenizer: Any = None, remote: Any = False, **remote_options: Any) -> Backend:
     """A Backend for a HookedTransformer / HookedSAETransformer, a TransformerBridge, a transformers
     PreTrainedModel (with its tokenizer), an nnsight model, or a Backend (returned as is).
-    `remote` (nnsight models only): True for NDIF, a host URL, or "local" for nnsight's simulation."""
+    `remote` (nnsight models only): True for NDIF, a host URL, or "local" for nnsight's simulation;
+    `remote_options` (nnsight models only): repo_id, timeout_s, poll_s (see NNsightBackend)."""
+    options = {k: v for k, v in remote_options.items() if v is not None}
     if "nnsight" in sys.modules:
         from .nnsight import NNsightBackend, is_nnsight_model
 
         if is_nnsight_model(model):
-            return NNsightBackend(model, remote=remote)
-    if remote:
-        raise InputError("remote= needs an nnsight model (TransformersModel); this model runs locally.")
+            return NNsightBackend(model, remote=remote, **options)
+    if remote or options:
+        named = ["remote"] * bool(remote) + sorted(options)
+        raise InputError(f"{', '.join(named)}: only for nnsight models (TransformersModel); this model runs locally.")
     if isinstance(model, Backend):
         return model
     if "transformer_lens" in sys.modules:

@@ -3,11 +3,19 @@ locally or remotely on NDIF (`remote=True`, a host URL, or "local" for nnsight's
 
 Remote-safe by construction: inside a trace there are only envoys (sent by reference), plain tensors and
 `patch_residual` from `sae_selfexplain_plugin.ops`, a pure-torch module registered with nnsight so that its
-source travels with the request. Nothing from sae_lens, json or this adapter is referenced in a trace.
+source travels with the request. Nothing from sae_lens or this adapter is referenced in a trace.
+
+Remote runs submit without blocking and poll `GET /response/{id}` (NDIF's non-blocking protocol): a poll
+or download that fails transiently is retried with backoff until `timeout_s`; a job still running at
+`timeout_s` raises RemoteTimeout naming its id and stays collectable (the same call again polls that job
+instead of submitting it twice). Neither the user's model nor nnsight's state is modified: the model key
+is built from `repo_id` when one is given.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import time
 from collections.abc import Iterator
@@ -17,7 +25,6 @@ from typing import Any
 import nnsight
 import torch
 from nnsight.intervention.envoy import Envoy
-from nnsight.modeling.huggingface import _ID_CACHE
 
 import sae_selfexplain_plugin.ops as trace_ops
 from sae_selfexplain_plugin.backend import GenerationRequest, GenerationResult, check_layer, position_ids
@@ -31,9 +38,65 @@ nnsight.register(trace_ops)  # NDIF has no copy of our package: ship this module
 
 Remote = Any  # False (local), True (NDIF), a host URL, "local" (nnsight's simulation), or an nnsight Backend
 
+# Our cap on the tensors one remote request carries (ids, masks, injected vectors): NDIF 0.1.2 sets none
+# (services/api/app.py: "the payload size is measured downstream but never enforced"), so a sweep is split
+# into sessions of at most this size rather than sent as one request of unbounded size.
+MAX_REQUEST_BYTES = 32 * 2**20
+_PENDING: dict[str, str] = {}  # request fingerprint -> id of a remote job a timeout left running
+_TRANSIENT_STATUS = {429, 500, 502, 503, 504}
+
 
 class RemoteExecutionError(SelfExplainError, RuntimeError):
     """A remote (NDIF) run failed, was refused, or did not finish in time."""
+
+
+class RemoteTimeout(RemoteExecutionError):
+    """A remote job did not finish within timeout_s. It keeps running on the server; the same call again
+    (same model, host and inputs) collects it instead of submitting it twice."""
+
+    def __init__(self, message: str, job_id: str) -> None:
+        super().__init__(message)
+        self.job_id = job_id
+
+
+def remote_model_key(model: Any, repo_id: str | None) -> str:
+    """The key NDIF serves the model under: nnsight's own (`model.to_model_key()`, which asks the hub to
+    canonicalise the repo id) or, with `repo_id` given, the same format built from it without the hub and
+    without touching the model or nnsight's cache."""
+    if repo_id is None:
+        return str(model.to_model_key())
+    from nnsight.util import to_import_path
+
+    # nnsight 0.8's format (huggingface.py and transformers.py: _remoteable_model_key), pinned by a test
+    data: dict[str, Any] = {"repo_id": repo_id, "revision": getattr(model, "revision", None)}
+    if getattr(model, "kwargs", {}).get("trust_remote_code"):
+        data["trust_remote_code"] = True
+    if getattr(model, "task", None) is not None:
+        from transformers.pipelines import TASK_ALIASES
+
+        data["task"] = TASK_ALIASES.get(model.task, model.task)
+    return f"{to_import_path(model._remoteable_class())}:{json.dumps(data)}"
+
+
+def _fingerprint(*parts: Any) -> str:
+    """Identifies a remote request by what it computes, so a rerun finds a job a timeout left running."""
+    h = hashlib.sha256()
+    for part in parts:
+        if isinstance(part, torch.Tensor):
+            h.update(str((part.dtype, tuple(part.shape))).encode())
+            h.update(part.detach().cpu().contiguous().numpy().tobytes())
+        else:
+            h.update(repr(part).encode())
+    return h.hexdigest()
+
+
+def _is_transient(error: Exception) -> bool:
+    """A poll or download failure worth retrying: the connection, or a 429/5xx answer."""
+    import httpx
+
+    if isinstance(error, httpx.HTTPStatusError):
+        return error.response.status_code in _TRANSIENT_STATUS
+    return isinstance(error, httpx.TransportError)
 
 
 def is_nnsight_model(model: Any) -> bool:
@@ -58,15 +121,12 @@ class NNsightBackend:
             raise InputError(
                 "this nnsight model has no tokenizer; build it with TransformersModel(model, tokenizer=tok)."
             )
-        if repo_id:
-            model.repo_id = repo_id
-            # An id given explicitly is taken as canonical: nnsight would otherwise ask the hub to canonicalise it.
-            _ID_CACHE.setdefault(repo_id, repo_id)
-        if _submits_to_server(remote) and not getattr(model, "repo_id", ""):
+        if _submits_to_server(remote) and not (repo_id or getattr(model, "repo_id", "")):
             raise InputError(
                 "remote execution names the model by its hub repo id, but this nnsight model was built from an "
                 "in-memory object and has none; pass repo_id='google/gemma-3-270m' (the id NDIF serves)."
             )
+        self.repo_id = repo_id
         self.model = model
         self.remote = remote
         self.timeout_s, self.poll_s = timeout_s, poll_s
@@ -75,7 +135,9 @@ class NNsightBackend:
         config: Any = torch_model.config
         self._d_model = int(getattr(config, "hidden_size", None) or config.n_embd)
         self._n_layers = len(attribute_path(torch_model, self._path))
-        self._model_id = str(getattr(model, "repo_id", "") or getattr(config, "_name_or_path", "") or "nnsight-model")
+        self._model_id = str(
+            repo_id or getattr(model, "repo_id", "") or getattr(config, "_name_or_path", "") or "nnsight-model"
+        )
         self.eos_token_ids = eos_token_ids(torch_model, model.tokenizer)
 
     @property
@@ -98,32 +160,58 @@ class NNsightBackend:
     def _submits(self) -> bool:
         return _submits_to_server(self.remote)
 
-    def _trace_options(self) -> dict[str, Any]:
+    def _trace_options(self, fingerprint: str) -> dict[str, Any]:
         if self._submits:  # submit, then poll GET /response/{id}: no websocket, and we own the timeout
-            return {"remote": self.remote, "blocking": False}
+            return {"backend": self._remote_backend(_PENDING.get(fingerprint))}
         if self.remote in (False, None, "local"):
             return {"remote": self.remote or False}
-        return {"backend": self.remote}  # any nnsight Backend, e.g. a whitelist-enforcing one in our tests
+        return {"backend": self.remote}  # any nnsight Backend, e.g. NDIF's server code in our tests
 
-    def _saved(self, tracer: Any, name: str, local_value: Any) -> Any:
-        """A saved value: from the caller's frame when the trace ran here, else polled from the server."""
+    def _remote_backend(self, job_id: str | None) -> Any:
+        """nnsight's RemoteBackend, non-blocking; with `job_id` it polls that job instead of submitting."""
+        from nnsight.intervention.backends.remote import RemoteBackend
+
+        return RemoteBackend(
+            remote_model_key(self.model, self.repo_id),
+            host=None if self.remote is True else self.remote,
+            api_key=_api_key() or None,
+            env=getattr(self.model, "_remoteable_get_env", dict)(),
+            blocking=False,
+            job_id=job_id,
+        )
+
+    def _saved(self, tracer: Any, name: str, local_value: Any, fingerprint: str) -> Any:
+        """A saved value: from the caller's frame when the trace ran here, else polled from the server.
+        Transient poll and download failures are retried with backoff until `timeout_s`."""
         if not self._submits:
             return local_value
         backend = tracer.backend
         deadline = time.monotonic() + self.timeout_s
+        failures = 0
         while True:
             try:
                 result = backend()
-            except Exception as e:  # nnsight's RemoteError: the server reported ERROR
-                raise RemoteExecutionError(f"remote job {backend.job_id} failed: {_redact(str(e))}") from None
+                failures = 0
+            except Exception as e:
+                if type(e).__name__ == "RemoteError":  # the server reported ERROR for this job
+                    _PENDING.pop(fingerprint, None)
+                    raise RemoteExecutionError(f"remote job {backend.job_id} failed: {_redact(str(e))}") from None
+                if not _is_transient(e):
+                    raise
+                failures += 1
+                result = None
             if isinstance(result, dict):
+                _PENDING.pop(fingerprint, None)
                 return result[name]
             if time.monotonic() > deadline:
-                raise RemoteExecutionError(
+                _PENDING[fingerprint] = backend.job_id
+                raise RemoteTimeout(
                     f"remote job {backend.job_id} did not finish within {self.timeout_s:.0f}s (last status: "
-                    f"{getattr(backend.status, 'value', backend.status)}); raise timeout_s, or poll the job later."
+                    f"{getattr(backend.status, 'value', backend.status)}); it is still running on the server: "
+                    "run the same call again to collect it (raise timeout_s to wait longer).",
+                    backend.job_id,
                 )
-            time.sleep(self.poll_s)
+            time.sleep(min(self.poll_s * 2**failures, 30.0))
 
     @property
     def model_id(self) -> str:
@@ -142,10 +230,11 @@ class NNsightBackend:
             "position_ids": position_ids(attention_mask),
         }
         hidden = None
-        with _submitting(), self.model.trace(inputs, **self._trace_options()) as tracer:
+        fingerprint = _fingerprint("residual", self._model_id, layer, input_ids, attention_mask)
+        with _submitting(), self.model.trace(inputs, **self._trace_options(fingerprint)) as tracer:
             hidden = block.input.detach().cpu().save()
             tracer.stop()  # skip the later blocks and the unembedding
-        return torch.as_tensor(self._saved(tracer, "hidden", hidden))
+        return torch.as_tensor(self._saved(tracer, "hidden", hidden, fingerprint))
 
     def _generate_options(self, request: GenerationRequest) -> dict[str, Any]:
         options: dict[str, Any] = {"max_new_tokens": request.max_new_tokens, "do_sample": request.temperature > 0}
@@ -167,14 +256,17 @@ class NNsightBackend:
         options = self._generate_options(request)
         inputs = {"input_ids": ids, "attention_mask": mask}
         sequences = None
-        with _submitting(), self.model.generate(inputs, **self._trace_options(), **options) as tracer:
+        fingerprint = _fingerprint("generate", self._model_id, request.injection.layer, options, ids, mask, positions,
+                                   vectors, add)  # fmt: skip
+        with _submitting(), self.model.generate(inputs, **self._trace_options(fingerprint), **options) as tracer:
             for _ in tracer.iter[0:1]:  # the prompt pass only; the KV cache carries the patch forward
                 block.input = patch_residual(block.input, positions, vectors, add)
             sequences = tracer.result.detach().cpu().save()
-        return self._result(request, self._saved(tracer, "sequences", sequences))
+        return self._result(request, self._saved(tracer, "sequences", sequences, fingerprint))
 
     def generate_many(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
-        """Several batches; on a server they travel as one `session`, so a sweep is one request."""
+        """Several batches; on a server they travel as `session`s of at most MAX_REQUEST_BYTES of tensors
+        each, so a sweep is one request (or a few, for large ones)."""
         first = requests[0]
         same = all(
             (r.injection.layer, r.max_new_tokens, r.temperature)
@@ -183,20 +275,47 @@ class NNsightBackend:
         )
         if not self._submits or len(requests) == 1 or not same:
             return [self.generate(r) for r in requests]
+        results: list[GenerationResult] = []
+        for group in _by_size([_trace_tensors(r) for r in requests], MAX_REQUEST_BYTES):
+            chunk = requests[len(results) : len(results) + len(group)]
+            results += self._session(chunk, group) if len(group) > 1 else [self.generate(chunk[0])]
+        return results
+
+    def _session(self, requests: list[GenerationRequest], batches: list[_Tensors]) -> list[GenerationResult]:
+        first = requests[0]
         block = self._block(first.injection.layer)
         options = self._generate_options(first)
-        batches = [_trace_tensors(r) for r in requests]
+        fingerprint = _fingerprint(
+            "session", self._model_id, first.injection.layer, options, *(t for b in batches for t in b)
+        )
         model = self.model  # the session body is shipped: it may name envoys and tensors, never this backend
         outs = None
-        with _submitting(), model.session(**self._trace_options()) as session:
+        with _submitting(), model.session(**self._trace_options(fingerprint)) as session:
             outs = nnsight.save([])
             for ids, mask, positions, vectors, add in batches:
                 with model.generate({"input_ids": ids, "attention_mask": mask}, **options) as tracer:
                     for _ in tracer.iter[0:1]:
                         block.input = patch_residual(block.input, positions, vectors, add)
                     outs.append(tracer.result.detach().cpu())
-        outs = self._saved(session, "outs", outs)
+        outs = self._saved(session, "outs", outs, fingerprint)
         return [self._result(r, o) for r, o in zip(requests, outs)]
+
+
+_Tensors = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, bool]
+
+
+def _by_size(batches: list[_Tensors], cap: int) -> list[list[_Tensors]]:
+    """Consecutive groups of batches whose tensors add up to at most `cap` bytes (a larger batch alone)."""
+    groups: list[list[_Tensors]] = []
+    size = cap + 1
+    for batch in batches:
+        n = sum(t.numel() * t.element_size() for t in batch[:4])
+        if size + n > cap:
+            groups.append([])
+            size = 0
+        groups[-1].append(batch)
+        size += n
+    return groups
 
 
 def _submits_to_server(remote: Remote) -> bool:
@@ -204,7 +323,7 @@ def _submits_to_server(remote: Remote) -> bool:
     return remote is True or (isinstance(remote, str) and remote != "local")
 
 
-def _trace_tensors(request: GenerationRequest) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+def _trace_tensors(request: GenerationRequest) -> _Tensors:
     """What a trace needs from a request, as plain CPU tensors: ids, mask, placeholder mask, vectors, add."""
     inj = request.injection
     return (
@@ -216,9 +335,13 @@ def _trace_tensors(request: GenerationRequest) -> tuple[torch.Tensor, torch.Tens
     )
 
 
+def _api_key() -> str:
+    return str(nnsight.CONFIG.API.APIKEY or os.environ.get("NDIF_API_KEY") or "")
+
+
 def _redact(text: str) -> str:
     """Remove the NDIF API key from a message, wherever a server might echo it."""
-    key = nnsight.CONFIG.API.APIKEY or os.environ.get("NDIF_API_KEY") or ""
+    key = _api_key()
     return text.replace(key, "***") if key else text
 
 
@@ -241,12 +364,15 @@ def _submitting() -> Iterator[None]:
 
 def _model_method(self: Any, sae: Any, features: Any = None, remote: Any = False, **options: Any) -> Any:
     """Explain features of a SAELens `sae` (or rows of a [n, d_model] tensor) through this nnsight model.
-    `remote`: True (NDIF), a host URL, or "local"; options as for `sae.self_explain`."""
+    `remote`: True (NDIF), a host URL, or "local"; `repo_id`, `timeout_s`, `poll_s` for remote runs;
+    other options as for `sae.self_explain`."""
     if isinstance(sae, torch.Tensor):
         from sae_selfexplain_plugin import SelfExplainConfig, SelfExplainer
 
+        remote_options = {k: options.pop(k) for k in ("repo_id", "timeout_s", "poll_s") if options.get(k) is not None}
         config = options.pop("config", None) or SelfExplainConfig(**options)
-        return SelfExplainer(NNsightBackend(self, remote=remote), config).explain(sae, features)
+        backend = NNsightBackend(self, remote=remote, **remote_options)
+        return SelfExplainer(backend, config).explain(sae, features)
     explain = getattr(sae, "self_explain", None)  # the SAELens integration's method: no import of it here
     if explain is None:
         raise InputError(

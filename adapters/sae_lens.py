@@ -149,13 +149,15 @@ def sae_identity(sae: SAE[Any]) -> dict[str, Any]:
     return ident
 
 
-def resolve_backend(sae: SAE[Any], model: Any = None, tokenizer: Any = None, remote: Any = False) -> Backend:
+def resolve_backend(
+    sae: SAE[Any], model: Any = None, tokenizer: Any = None, remote: Any = False, **remote_options: Any
+) -> Backend:
     """A backend for `model` (see `backends.backend_for`); with no model, the embedded model named by the
     SAE's metadata, loaded once per process."""
     if model is not None:
-        return backend_for(model, tokenizer, remote)
-    if remote:
-        raise InputError("remote= needs an nnsight model: pass model=TransformersModel(...).")
+        return backend_for(model, tokenizer, remote, **remote_options)
+    if remote or any(v is not None for v in remote_options.values()):
+        raise InputError("remote runs need an nnsight model: pass model=TransformersModel(...).")
     wanted = sae.cfg.metadata.model_name
     for spec in EMBEDDED_MODELS.values():
         if wanted and canonical_model_name(wanted) in {spec.name, canonical_model_name(spec.hf_id)}:
@@ -315,6 +317,9 @@ def self_explain(
     injection_layer: int | None = None,
     tokenizer: Any = None,
     remote: Any = False,
+    repo_id: str | None = None,
+    timeout_s: float | None = None,
+    poll_s: float | None = None,
     check_model: bool = True,
     check_hook: bool = True,
     return_all: bool | None = None,
@@ -336,6 +341,8 @@ def self_explain(
         tokenizer: the tokenizer of a transformers model.
         remote: with an nnsight model, True runs on NDIF (key from NDIF_API_KEY or nnsight's config),
             a URL runs on that host, "local" runs nnsight's local simulation of the remote path.
+        repo_id, timeout_s, poll_s: for remote runs, the hub id NDIF serves the model under (needed for a
+            model built in memory), how long to wait for each job (default 1800 s) and how often to poll.
         check_model: refuse a model whose name differs from the SAE's `model_name` (aliases match).
         check_hook: refuse an SAE whose decoder does not write the residual stream; False warns instead.
         return_all: deprecated, has no effect (the result always holds every candidate).
@@ -366,7 +373,7 @@ def self_explain(
     adapter = config_fields.pop("adapter", AUTO if config is None else config.adapter)
     cfg = (config or SelfExplainConfig()).replace(**config_fields)
     indices = _feature_indices(features, sae.cfg.d_sae)
-    backend = resolve_backend(sae, model, tokenizer, remote)
+    backend = resolve_backend(sae, model, tokenizer, remote, repo_id=repo_id, timeout_s=timeout_s, poll_s=poll_s)
     check_compatible(sae, backend, check_model=check_model, check_hook=check_hook)
     cfg = with_adapter(cfg, adapter, sae, backend)
     directions = decoder_rows(sae, indices)

@@ -1,8 +1,9 @@
 """Trace-side math, pure torch: the only code that runs inside an nnsight trace, locally or on NDIF.
 
-NDIF pickles trace bodies by source and admits only whitelisted modules (torch, math, ...), so this module
-imports torch alone; the nnsight adapter registers it with `nnsight.register` and imports its functions
-directly. Every backend patches the residual through `patch_residual`, so there is one implementation.
+NDIF has no copy of this package, so the nnsight adapter registers this module with `nnsight.register`:
+its source travels with each request (by value) and the server executes it; it imports torch alone, which
+every NDIF server has. Only `patch_residual` is used inside traces; every backend patches the residual
+through it, so there is one implementation.
 """
 
 import torch
