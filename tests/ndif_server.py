@@ -15,9 +15,10 @@ Mirrored from NDIF's source (FastAPI, Redis, Ray and the object store do not run
   disconnected; errors as `{"detail": ...}`), `GET /response/{id}` (404 until the first status is stored:
   RECEIVED is only returned over HTTP, as in app.py), results behind a presigned-style URL
   (`base.py: upload_bytes`);
-- the queue (`services/api/queue/`): RECEIVED -> QUEUED -> DISPATCHED -> RUNNING -> COMPLETED | ERROR, one
-  worker; a model key the server does not serve fails as the processor's start does ("Error starting
-  model..."); an execution time limit with base.py's message;
+- the queue (`services/api/queue/`): RECEIVED -> QUEUED -> (PROVISIONING -> DEPLOYING, for a model's first
+  request, with processor.py's texts) -> DISPATCHED -> RUNNING -> COMPLETED | ERROR, one worker; a model key
+  the server does not serve fails as the processor's start does ("Error starting model..."); an execution
+  time limit with base.py's message;
 - NDIF loads models in bf16 (`dtype="bfloat16"` in base.py): `served_dtype=torch.bfloat16` serves a bf16 copy.
 
 NDIF 0.1.2 has no module whitelist: it runs user code in a sandbox process (services/ray/sandbox/). The
@@ -132,6 +133,7 @@ class NDIFServer:
         self.posts: list[dict[str, Any]] = []  # every POST's headers
         self.status_log: dict[str, list[str]] = {}
         self.early_404s = 0
+        self._deployed: set[str] = set()  # model keys with a running replica
         self._jobs: queue.Queue[BackendRequestModel | None] = queue.Queue()
         server = self
 
@@ -209,6 +211,10 @@ class NDIFServer:
                 self._store(request, Status.ERROR, "Error starting model. Please try again later. Sorry for the "
                                                    "inconvenience.")  # fmt: skip
                 continue
+            if request.model_key not in self._deployed:  # processor.py: the first request starts the model
+                self._store(request, Status.PROVISIONING, "Model Provisioning...")
+                self._store(request, Status.DEPLOYING, "Model Deploying...")
+                self._deployed.add(request.model_key)
             self._store(request, Status.DISPATCHED, "Your job has been sent to the model.")
             self._store(request, Status.RUNNING, "Your job has started running.")
             if self.hold:
