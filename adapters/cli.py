@@ -586,7 +586,7 @@ def cmd_upload(args: argparse.Namespace) -> int:
     from sae_selfexplain_plugin.formats import neuronpedia_ids
     from sae_selfexplain_plugin.store import ResultsStore
 
-    from .neuronpedia import check_host, upload
+    from .neuronpedia import MODEL_NAME_REFUSED, check_host, upload
 
     if bool(args.results) == bool(args.store):
         raise SelfExplainError("pass exactly one of --results FILE.jsonl or --store FILE.db.")
@@ -594,6 +594,14 @@ def cmd_upload(args: argparse.Namespace) -> int:
     if not records:
         raise SelfExplainError("no results to upload.")
     host = check_host(args.host, args.allow_http)
+    if args.model_name:
+        raise InputError(MODEL_NAME_REFUSED)
+    if not args.source:
+        raise InputError(
+            "upload needs --source: the id of a source in a source set you created on Neuronpedia (e.g. "
+            "6-selfexplain-demo), since Neuronpedia accepts uploads only to your own source sets; create one with "
+            "POST /api/model/new (your model) and POST /api/source-set/new (docs/pipeline.md)."
+        )
     model_id, source = neuronpedia_ids(records[0], args.model_id, args.source)
     ledger_path = Path(args.ledger or args.store or Path(args.results).with_suffix(".db"))
     # a dry run writes nothing: it reads the ledger if there is one, else starts from an empty one in memory
@@ -601,7 +609,7 @@ def cmd_upload(args: argparse.Namespace) -> int:
     with ResultsStore(ledger_at, read_only=args.dry_run and ledger_at != Path(":memory:")) as ledger:
         summary = upload(
             records, model_id=model_id, source=source, ledger=ledger, host=host, allow_http=args.allow_http,
-            method_name=args.method_name, model_name=args.model_name, dry_run=args.dry_run,
+            method_name=args.method_name, dry_run=args.dry_run,
             log=lambda m: console.print(m, soft_wrap=True, markup=False, highlight=False),
         )  # fmt: skip
     verb = "would send" if args.dry_run else "sent"
@@ -782,12 +790,12 @@ def build_parser() -> argparse.ArgumentParser:
     up = sub.add_parser("upload", help="upload explanations to Neuronpedia (key in NEURONPEDIA_API_KEY)")
     _add_results_source(up)
     up.add_argument("--model-id", help="Neuronpedia model id (default: from the SAE's neuronpedia_id)")
-    up.add_argument("--source", help="Neuronpedia source id, of a source set you created (default: neuronpedia_id)")
+    up.add_argument("--source", help="Neuronpedia source id, in a source set you created (required)")
     up.add_argument("--ledger", help="store that remembers what was uploaded (default: the results' store)")
     up.add_argument("--host", default=DEFAULT_HOST, help="https origin (default: %(default)s)")
     up.add_argument("--allow-http", action="store_true", help="allow a plain-http loopback host (test servers)")
     up.add_argument("--method-name", help="an explanation type Neuronpedia knows (else omitted)")
-    up.add_argument("--model-name", help="an explanation model name Neuronpedia knows (else omitted)")
+    up.add_argument("--model-name", help=argparse.SUPPRESS)  # refused with the reason (Neuronpedia cannot store it)
     up.add_argument("--dry-run", action="store_true", help="print what would be sent; send nothing")
     up.set_defaults(func=cmd_upload)
 

@@ -21,14 +21,26 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sae_selfexplain_plugin.errors import SelfExplainError
-from sae_selfexplain_plugin.formats import MAX_DESCRIPTION, validate
+from sae_selfexplain_plugin.files import to_json
+from sae_selfexplain_plugin.formats import cut_utf16, validate
 from sae_selfexplain_plugin.results import FeatureExplanations
 from sae_selfexplain_plugin.store import ResultsStore
 
 DEFAULT_HOST = "https://www.neuronpedia.org"
 API_KEY_ENV = "NEURONPEDIA_API_KEY"
 MAX_BATCH = 128
-_RETRY_STATUS = {429, 500, 502, 503, 504}
+# Answers a retry can fix. Not 500: Neuronpedia answers a bare 500 to requests that can never succeed (a
+# source set that is not yours, an unknown method name: route.tsx throws, api-error.ts hides why).
+_RETRY_STATUS = {429, 502, 503, 504}
+_CAUSES_OF_500 = (
+    "Neuronpedia answered 500 (it does not say why). Its upload route fails this way when the source set does not "
+    "exist or was not created by you (create one: POST /api/source-set/new, then pass --source), when --method-name "
+    "is not an explanation type it knows, or on a fault of its own."
+)
+MODEL_NAME_REFUSED = (
+    "--model-name cannot work: Neuronpedia's upload-batch route writes it to a column its Explanation table does not "
+    "have (explanationModelName), so every such upload fails with a 500; drop --model-name."
+)
 _LOOPBACK = {"localhost", "127.0.0.1", "::1"}
 
 
@@ -91,19 +103,23 @@ def _text_sha(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def feature_payload(
-    record: FeatureExplanations, method_name: str | None, model_name: str | None
-) -> dict[str, Any] | None:
-    """One upload-batch feature, or None when the record has no explanation or no activation record."""
+def feature_payload(record: FeatureExplanations, method_name: str | None) -> dict[str, Any] | None:
+    """One upload-batch feature, or None when the record has no explanation or no activation record.
+    The text is cut at Neuronpedia's 512 UTF-16 code units; positions whose token decodes to "" (which
+    Neuronpedia refuses) are dropped with their values."""
     chosen = record.chosen
-    if chosen is None or not chosen.text.strip() or not record.activations:
+    if chosen is None or not chosen.text.strip():
         return None
-    explanation: dict[str, Any] = {"text": chosen.text.strip()[:MAX_DESCRIPTION]}
+    explanation: dict[str, Any] = {"text": cut_utf16(chosen.text.strip())}
     if method_name:
         explanation["methodName"] = method_name
-    if model_name:
-        explanation["modelName"] = model_name
-    activations = [{"tokens": a["tokens"][:1024], "values": a["values"][:1024]} for a in record.activations]
+    activations = []
+    for a in record.activations:
+        kept = [(t, v) for t, v in zip(a["tokens"], a["values"]) if t != ""][:1024]
+        if kept:
+            activations.append({"tokens": [t for t, _ in kept], "values": [v for _, v in kept]})
+    if not activations:
+        return None
     return {"index": record.feature_id, "explanations": [explanation], "activations": activations}
 
 
@@ -125,7 +141,6 @@ def upload(
     host: str = DEFAULT_HOST,
     allow_http: bool = False,
     method_name: str | None = None,
-    model_name: str | None = None,
     dry_run: bool = False,
     max_retries: int = 5,
     backoff_s: float = 1.0,
@@ -142,7 +157,7 @@ def upload(
     summary = UploadSummary()
     pending: list[tuple[dict[str, Any], str]] = []
     for record in records:
-        payload = feature_payload(record, method_name, model_name)
+        payload = feature_payload(record, method_name)
         if payload is None:
             summary.skipped.append(record.feature_id)
             continue
@@ -160,8 +175,9 @@ def upload(
         if problems:
             raise UploadError(f"refusing to send an invalid batch: {problems[0]}")
         if dry_run:
-            log(f"dry run: would POST {len(batch)} features ({batch[0][0]['index']}..{batch[-1][0]['index']}) "
-                f"to {host}/api/feature/upload-batch")  # fmt: skip
+            first, last, size = batch[0][0]["index"], batch[-1][0]["index"], len(to_json(body).encode())
+            log(f"dry run: batch {summary.batches + 1}: would POST {len(batch)} features (indices {first}..{last}, "
+                f"{size:,} bytes) to {host}/api/feature/upload-batch")  # fmt: skip
         else:
             _post(host, body, key, max_retries, backoff_s, timeout_s, redact, log, sleep)
             ledger.mark_uploaded(host, model_id, source, [(p["index"], sha) for p, sha in batch])
@@ -182,7 +198,7 @@ def _post(
     sleep: Callable[[float], None],
 ) -> None:
     url = host.rstrip("/") + "/api/feature/upload-batch"
-    data = json.dumps(body).encode()
+    data = to_json(body).encode()  # strict: a NaN is an error here, not a body the server cannot parse
     first = body["features"][0]["index"]
     for attempt in range(max_retries + 1):
         request = urllib.request.Request(
@@ -200,6 +216,8 @@ def _post(
                 )
         except urllib.error.HTTPError as e:
             message = redact(e.read().decode("utf-8", "replace")[:300])
+            if e.code == 500:
+                raise UploadError(f"the batch starting at feature {first} failed: {_CAUSES_OF_500}") from None
             if 300 <= e.code < 400:
                 raise UploadError(
                     f"{host} redirected the upload to {e.headers.get('Location')!r}; the API key is sent to --host "

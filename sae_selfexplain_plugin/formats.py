@@ -125,7 +125,32 @@ def _upload_batch_rules(doc: dict[str, Any], line: int | None) -> list[Violation
         for j, act in enumerate(feature.get("activations") or []):
             if isinstance(act, dict) and len(act.get("tokens") or []) != len(act.get("values") or []):
                 found.append(Violation(line, f"$.features[{i}].activations[{j}]", "tokens and values differ in length"))
+        for j, explanation in enumerate(feature.get("explanations") or []):
+            text = explanation.get("text") if isinstance(explanation, dict) else None
+            if isinstance(text, str) and utf16_length(text) > MAX_DESCRIPTION:
+                where = f"$.features[{i}].explanations[{j}].text"
+                found.append(
+                    Violation(line, where, f"{utf16_length(text)} UTF-16 code units, more than {MAX_DESCRIPTION}")
+                )
     return found
+
+
+def utf16_length(text: str) -> int:
+    """A string's length as JavaScript (and so Neuronpedia's limits) counts it: UTF-16 code units."""
+    return len(text.encode("utf-16-le")) // 2
+
+
+def cut_utf16(text: str, limit: int = MAX_DESCRIPTION) -> str:
+    """The longest prefix of `text` within `limit` UTF-16 code units (never half a surrogate pair)."""
+    if utf16_length(text) <= limit:
+        return text
+    out, used = [], 0
+    for ch in text:
+        used += utf16_length(ch)
+        if used > limit:
+            break
+        out.append(ch)
+    return "".join(out)
 
 
 def read_documents(path: str | Path) -> Iterator[tuple[int | None, Any]]:
@@ -200,7 +225,7 @@ def to_neuronpedia_line(
         "modelId": model_id,
         "layer": source_id,
         "index": str(record.feature_id),
-        "description": chosen.text.strip()[:MAX_DESCRIPTION],
+        "description": cut_utf16(chosen.text.strip()),
         "typeName": type_name,
         "explanationModelName": explanation_model_name,
         "notes": json.dumps(notes, allow_nan=False),

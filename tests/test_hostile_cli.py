@@ -345,7 +345,7 @@ def test_read_only_commands_leave_a_store_byte_identical(assets: Path, tmp_path:
     os.chmod(store, 0o444)
     for argv in (["dashboard", str(store), "--out", str(tmp_path / "d.html")],
                  ["export", "--store", str(store), "--format", "jsonl", "--out", str(tmp_path / "x.jsonl")],
-                 ["upload", "--store", str(store), "--dry-run"]):  # fmt: skip
+                 ["upload", "--store", str(store), "--dry-run", "--source", "2-test"]):  # fmt: skip
         done = run_cli(argv, tmp_path)
         assert done.returncode == 0, error_lines(done)
     assert store.read_bytes() == before
@@ -389,7 +389,7 @@ def test_upload_never_follows_a_redirect_with_the_key(assets: Path, tmp_path: Pa
         with _Server(redirect) as first:
             ledger = tmp_path / "ledger.db"
             argv = ["upload", "--results", str(assets / "results.jsonl"), "--host", first.url, "--allow-http",
-                    "--ledger", str(ledger)]  # fmt: skip
+                    "--source", "2-test", "--ledger", str(ledger)]  # fmt: skip
             done = run_cli(argv, tmp_path)
     assert done.returncode == 2 and "redirected the upload" in error_lines(done)[0]
     assert len(first.seen) == 1 and first.seen[0].get("x-api-key") == KEY
@@ -407,7 +407,7 @@ def test_upload_marks_nothing_on_a_bad_answer(assets: Path, tmp_path: Path, answ
     with _Server(answer) as server:
         ledger = tmp_path / "ledger.db"
         argv = ["upload", "--results", str(assets / "results.jsonl"), "--host", server.url, "--allow-http",
-                "--ledger", str(ledger)]  # fmt: skip
+                "--source", "2-test", "--ledger", str(ledger)]  # fmt: skip
         done = run_cli(argv, tmp_path)
     assert done.returncode == 2 and "unexpected answer" in error_lines(done)[0], error_lines(done)
     assert _uploads(ledger) == 0

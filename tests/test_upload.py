@@ -1,4 +1,4 @@
-"""Neuronpedia upload against a loopback server that implements the upload-batch contract."""
+"""Neuronpedia upload against a loopback server mirroring Neuronpedia's upload-batch route (fake_neuronpedia.py)."""
 
 from __future__ import annotations
 
@@ -60,12 +60,19 @@ def test_records_without_activations_or_text_are_skipped(server, ledger):
     assert summary.skipped == [1, 2] and summary.sent == 1
 
 
-def test_retries_429_and_500_then_succeeds(server, ledger):
-    server.fail_next = [429, 500]
+def test_retries_429_and_503_then_succeeds(server, ledger):
+    server.fail_next = [429, 503]
     logs = []
     summary = go([record(1)], server, ledger, logs)
     assert summary.sent == 1 and server.requests == 3
     assert len(logs) == 2 and "retrying" in logs[0]
+
+
+def test_a_500_is_reported_once_with_its_likely_causes(server, ledger):
+    server.fail_next = [500]
+    with pytest.raises(UploadError, match=r"answered 500.*source set does not exist or was not created by you"):
+        go([record(1)], server, ledger)
+    assert server.requests == 1  # no retry storm: a 500 here is a request that cannot succeed
 
 
 def test_persistent_5xx_fails_clearly_and_keeps_earlier_batches(server, ledger):
@@ -87,6 +94,8 @@ def test_dry_run_sends_nothing_and_records_nothing(server, ledger):
     logs = []
     summary = go([record(i) for i in range(130)], server, ledger, logs, dry_run=True, api_key=None)
     assert summary.sent == 130 and server.requests == 0 and len(logs) == 2
+    assert "batch 1: would POST 128 features (indices 0..127" in logs[0] and "bytes" in logs[0]
+    assert "batch 2: would POST 2 features (indices 128..129" in logs[1]
     assert ledger.uploaded(server.url, "gemma-3-270m", "6-test") == set()
 
 
@@ -94,13 +103,120 @@ def test_cli_upload_reads_the_key_from_the_environment(server, tmp_path, monkeyp
     results = tmp_path / "r.jsonl"
     export_jsonl([record(1), record(2)], results)
     monkeypatch.delenv("NEURONPEDIA_API_KEY", raising=False)
-    assert main(["upload", "--results", str(results), "--host", server.url, "--allow-http"]) == 2
+    assert main(["upload", "--results", str(results), "--host", server.url, "--allow-http", "--source", "6-test"]) == 2
     assert "NEURONPEDIA_API_KEY" in capsys.readouterr().err
     monkeypatch.setenv("NEURONPEDIA_API_KEY", KEY)
-    assert main(["upload", "--results", str(results), "--host", server.url, "--allow-http"]) == 0
+    assert main(["upload", "--results", str(results), "--host", server.url, "--allow-http", "--source", "6-test"]) == 0
     out = capsys.readouterr()
     assert "sent 2 features in 1 batches to gemma-3-270m/6-test" in out.out
     assert KEY not in out.out + out.err
     assert all(KEY.encode() not in p.read_bytes() for p in tmp_path.iterdir())  # nor in any file
-    assert main(["upload", "--results", str(results), "--host", server.url, "--allow-http"]) == 0
+    assert main(["upload", "--results", str(results), "--host", server.url, "--allow-http", "--source", "6-test"]) == 0
     assert "2 already uploaded" in capsys.readouterr().out
+
+
+# --- what the real server refuses, and what our client does about it (route.tsx, mirrored) ---
+
+
+def raw_post(server, body, key=KEY):
+    """POST a body as is, bypassing our client: what the server itself answers."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    request = urllib.request.Request(server.url + "/api/feature/upload-batch", data=data, method="POST",
+                                     headers={"Content-Type": "application/json", "x-api-key": key})  # fmt: skip
+    try:
+        with urllib.request.urlopen(request) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def body(**feature_changes):
+    feature = {"index": 1, "explanations": [{"text": "a fruit"}], "activations": [{"tokens": [" a"], "values": [1.0]}]}
+    return {"modelId": "Gemma-3-270m", "source": "6-test", "features": [{**feature, **feature_changes}]}
+
+
+# Bodies and what Neuronpedia answers, read from its route.tsx / api-error.ts (the real server cannot run here).
+# The double must agree with each, and our `validate` must flag each one the real server refuses.
+ANSWERS = [
+    ("accepted", body(), 200),
+    ("empty-token", body(activations=[{"tokens": [""], "values": [1.0]}]), 400),
+    ("text-513-utf16-units", body(explanations=[{"text": "😀" * 256 + "a"}]), 400),  # 256 emoji = 512 units
+    ("text-512-utf16-units", body(explanations=[{"text": "😀" * 256}]), 200),
+    ("no-activations", body(activations=[]), 400),
+    ("index-too-large", body(index=10_000_001), 400),
+    ("density-above-1", body(density=1.5), 400),
+    ("length-mismatch", body(activations=[{"tokens": [" a", " b"], "values": [1.0]}]), 500),
+    ("model-name", body(explanations=[{"text": "a fruit", "modelName": "gpt-4o-mini"}]), 500),
+]
+
+
+@pytest.mark.parametrize(("name", "doc", "status"), ANSWERS, ids=[a[0] for a in ANSWERS])
+def test_the_double_answers_as_neuronpedia_and_validate_agrees(server, name, doc, status):
+    from sae_selfexplain_plugin.formats import validate
+
+    assert raw_post(server, doc)[0] == status
+    assert (validate(doc, "neuronpedia-upload-batch") == []) == (status == 200), name
+
+
+@pytest.mark.parametrize(
+    ("doc", "key", "status"),
+    [(body(), "nope", 401), ({**body(), "source": "12-gemmascope-res-16k"}, KEY, 500),  # Neuronpedia's own set
+     ({**body(), "source": "6-other"}, KEY, 500), (body(), "other-users-key", 500),
+     ({**body(), "features": [body()["features"][0]] * 2}, KEY, 500),  # duplicate index
+     (body(explanations=[{"text": "x", "methodName": "unknown-method"}]), KEY, 500),
+     (b'{"modelId": "m", "source": "6-test", "features": [{"index": NaN}]}', KEY, 500)],
+    ids=["bad-key", "not-your-source-set", "no-such-source-set", "another-users-set", "duplicate-index",
+         "unknown-method", "nan"],
+)  # fmt: skip
+def test_the_double_refuses_what_neuronpedia_refuses(server, doc, key, status):
+    code, answer = raw_post(server, doc, key)
+    assert code == status
+    if status == 500:  # api-error.ts: the reason is never told
+        assert answer["error"] == "Something went wrong on our end. The error has been reported."
+
+
+def test_the_client_repairs_what_it_can(server, ledger):
+    r = record(1, "😀" * 300)  # 600 UTF-16 units: cut to 512 (256 emoji), never half a surrogate pair
+    r.activations = [{"source": "s", "tokens": ["", " a", " b"], "values": [0.5, 1.0, 2.0]}]  # "" dropped
+    assert go([r], server, ledger).sent == 1
+    sent = server.received[0]["features"][0]
+    assert sent["explanations"][0]["text"] == "😀" * 256
+    assert sent["activations"] == [{"tokens": [" a", " b"], "values": [1.0, 2.0]}]
+
+
+def test_nan_is_refused_before_sending(server, ledger):
+    r = record(1)
+    r.activations[0]["values"] = [float("nan"), 1.0]
+    with pytest.raises(Exception, match="non-finite"):
+        go([r], server, ledger)
+    assert server.requests == 0
+
+
+def test_a_resend_without_the_ledger_stores_duplicates(server, tmp_path):
+    with ResultsStore(tmp_path / "a.db") as a, ResultsStore(tmp_path / "b.db") as b:
+        go([record(1)], server, a)
+        go([record(1)], server, b)  # a lost ledger: the server stores the explanation again
+    assert len(server.neurons) == 1 and len(server.explanations) == 2
+
+
+def test_rate_limited_uploads_wait_and_finish(server, ledger):
+    server.rate_limit = 1
+    with pytest.raises(UploadError, match="HTTP 429"):
+        go([record(i) for i in range(200)], server, ledger, max_retries=2)
+    assert len(ledger.uploaded(server.url, "gemma-3-270m", "6-test")) == 128  # the first batch is kept
+
+
+def test_cli_refuses_model_name_and_needs_a_source(server, tmp_path, monkeypatch, capsys):
+    results = tmp_path / "r.jsonl"
+    export_jsonl([record(1)], results)
+    monkeypatch.setenv("NEURONPEDIA_API_KEY", KEY)
+    base = ["upload", "--results", str(results), "--host", server.url, "--allow-http"]
+    assert main([*base, "--source", "6-test", "--model-name", "gpt-4o-mini"]) == 2
+    assert "--model-name cannot work" in " ".join(capsys.readouterr().err.split())
+    assert main(base) == 2
+    assert "upload needs --source" in " ".join(capsys.readouterr().err.split())
+    assert server.requests == 0
