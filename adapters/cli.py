@@ -52,6 +52,7 @@ from sae_selfexplain_plugin.word_recovery import (
     single_token_words,
 )
 
+from .contexts import DEFAULT_TOKENS, examples_beside
 from .embedded import DEFAULT_MODEL, EMBEDDED_MODELS, get_embedded, load_backend
 from .neuronpedia import DEFAULT_HOST
 from .transformers import TransformersBackend
@@ -331,6 +332,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
     records = stored_records(store, backend.model_id, sae_key, summary.settings_hash, features)
     n = export_jsonl(records, args.out).written
     store.close()
+    if args.contexts:
+        _collect_contexts(sae, backend, args.contexts, examples_beside(args.out), args.context_tokens, args.resume)
     rate = summary.explained / summary.seconds * 60 if summary.seconds else 0.0
     view = Console()
     view.print(
@@ -351,6 +354,33 @@ def cmd_explain(args: argparse.Namespace) -> int:
             "in the store, and --resume --retry-failed tries them again.",
             markup=False,
         )
+    return 0
+
+
+def _collect_contexts(sae: Any, backend: Any, corpus: str, out: Path, tokens: int, resume: bool) -> None:
+    from .contexts import collect_contexts, corpus_texts
+
+    with _progress() as progress:
+        task = progress.add_task("top-activating contexts", total=tokens)
+        examples = collect_contexts(
+            sae, backend, corpus_texts(corpus), out, max_tokens=tokens, resume=resume,
+            progress=lambda n: progress.advance(task, n),
+        )  # fmt: skip
+    Console().print(
+        f"activation examples of {len(examples.live_features())} of {examples.d_sae} features (the others never "
+        f"fired in {tokens:,} tokens): {out}",
+        markup=False,
+    )
+
+
+def cmd_contexts(args: argparse.Namespace) -> int:
+    from .pipeline import load_model, load_sae
+
+    check_writable(args.out, "--out")
+    sae, _ = load_sae(args.sae, device=args.device or "cpu")
+    with _status("Loading the model...", "loaded the model"):
+        backend = load_model(args.model, sae, args.device)
+    _collect_contexts(sae, backend, args.corpus, Path(args.out), args.tokens, args.resume)
     return 0
 
 
@@ -507,7 +537,14 @@ def cmd_sae_latent(args: argparse.Namespace) -> int:
 def cmd_dashboard(args: argparse.Namespace) -> int:
     db = args.results.endswith(".db")
     records = list(_read_records(None if db else args.results, args.results if db else None, args.sae_id))
-    examples = ActivationExamples.load(args.examples) if args.examples else _demo_examples_for(records)
+    beside = examples_beside(args.results)
+    examples: ActivationExamples | None
+    if args.examples:
+        examples = ActivationExamples.load(args.examples)
+    elif not db and beside.is_file():
+        examples = ActivationExamples.load(beside)
+    else:
+        examples = _demo_examples_for(records)
     page = write_dashboard(records, args.out, examples=examples, title=args.title)
     Console().print(f"{len(records)} features; dashboard: {page.resolve()}", markup=False)
     return 0
@@ -603,13 +640,27 @@ def cmd_upload(args: argparse.Namespace) -> int:
             "POST /api/model/new (your model) and POST /api/source-set/new (docs/pipeline.md)."
         )
     model_id, source = neuronpedia_ids(records[0], args.model_id, args.source)
+    beside = examples_beside(args.results) if args.results else None
+    examples: ActivationExamples | None
+    if args.examples:
+        examples = ActivationExamples.load(args.examples)
+    elif beside is not None and beside.is_file():
+        examples = ActivationExamples.load(beside)
+    else:
+        examples = _demo_examples_for(records)
+        if examples is None:
+            console.print(
+                "note: no activation examples (--examples, or `explain --contexts`): each feature is uploaded with "
+                "its activations over its own explanation, so its page will show little.",
+                soft_wrap=True, markup=False, highlight=False,
+            )  # fmt: skip
     ledger_path = Path(args.ledger or args.store or Path(args.results).with_suffix(".db"))
     # a dry run writes nothing: it reads the ledger if there is one, else starts from an empty one in memory
     ledger_at = ledger_path if not args.dry_run or ledger_path.is_file() else Path(":memory:")
     with ResultsStore(ledger_at, read_only=args.dry_run and ledger_at != Path(":memory:")) as ledger:
         summary = upload(
             records, model_id=model_id, source=source, ledger=ledger, host=host, allow_http=args.allow_http,
-            method_name=args.method_name, dry_run=args.dry_run,
+            method_name=args.method_name, examples=examples, dry_run=args.dry_run,
             log=lambda m: console.print(m, soft_wrap=True, markup=False, highlight=False),
         )  # fmt: skip
     verb = "would send" if args.dry_run else "sent"
@@ -722,7 +773,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_policy_options(ex, WHOLE_SAE_CONFIG)
     _add_adapter_option(ex)
     ex.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: a GPU if there is one)")
+    ex.add_argument(
+        "--contexts", metavar="CORPUS", help="also collect top-activating contexts over this corpus, beside --out"
+    )
+    ex.add_argument("--context-tokens", type=_positive, default=DEFAULT_TOKENS, help="with --contexts (%(default)s)")
     ex.set_defaults(func=cmd_explain)
+
+    co = sub.add_parser("contexts", help="each feature's top-activating contexts and density over a corpus; resumable")
+    co.add_argument("--sae", required=True, help="a SAELens SAE folder, or RELEASE:SAE_ID (needs the hub)")
+    co.add_argument("--model", help="embedded model name or checkpoint folder (default: the SAE's model_name)")
+    co.add_argument("--corpus", required=True, help="a text file (blank-line separated), a folder of .txt, or JSONL")
+    co.add_argument("--tokens", type=_positive, default=DEFAULT_TOKENS, help="tokens to read (%(default)s)")
+    co.add_argument("--out", required=True, help="activation-examples file (.safetensors)")
+    co.add_argument("--resume", action="store_true", help="continue from OUT.partial")
+    co.add_argument("--device", help="cpu, cuda, cuda:1 ...")
+    co.set_defaults(func=cmd_contexts)
 
     ev = sub.add_parser("eval", help="score every scale policy and a top-tokens baseline, with no judge model")
     ev.add_argument("--sae", help="a SAELens SAE folder (default: the shipped demo SAE)")
@@ -796,6 +861,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--allow-http", action="store_true", help="allow a plain-http loopback host (test servers)")
     up.add_argument("--method-name", help="an explanation type Neuronpedia knows (else omitted)")
     up.add_argument("--model-name", help=argparse.SUPPRESS)  # refused with the reason (Neuronpedia cannot store it)
+    up.add_argument(
+        "--examples", help="activation examples (top contexts, density) to upload (default: beside --results)"
+    )
     up.add_argument("--dry-run", action="store_true", help="print what would be sent; send nothing")
     up.set_defaults(func=cmd_upload)
 

@@ -2,9 +2,10 @@
 
 Neuronpedia's `/api/explanation/new` is switched off; upload-batch is the live path. It needs a source
 set the caller created (`/api/model/new`, `/api/source-set/new`), at most 128 features a request, and at
-least one activation record per feature: we send the feature's activations over its own explanation text
-(computed by `explain`). Re-runs are idempotent: a ledger in the results store remembers what was sent.
-The API key is read from NEURONPEDIA_API_KEY and never printed, logged or written.
+least one activation record per feature: we send the feature's top-activating contexts and density from
+its activation examples (`sae-selfexplain contexts`, or `explain --contexts`), else its activations over
+its own explanation text (computed by `explain`). Re-runs are idempotent: a ledger in the results store
+remembers what was sent. The API key is read from NEURONPEDIA_API_KEY and never printed, logged or written.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from sae_selfexplain_plugin.activation_examples import ActivationExamples, FeatureExamples
 from sae_selfexplain_plugin.errors import SelfExplainError
 from sae_selfexplain_plugin.files import to_json
 from sae_selfexplain_plugin.formats import cut_utf16, validate
@@ -103,24 +105,37 @@ def _text_sha(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def feature_payload(record: FeatureExplanations, method_name: str | None) -> dict[str, Any] | None:
-    """One upload-batch feature, or None when the record has no explanation or no activation record.
-    The text is cut at Neuronpedia's 512 UTF-16 code units; positions whose token decodes to "" (which
-    Neuronpedia refuses) are dropped with their values."""
+def feature_payload(
+    record: FeatureExplanations, method_name: str | None, examples: FeatureExamples | None = None
+) -> dict[str, Any] | None:
+    """One upload-batch feature, or None when there is no explanation or no activation to show.
+
+    With `examples` (the feature's activation examples over a corpus), its top-activating contexts are the
+    activations and its firing frequency the density; otherwise the record's own activations (over its
+    explanation text). The text is cut at Neuronpedia's 512 UTF-16 code units; positions whose token decodes
+    to "" (which Neuronpedia refuses) are dropped with their values."""
     chosen = record.chosen
     if chosen is None or not chosen.text.strip():
         return None
     explanation: dict[str, Any] = {"text": cut_utf16(chosen.text.strip())}
     if method_name:
         explanation["methodName"] = method_name
+    sources: list[dict[str, Any]] = (
+        [{"tokens": c.tokens, "values": c.values} for c in examples.top if c.max_value > 0]
+        if examples is not None
+        else list(record.activations)
+    )
     activations = []
-    for a in record.activations:
+    for a in sources:
         kept = [(t, v) for t, v in zip(a["tokens"], a["values"]) if t != ""][:1024]
         if kept:
             activations.append({"tokens": [t for t, _ in kept], "values": [v for _, v in kept]})
     if not activations:
         return None
-    return {"index": record.feature_id, "explanations": [explanation], "activations": activations}
+    payload: dict[str, Any] = {"index": record.feature_id, "explanations": [explanation], "activations": activations}
+    if examples is not None:
+        payload["density"] = min(1.0, max(0.0, examples.frequency))
+    return payload
 
 
 class _Redactor:
@@ -141,6 +156,7 @@ def upload(
     host: str = DEFAULT_HOST,
     allow_http: bool = False,
     method_name: str | None = None,
+    examples: ActivationExamples | None = None,
     dry_run: bool = False,
     max_retries: int = 5,
     backoff_s: float = 1.0,
@@ -157,7 +173,7 @@ def upload(
     summary = UploadSummary()
     pending: list[tuple[dict[str, Any], str]] = []
     for record in records:
-        payload = feature_payload(record, method_name)
+        payload = feature_payload(record, method_name, None if examples is None else examples[record.feature_id])
         if payload is None:
             summary.skipped.append(record.feature_id)
             continue
