@@ -42,7 +42,6 @@ from sae_selfexplain_plugin.adapter_training import (
 from sae_selfexplain_plugin.config import DEFAULT_SCALES, POLICIES, WHOLE_SAE_CONFIG
 from sae_selfexplain_plugin.dashboard import write_dashboard
 from sae_selfexplain_plugin.direction_adapter import ARCHITECTURES, HELD_OUT_LATENTS
-from sae_selfexplain_plugin.export import DEFAULT_TYPE_NAME
 from sae_selfexplain_plugin.files import atomic_writer, check_writable
 from sae_selfexplain_plugin.formats import SCHEMA_NAMES, checked_record
 from sae_selfexplain_plugin.word_recovery import (
@@ -600,9 +599,17 @@ def cmd_export(args: argparse.Namespace) -> int:
     if bool(args.results) == bool(args.store):
         raise SelfExplainError("pass exactly one of --results FILE.jsonl or --store FILE.db.")
     if args.format == "neuronpedia":
+        beside = examples_beside(args.results) if args.results else None
+        if args.examples:
+            examples: ActivationExamples | None = ActivationExamples.load(args.examples)
+        elif beside is not None and beside.is_file():
+            examples = ActivationExamples.load(beside)
+        else:
+            examples = None
         summary = export.export_neuronpedia(
-            _records(args), args.out, model_id=args.model_id, source_id=args.source_id,
-            type_name=args.type_name, explanation_model_name=args.explanation_model_name,
+            _records(args), args.out, author_id=args.author_id or "", model_layers=args.model_layers,
+            model_id=args.model_id, source_id=args.source_id, type_name=args.type_name,
+            explanation_model_name=args.explanation_model_name, examples=examples,
         )  # fmt: skip
     elif args.format == "neuron-explainer":
         if args.layer_index is None:
@@ -847,8 +854,11 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--out", required=True, help="output folder (neuronpedia, neuron-explainer) or file (jsonl)")
     exp.add_argument("--model-id", help="Neuronpedia model id (default: from the SAE's neuronpedia_id)")
     exp.add_argument("--source-id", help="Neuronpedia source id, e.g. 6-res-jb (default: from neuronpedia_id)")
-    exp.add_argument("--type-name", default=DEFAULT_TYPE_NAME, help="Neuronpedia explanation typeName")
-    exp.add_argument("--explanation-model-name", help="default: the explained model's name")
+    exp.add_argument("--author-id", help="neuronpedia: the Neuronpedia user id the explanations belong to (required)")
+    exp.add_argument("--model-layers", type=_positive, help="neuronpedia: the explained model's number of blocks")
+    exp.add_argument("--examples", help="neuronpedia: activation examples for density and max activation")
+    exp.add_argument("--type-name", help="neuronpedia: an explanation type Neuronpedia knows (default: none)")
+    exp.add_argument("--explanation-model-name", help="neuronpedia: an explanation model it knows (default: none)")
     exp.add_argument("--layer-index", type=int, help="neuron-explainer layer_index")
     exp.set_defaults(func=cmd_export)
 

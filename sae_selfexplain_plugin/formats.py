@@ -10,10 +10,10 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from functools import cache
 from importlib.resources import files
 from pathlib import Path
@@ -205,10 +205,16 @@ def to_neuronpedia_line(
     record: FeatureExplanations,
     model_id: str,
     source_id: str,
+    author_id: str,
     type_name: str | None,
     explanation_model_name: str | None,
 ) -> dict[str, Any] | None:
-    """A Neuronpedia export line for the chosen explanation; None when there is none to publish."""
+    """A row of Neuronpedia's Explanation table for the chosen explanation; None when there is none.
+
+    Its importer inserts rows as given (`ON CONFLICT DO NOTHING`), so the row carries every NOT NULL column
+    without a database default: `id` (derived from the row's content: importing the same export twice
+    changes nothing) and `authorId` (a Neuronpedia User id). `typeName` and `explanationModelName` are
+    foreign keys into tables Neuronpedia fills from its own config, so they are left out unless given."""
     chosen = record.chosen
     if chosen is None or not chosen.text.strip():
         return None
@@ -218,19 +224,26 @@ def to_neuronpedia_line(
         "scale_mode": chosen.scale_mode,
         "layer": chosen.layer,
         "template": chosen.template,
+        "explained_by": record.model_id,
     }
     if chosen.adapter is not None:
         notes["adapter"] = chosen.adapter
-    return {
+    description = cut_utf16(chosen.text.strip())
+    key = json.dumps([model_id, source_id, record.feature_id, description, author_id])
+    line: dict[str, Any] = {
+        "id": "sx" + hashlib.sha256(key.encode()).hexdigest()[:23],  # cuid-like: 25 characters
         "modelId": model_id,
         "layer": source_id,
         "index": str(record.feature_id),
-        "description": cut_utf16(chosen.text.strip()),
-        "typeName": type_name,
-        "explanationModelName": explanation_model_name,
+        "description": description,
+        "authorId": author_id,
         "notes": json.dumps(notes, allow_nan=False),
-        "createdAt": datetime.now(timezone.utc).isoformat(),
     }
+    if type_name:
+        line["typeName"] = type_name
+    if explanation_model_name:
+        line["explanationModelName"] = explanation_model_name
+    return line
 
 
 def to_neuron_explainer(record: FeatureExplanations, layer_index: int) -> dict[str, Any]:

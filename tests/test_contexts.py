@@ -106,6 +106,16 @@ def test_explain_collects_contexts_beside_its_results_and_the_dashboard_uses_the
     page = tmp_path / "d.html"
     assert main(["dashboard", str(out), "--out", str(page)]) == 0
     assert '"freq":' in page.read_text() and '"top":' in page.read_text()  # contexts and density shown
+    np_out = tmp_path / "np"
+    assert main(["export", "--results", str(out), "--format", "neuronpedia", "--out", str(np_out), "--author-id",
+                 "u1", "--model-layers", "4"]) == 0  # fmt: skip
+    from neuronpedia_db import database, import_dataset
+
+    db = database()
+    import_dataset(db, np_out / "v1" / "tiny-gemma3" / "2-t")
+    rows = db.execute('SELECT frac_nonzero, "maxActApprox" FROM "Neuron"').fetchall()
+    examples = ActivationExamples.load(examples_beside(out))
+    assert len(rows) == 4 and sorted(r[0] for r in rows) == sorted(round(examples[f].frequency, 8) for f in range(4))
     examples_beside(out).unlink()
     assert main(["dashboard", str(out), "--out", str(page)]) == 0
     assert '"freq":' not in page.read_text()  # without the file, none (this SAE is not the demo's)

@@ -148,7 +148,7 @@ def test_engine_applies_the_adapter_as_by_hand(backend):
     assert all(r.chosen is not None and r.chosen.scale == 1.0 for r in records)
     assert validate(records[0].to_dict(), "explanation-record") == []
     assert {c.adapter for r in records for c in r.candidates} == {adapter.fingerprint}
-    line = to_neuronpedia_line(records[0], "m", "s", None, None)
+    line = to_neuronpedia_line(records[0], "m", "s", "u1", None, None)
     assert line is not None and json.loads(line["notes"])["adapter"] == adapter.fingerprint
 
 

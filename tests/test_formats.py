@@ -43,21 +43,26 @@ def test_our_record_validates_and_violations_have_paths():
     assert {p.path for p in problems} == {"$.feature_id", "$.candidates[1].scale"}
 
 
+NP = {"author_id": "u1", "model_layers": 18}
+
+
 def test_neuronpedia_export_layout_and_lines(tmp_path):
     records = [record(i) for i in (2050, 5, 1024, 0)] + [record(7, text="   ")]
-    summary = export_neuronpedia(records, tmp_path)
+    summary = export_neuronpedia(records, tmp_path, **NP)
     assert summary.written == 4 and summary.skipped == [7]
     folder = tmp_path / "v1" / "gemma-3-270m" / "6-res-test" / "explanations"
     assert sorted(p.name for p in folder.iterdir()) == ["batch-0.jsonl.gz"]
     lines = [json.loads(x) for x in gzip.decompress((folder / "batch-0.jsonl.gz").read_bytes()).splitlines()]
     assert [x["index"] for x in lines] == ["0", "5", "1024", "2050"]  # ordered, strings
     assert lines[0]["modelId"] == "gemma-3-270m" and lines[0]["layer"] == "6-res-test"
-    assert lines[0]["description"] == "a fruit" and lines[0]["explanationModelName"] == "gemma-3-270m"
+    assert (
+        lines[0]["description"] == "a fruit" and lines[0]["authorId"] == "u1" and "explanationModelName" not in lines[0]
+    )
     assert validate_file(folder / "batch-0.jsonl.gz") == (4, [])
 
 
 def test_neuronpedia_batches_hold_1024_lines(tmp_path):
-    export_neuronpedia((record(i) for i in range(1030)), tmp_path)
+    export_neuronpedia((record(i) for i in range(1030)), tmp_path, **NP)
     folder = tmp_path / "v1" / "gemma-3-270m" / "6-res-test" / "explanations"
     sizes = [len(gzip.decompress(p.read_bytes()).splitlines()) for p in sorted(folder.iterdir())]
     assert sizes == [1024, 6]
@@ -65,13 +70,13 @@ def test_neuronpedia_batches_hold_1024_lines(tmp_path):
 
 def test_neuronpedia_ids_must_come_from_somewhere(tmp_path):
     with pytest.raises(InputError, match="--model-id and --source-id"):
-        export_neuronpedia([record(1, np_id=None)], tmp_path)
-    summary = export_neuronpedia([record(1, np_id=None)], tmp_path, model_id="m", source_id="3-x")
-    assert summary.files[0].parts[-4:-1] == ("m", "3-x", "explanations")
+        export_neuronpedia([record(1, np_id=None)], tmp_path, **NP)
+    summary = export_neuronpedia([record(1, np_id=None)], tmp_path, model_id="m", source_id="3-x", **NP)
+    assert summary.files[-1].parts[-4:-1] == ("m", "3-x", "explanations")
 
 
 def test_index_accepted_as_int_on_read_but_not_negative():
-    line = {"modelId": "m", "layer": "1-x", "index": 5, "description": "d"}
+    line = {"id": "sx1", "modelId": "m", "layer": "1-x", "index": 5, "description": "d", "authorId": "u1"}
     assert validate(line) == []
     assert validate({**line, "index": "-5"}) and validate({**line, "index": "05"})
     assert validate({**line, "description": "x" * 513})[0].path == "$.description"
@@ -126,7 +131,8 @@ def test_validate_command(tmp_path, capsys):
 def test_export_command_round_trip(tmp_path, capsys):
     results = tmp_path / "r.jsonl"
     export_jsonl([record(4), record(2)], results)
-    assert main(["export", "--results", str(results), "--format", "neuronpedia", "--out", str(tmp_path / "np")]) == 0
+    assert main(["export", "--results", str(results), "--format", "neuronpedia", "--out", str(tmp_path / "np"),
+                 "--author-id", "u1", "--model-layers", "18"]) == 0  # fmt: skip
     assert "2 explanations written" in capsys.readouterr().out
     assert main(["export", "--results", str(results), "--format", "neuron-explainer", "--out", str(tmp_path)]) == 2
     assert "--layer-index" in capsys.readouterr().err
@@ -145,3 +151,38 @@ def test_chosen_index_out_of_range_is_a_violation():
     assert [(v.path, v.message) for v in validate(doc)] == [
         ("$.chosen_index", "5 is out of range: the record has 2 candidates")
     ]
+
+
+def test_the_export_imports_into_neuronpedias_tables_twice_without_change(tmp_path):
+    import sqlite3
+
+    from neuronpedia_db import counts, database, import_dataset
+
+    records = [record(i) for i in (3, 1, 2)]
+    export_neuronpedia(records, tmp_path, **NP)
+    folder = tmp_path / "v1" / "gemma-3-270m" / "6-res-test"
+    db = database()
+    import_dataset(db, folder)
+    once = counts(db)
+    assert once == {"Model": 1, "SourceSet": 1, "Source": 1, "Neuron": 3, "Explanation": 3}
+    import_dataset(db, folder)  # a re-import is a no-op: deterministic ids, ON CONFLICT DO NOTHING
+    assert counts(db) == once
+    row = db.execute('SELECT description, "authorId", "typeName" FROM "Explanation" WHERE "index" = \'1\'').fetchone()
+    assert row == ("a fruit", "u1", None)
+    # the constraints are real: an author Neuronpedia does not know, or a row without an id, fails the import
+    export_neuronpedia(records, tmp_path / "x", author_id="nobody", model_layers=18)
+    with pytest.raises(sqlite3.IntegrityError):
+        import_dataset(database(), tmp_path / "x" / "v1" / "gemma-3-270m" / "6-res-test")
+    without_id = folder / "explanations" / "batch-0.jsonl.gz"
+    lines = [json.loads(x) for x in gzip.decompress(without_id.read_bytes()).splitlines()]
+    without_id.write_bytes(gzip.compress("".join(json.dumps({k: v for k, v in x.items() if k != "id"}) + "\n"
+                                                 for x in lines).encode()))  # fmt: skip
+    with pytest.raises(sqlite3.IntegrityError, match="NOT NULL"):
+        import_dataset(database(), folder)
+
+
+def test_the_export_needs_an_author_and_the_model_size(tmp_path):
+    with pytest.raises(InputError, match="--author-id"):
+        export_neuronpedia([record(1)], tmp_path, author_id="")
+    with pytest.raises(InputError, match="--model-layers"):
+        export_neuronpedia([record(1)], tmp_path, author_id="u1")

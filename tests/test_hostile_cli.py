@@ -113,8 +113,11 @@ def explain(*extra: str, sae: str = "{a}/sae") -> list[str]:
     return ["explain", "--sae", sae, "--model", "{a}/tiny-gemma3", "--out", "{c}/out/r.jsonl", *FAST, *extra]
 
 
+NP_FLAGS = ["--author-id", "u1", "--model-layers", "4"]
+
+
 def export_neuronpedia(*extra: str, results: str = "{a}/results.jsonl") -> list[str]:
-    return ["export", "--results", results, "--format", "neuronpedia", "--out", "{c}/out", *extra]
+    return ["export", "--results", results, "--format", "neuronpedia", "--out", "{c}/out", *NP_FLAGS, *extra]
 
 
 CASES = [
@@ -214,7 +217,7 @@ CASES = [
     ),
     Case(
         "export-chosen-out-of-range",
-        ["export", "--results", "{c}/in.jsonl", "--format", "neuronpedia", "--out", "{c}/out"],
+        export_neuronpedia(results="{c}/in.jsonl"),
         r"chosen_index: 99 is out of range",
         setup=with_record_change(lambda d: d.update(chosen_index=99)),
     ),
@@ -260,13 +263,13 @@ CASES = [
     ),
     Case(
         "export-neuronpedia-id-escapes",
-        ["export", "--results", "{c}/in.jsonl", "--format", "neuronpedia", "--out", "{c}/out"],
+        export_neuronpedia(results="{c}/in.jsonl"),
         r"neuronpedia_id: .* does not match",
         setup=with_record_change(lambda d: d["sae"].update(neuronpedia_id="../../../elsewhere/x")),
     ),
     Case(
         "export-dotdot-model",
-        ["export", "--results", "{c}/in.jsonl", "--format", "neuronpedia", "--out", "{c}/out"],
+        export_neuronpedia(results="{c}/in.jsonl"),
         r"model id '\.\.' cannot",
         setup=with_record_change(lambda d: d["sae"].update(neuronpedia_id="../x")),
     ),
@@ -406,7 +409,7 @@ def test_upload_never_follows_a_redirect_with_the_key(assets: Path, tmp_path: Pa
             argv = ["upload", "--results", str(assets / "results.jsonl"), "--host", first.url, "--allow-http",
                     "--source", "2-test", "--ledger", str(ledger)]  # fmt: skip
             done = run_cli(argv, tmp_path)
-    assert done.returncode == 2 and "redirected the upload" in error_lines(done)[0]
+    assert done.returncode == 2 and "redirected the upload" in error_lines(done)[-1]
     assert len(first.seen) == 1 and first.seen[0].get("x-api-key") == KEY
     assert other.seen == []  # the key never reached the second origin
     assert _uploads(ledger) == 0
@@ -424,7 +427,7 @@ def test_upload_marks_nothing_on_a_bad_answer(assets: Path, tmp_path: Path, answ
         argv = ["upload", "--results", str(assets / "results.jsonl"), "--host", server.url, "--allow-http",
                 "--source", "2-test", "--ledger", str(ledger)]  # fmt: skip
         done = run_cli(argv, tmp_path)
-    assert done.returncode == 2 and "unexpected answer" in error_lines(done)[0], error_lines(done)
+    assert done.returncode == 2 and "unexpected answer" in error_lines(done)[-1], error_lines(done)
     assert _uploads(ledger) == 0
 
 
@@ -485,9 +488,12 @@ def test_a_run_at_the_largest_scale_exports_no_nan_and_renders(assets: Path, tmp
             "--out", str(out), "--template", "test-open", "--scales", "1,1000000", "--max-new-tokens", "3",
             "--generate", "all", "--metrics"]  # fmt: skip
     assert main(args) == 0
-    assert main(["export", "--results", str(out), "--format", "neuronpedia", "--out", str(tmp_path / "np")]) == 0
+    assert (
+        main(["export", "--results", str(out), "--format", "neuronpedia", "--out", str(tmp_path / "np"), *NP_FLAGS])
+        == 0
+    )
     texts = [out.read_text()] + [gzip.decompress(p.read_bytes()).decode() for p in (tmp_path / "np").rglob("*.gz")]
-    assert len(texts) == 2 and not any("NaN" in t or "Infinity" in t for t in texts)
+    assert len(texts) == 3 and not any("NaN" in t or "Infinity" in t for t in texts)
     assert main(["dashboard", str(out), "--out", str(tmp_path / "d.html")]) == 0
     errors: list[str] = []
     page.on("pageerror", lambda e: errors.append(str(e)))

@@ -81,7 +81,7 @@ def test_explain_writes_every_feature_in_order(assets, tmp_path):
         (act,) = r.activations
         assert act["source"] == "own explanation" and len(act["tokens"]) == len(act["values"]) > 0
     assert sum(bool(r.activations) for r in records) >= 3
-    assert main(["upload", "--results", str(out), "--dry-run"]) == 0
+    assert main(["upload", "--results", str(out), "--dry-run", "--source", "2-test"]) == 0
     assert (tmp_path / "r.db").exists()
 
 
