@@ -220,3 +220,15 @@ def test_cli_refuses_model_name_and_needs_a_source(server, tmp_path, monkeypatch
     assert main(base) == 2
     assert "upload needs --source" in " ".join(capsys.readouterr().err.split())
     assert server.requests == 0
+
+
+@pytest.mark.parametrize(
+    ("changes", "what"),
+    [({"source": "12-gemmascope-res-16k"}, "a source set Neuronpedia owns"), ({"source": "6-nope"}, "no such set"),
+     ({"method_name": "unknown-method"}, "an unknown method name")],
+)  # fmt: skip
+def test_requests_that_cannot_succeed_fail_once_with_the_causes(server, ledger, changes, what):
+    with pytest.raises(UploadError, match=r"answered 500.*not created by you.*--method-name"):
+        go([record(1)], server, ledger, **changes)
+    assert server.requests == 1, what  # reported at once: no retry storm
+    assert ledger.uploaded(server.url, "gemma-3-270m", changes.get("source", "6-test")) == set()
