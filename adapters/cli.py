@@ -664,6 +664,14 @@ def cmd_upload(args: argparse.Namespace) -> int:
     ledger_path = Path(args.ledger or args.store or Path(args.results).with_suffix(".db"))
     # a dry run writes nothing: it reads the ledger if there is one, else starts from an empty one in memory
     ledger_at = ledger_path if not args.dry_run or ledger_path.is_file() else Path(":memory:")
+    if args.create_source:
+        from .neuronpedia import create_source_set
+
+        if args.dry_run:
+            console.print(f"dry run: would create the source set of {source} on {model_id}", markup=False)
+        else:
+            created = create_source_set(model_id, source, host=host, allow_http=args.allow_http)
+            console.print(f"{'created' if created else 'found'} the source set of {source} on {model_id}", markup=False)
     with ResultsStore(ledger_at, read_only=args.dry_run and ledger_at != Path(":memory:")) as ledger:
         summary = upload(
             records, model_id=model_id, source=source, ledger=ledger, host=host, allow_http=args.allow_http,
@@ -869,6 +877,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--ledger", help="store that remembers what was uploaded (default: the results' store)")
     up.add_argument("--host", default=DEFAULT_HOST, help="https origin (default: %(default)s)")
     up.add_argument("--allow-http", action="store_true", help="allow a plain-http loopback host (test servers)")
+    up.add_argument(
+        "--create-source", action="store_true", help="create --source's source set on Neuronpedia if it does not exist"
+    )
     up.add_argument("--method-name", help="an explanation type Neuronpedia knows (else omitted)")
     up.add_argument("--model-name", help=argparse.SUPPRESS)  # refused with the reason (Neuronpedia cannot store it)
     up.add_argument(

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import time
 import urllib.error
 import urllib.parse
@@ -261,3 +262,51 @@ def _retry_after(header: str | None, default: float) -> float:
         return max(0.0, float(header)) if header is not None else default
     except ValueError:
         return default
+
+
+SET_NAME = re.compile(r"^[a-z][a-z0-9-]*[a-z0-9]$|^[a-z0-9]$")  # source-set/new/route.tsx's rule
+
+
+def create_source_set(
+    model_id: str,
+    source: str,
+    *,
+    api_key: str | None = None,
+    host: str = DEFAULT_HOST,
+    allow_http: bool = False,
+    description: str = "self-explanations (sae-selfexplain)",
+    timeout_s: float = 60.0,
+) -> bool:
+    """Create the source set that `source` ("15-my-set") belongs to, through `POST /api/source-set/new`;
+    Neuronpedia then has one source per layer, `{layer}-{set}`. True if created, False if it existed."""
+    host = check_host(host, allow_http)
+    layer, _, name = source.partition("-")
+    if not layer.isdigit() or not SET_NAME.match(name) or "--" in name or name == "neurons":
+        raise UploadError(
+            f"--source {source!r} is not LAYER-SETNAME with a set name Neuronpedia accepts (lower-case letters, "
+            "digits and single hyphens, e.g. 15-selfexplain-res-4k)."
+        )
+    key = api_key or api_key_from_env()
+    body = to_json({"modelId": model_id.lower(), "name": name, "description": description[:128]}).encode()
+    request = urllib.request.Request(
+        host + "/api/source-set/new", data=body, method="POST",
+        headers={"Content-Type": "application/json", "x-api-key": key},
+    )  # fmt: skip
+    try:
+        with _OPENER.open(request, timeout=timeout_s) as response:
+            response.read()
+            return True
+    except urllib.error.HTTPError as e:
+        message = _Redactor(key)(e.read().decode("utf-8", "replace")[:300])
+        if e.code == 400 and "already exists" in message:
+            return False
+        if e.code == 400 and "Model not found" in message:
+            raise UploadError(
+                f"Neuronpedia has no model {model_id.lower()!r}: create it first (POST /api/model/new with its id and "
+                "number of layers), or pass the --model-id of one that exists."
+            ) from None
+        if e.code in (401, 403):
+            raise UploadError(f"Neuronpedia refused the API key ({e.code}); check {API_KEY_ENV}.") from None
+        raise UploadError(f"creating the source set {name!r} failed: HTTP {e.code} {message}") from None
+    except (urllib.error.URLError, TimeoutError) as e:
+        raise UploadError(f"cannot reach {host} ({e}).") from None

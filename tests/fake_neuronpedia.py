@@ -17,6 +17,8 @@ Mirrored, in route.tsx's order:
 - storage: Neuron rows by (modelId, layer, index), duplicates skipped; Explanation and Activation rows
   appended (their only unique key is a random id), so a re-send stores duplicates;
 - 200 `{"message": "N features created."}`.
+Also `POST /api/source-set/new` (source-set/new/route.tsx, lib/db/source.ts): the set-name rule, 400 for a
+model that does not exist or a set name taken, else a set owned by the caller with one source per layer.
 Not from its source: `rate_limit` (429 with Retry-After after N requests), a stand-in for a proxy's limit.
 """
 
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from http.server import BaseHTTPRequestHandler
 from typing import Any
 
@@ -63,6 +66,7 @@ class FakeNeuronpedia:
         sources: tuple[str, ...] = ("6-test",),
         explanation_types: tuple[str, ...] = ("oai_token-act-pair", "sae-selfexplain"),
         explanation_model_types: tuple[str, ...] = ("gpt-4o-mini",),
+        layers: int = 30,
     ) -> None:
         self.users = {api_key: "user-1", "other-users-key": "user-2"}
         self.api_key = api_key
@@ -71,6 +75,7 @@ class FakeNeuronpedia:
             (model_id, set_name(s)): ("user-1", {x for x in sources if set_name(x) == set_name(s)}) for s in sources
         }
         self.source_sets[(model_id, "gemmascope-res-16k")] = ("neuronpedia", {"12-gemmascope-res-16k"})
+        self.model_layers = {model_id: layers}  # models that exist, and their number of layers
         self.explanation_types = set(explanation_types)
         self.explanation_model_types = set(explanation_model_types)
         self.neurons: dict[tuple[str, str, str], dict[str, Any]] = {}
@@ -89,6 +94,8 @@ class FakeNeuronpedia:
             def do_POST(self) -> None:
                 server.requests += 1
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                if self.path == "/api/source-set/new":
+                    return server.new_source_set(self, body)
                 if self.path != "/api/feature/upload-batch":
                     return send_json(self, 404, {"error": "not found"})
                 if server.fail_next:
@@ -109,6 +116,24 @@ class FakeNeuronpedia:
 
         self.server = LoopbackServer(Handler)
         self.url = self.server.url
+
+    def new_source_set(self, handler: BaseHTTPRequestHandler, raw: bytes) -> None:
+        """source-set/new/route.tsx and lib/db/source.ts (createSourceSetWithSources)."""
+        user = self.users.get(handler.headers.get("x-api-key") or "")
+        if user is None:
+            return send_json(handler, 401, {"error": AUTH_ERROR})
+        body = json.loads(raw)
+        name, model_id = body.get("name") or "", body.get("modelId") or ""
+        if not re.match(r"^[a-z][a-z0-9-]*[a-z0-9]$|^[a-z0-9]$", name) or name == "neurons" or "--" in name:
+            return send_json(handler, 400, {"error": "Name must contain only lowercase letters, digits, and hyphens",
+                                            "path": "name"})  # fmt: skip
+        if model_id not in self.model_layers:
+            return send_json(handler, 400, {"error": "Model not found"})
+        if (model_id, name) in self.source_sets:
+            return send_json(handler, 400, {"error": "Source set name already exists for this model."})
+        sources = {f"{i}-{name}" for i in range(self.model_layers[model_id])}
+        self.source_sets[(model_id, name)] = (user, sources)
+        send_json(handler, 200, {"modelId": model_id, "name": name, "sources": [{"id": s} for s in sorted(sources)]})
 
     def handle(self, raw: bytes, user: str) -> int:
         try:

@@ -232,3 +232,29 @@ def test_requests_that_cannot_succeed_fail_once_with_the_causes(server, ledger, 
         go([record(1)], server, ledger, **changes)
     assert server.requests == 1, what  # reported at once: no retry storm
     assert ledger.uploaded(server.url, "gemma-3-270m", changes.get("source", "6-test")) == set()
+
+
+def test_create_source_then_upload(server, tmp_path, monkeypatch, capsys):
+    results = tmp_path / "r.jsonl"
+    export_jsonl([record(1), record(2)], results)
+    monkeypatch.setenv("NEURONPEDIA_API_KEY", KEY)
+    base = ["upload", "--results", str(results), "--host", server.url, "--allow-http"]
+    assert main([*base, "--source", "6-mine"]) == 2  # no such set yet: the route's bare 500, reported
+    assert main([*base, "--source", "6-mine", "--create-source"]) == 0
+    out = capsys.readouterr()
+    said = " ".join((out.out + out.err).split())
+    assert "created the source set of 6-mine" in said and "sent 2 features" in said
+    assert server.source_sets[("gemma-3-270m", "mine")][0] == "user-1"
+    assert main([*base, "--source", "6-mine", "--create-source"]) == 0  # exists: found, nothing new to send
+    out = capsys.readouterr()
+    assert "found the source set" in " ".join((out.out + out.err).split())
+
+
+def test_create_source_errors(server, monkeypatch):
+    from sae_selfexplain_plugin.adapters.neuronpedia import create_source_set
+
+    monkeypatch.setenv("NEURONPEDIA_API_KEY", KEY)
+    with pytest.raises(UploadError, match="no model 'nope'"):
+        create_source_set("nope", "6-mine", host=server.url, allow_http=True)
+    with pytest.raises(UploadError, match="not LAYER-SETNAME"):
+        create_source_set("gemma-3-270m", "6-Bad--Name", host=server.url, allow_http=True)
