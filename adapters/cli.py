@@ -536,17 +536,22 @@ def cmd_sae_latent(args: argparse.Namespace) -> int:
 def cmd_dashboard(args: argparse.Namespace) -> int:
     db = args.results.endswith(".db")
     records = list(_read_records(None if db else args.results, args.results if db else None, args.sae_id))
-    beside = examples_beside(args.results)
-    examples: ActivationExamples | None
-    if args.examples:
-        examples = ActivationExamples.load(args.examples)
-    elif not db and beside.is_file():
-        examples = ActivationExamples.load(beside)
-    else:
-        examples = _demo_examples_for(records)
+    examples = _examples(args.examples, None if db else args.results, records)
     page = write_dashboard(records, args.out, examples=examples, title=args.title)
     Console().print(f"{len(records)} features; dashboard: {page.resolve()}", markup=False)
     return 0
+
+
+def _examples(
+    named: str | None, results: str | None, records: list[FeatureExplanations] | None
+) -> ActivationExamples | None:
+    """Activation examples for a command's records: the file named (--examples), else the one `explain
+    --contexts` wrote beside a results JSONL, else (given the records) the demo SAE's for demo results."""
+    if named:
+        return ActivationExamples.load(named)
+    if results and examples_beside(results).is_file():
+        return ActivationExamples.load(examples_beside(results))
+    return None if records is None else _demo_examples_for(records)
 
 
 def _demo_examples_for(records: list[FeatureExplanations]) -> ActivationExamples | None:
@@ -599,13 +604,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     if bool(args.results) == bool(args.store):
         raise SelfExplainError("pass exactly one of --results FILE.jsonl or --store FILE.db.")
     if args.format == "neuronpedia":
-        beside = examples_beside(args.results) if args.results else None
-        if args.examples:
-            examples: ActivationExamples | None = ActivationExamples.load(args.examples)
-        elif beside is not None and beside.is_file():
-            examples = ActivationExamples.load(beside)
-        else:
-            examples = None
+        examples = _examples(args.examples, args.results, None)
         summary = export.export_neuronpedia(
             _records(args), args.out, author_id=args.author_id or "", model_layers=args.model_layers,
             model_id=args.model_id, source_id=args.source_id, type_name=args.type_name,
@@ -647,20 +646,13 @@ def cmd_upload(args: argparse.Namespace) -> int:
             "POST /api/model/new (your model) and POST /api/source-set/new (docs/pipeline.md)."
         )
     model_id, source = neuronpedia_ids(records[0], args.model_id, args.source)
-    beside = examples_beside(args.results) if args.results else None
-    examples: ActivationExamples | None
-    if args.examples:
-        examples = ActivationExamples.load(args.examples)
-    elif beside is not None and beside.is_file():
-        examples = ActivationExamples.load(beside)
-    else:
-        examples = _demo_examples_for(records)
-        if examples is None:
-            console.print(
-                "note: no activation examples (--examples, or `explain --contexts`): each feature is uploaded with "
-                "its activations over its own explanation, so its page will show little.",
-                soft_wrap=True, markup=False, highlight=False,
-            )  # fmt: skip
+    examples = _examples(args.examples, args.results, records)
+    if examples is None:
+        console.print(
+            "note: no activation examples (--examples, or `explain --contexts`): each feature is uploaded with "
+            "its activations over its own explanation, so its page will show little.",
+            soft_wrap=True, markup=False, highlight=False,
+        )  # fmt: skip
     ledger_path = Path(args.ledger or args.store or Path(args.results).with_suffix(".db"))
     # a dry run writes nothing: it reads the ledger if there is one, else starts from an empty one in memory
     ledger_at = ledger_path if not args.dry_run or ledger_path.is_file() else Path(":memory:")
