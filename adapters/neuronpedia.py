@@ -214,13 +214,9 @@ def _post(
     log: Callable[[str], None],
     sleep: Callable[[float], None],
 ) -> None:
-    url = host.rstrip("/") + "/api/feature/upload-batch"
-    data = to_json(body).encode()  # strict: a NaN is an error here, not a body the server cannot parse
     first = body["features"][0]["index"]
+    request = _json_request(host, "/api/feature/upload-batch", body, key)  # serialized once, sent per try
     for attempt in range(max_retries + 1):
-        request = urllib.request.Request(
-            url, data=data, method="POST", headers={"Content-Type": "application/json", "x-api-key": key}
-        )
         try:
             with _OPENER.open(request, timeout=timeout_s) as response:
                 answer = response.read(1 << 20)
@@ -257,6 +253,14 @@ def _post(
         sleep(wait)
 
 
+def _json_request(host: str, path: str, body: dict[str, Any], key: str) -> urllib.request.Request:
+    """A POST of strict JSON (a NaN is an error here, not a body the server cannot parse) with the API key."""
+    return urllib.request.Request(
+        host + path, data=to_json(body).encode(), method="POST",
+        headers={"Content-Type": "application/json", "x-api-key": key},
+    )  # fmt: skip
+
+
 def _retry_after(header: str | None, default: float) -> float:
     try:
         return max(0.0, float(header)) if header is not None else default
@@ -287,11 +291,8 @@ def create_source_set(
             "digits and single hyphens, e.g. 15-selfexplain-res-4k)."
         )
     key = api_key or api_key_from_env()
-    body = to_json({"modelId": model_id.lower(), "name": name, "description": description[:128]}).encode()
-    request = urllib.request.Request(
-        host + "/api/source-set/new", data=body, method="POST",
-        headers={"Content-Type": "application/json", "x-api-key": key},
-    )  # fmt: skip
+    body = {"modelId": model_id.lower(), "name": name, "description": description[:128]}
+    request = _json_request(host, "/api/source-set/new", body, key)
     try:
         with _OPENER.open(request, timeout=timeout_s) as response:
             response.read()
