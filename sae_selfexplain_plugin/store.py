@@ -184,11 +184,15 @@ class ResultsStore:
         so two runs resuming one store share the work instead of both doing all of it."""
         now = time.time()
         key = (model_id, sae_id, settings_hash)
+        these = f"feature IN ({', '.join('?' * len(features))})"  # only this batch's rows, not the whole run's
         with self._transaction():
-            done = self.done(*key)
+            done = {int(f) for (f,) in self._db.execute(
+                f"SELECT feature FROM explanations WHERE model_id = ? AND sae_id = ? AND settings_hash = ? AND {these}",
+                (*key, *features),
+            )}  # fmt: skip
             taken = {int(f) for (f,) in self._db.execute(
                 "SELECT feature FROM claims WHERE model_id = ? AND sae_id = ? AND settings_hash = ? AND owner != ? "
-                "AND claimed_at > ?", (*key, owner, now - lease_s),
+                f"AND claimed_at > ? AND {these}", (*key, owner, now - lease_s, *features),
             )}  # fmt: skip
             mine = [f for f in features if f not in done and f not in taken]
             self._db.executemany(
