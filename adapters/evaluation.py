@@ -147,7 +147,11 @@ def evaluate(
     labels = _labellers(records, config, [examples[f].top_tokens() for f in features])
     if adapter is not None:
         adapted = SelfExplainer(backend, config.replace(adapter=adapter, policy="fixed", generate="all"))
-        labels["adapter"] = [(r.chosen.text if r.chosen else "", False) for r in adapted.explain(directions, features)]
+        # like every policy's pick: the top-ranked scale's text, scored even when flagged
+        labels["adapter"] = [
+            (r.at_scale(r.ranked_scales[0])[0].text, "not_self_explainable" in r.flags)
+            for r in adapted.explain(directions, features)
+        ]
     scored = _score_labels(
         sae, backend, examples, features, {k: [t for t, _ in v] for k, v in labels.items()}, embedder
     )

@@ -10,9 +10,9 @@ from sae_selfexplain_plugin.adapters import evaluation
 from sae_selfexplain_plugin.adapters.cli import main
 from sae_selfexplain_plugin.adapters.evaluation import Embedder, evaluate, feature_activations
 from sae_selfexplain_plugin.adapters.pipeline import load_model
-from sae_selfexplain_plugin.adapters.sae_lens import load_sae_folder
+from sae_selfexplain_plugin.adapters.sae_lens import decoder_rows, load_sae_folder
 
-from sae_selfexplain_plugin import SelfExplainConfig
+from sae_selfexplain_plugin import AdapterMetadata, DirectionAdapter, SelfExplainConfig, SelfExplainer
 from sae_selfexplain_plugin.activation_examples import EXAMPLES_FILE, ActivationExamples
 from sae_selfexplain_plugin.errors import InputError
 from sae_selfexplain_plugin.scoring import activation_check, auroc, embedding_score
@@ -94,6 +94,28 @@ def test_evaluate_scores_every_labeller(setup):
     baseline = report.results[-1]
     assert baseline.per_feature[features[0]]["text"] == ", ".join(examples[features[0]].top_tokens())
     assert baseline.scored >= 1
+
+
+def test_adapter_labels_are_scored_even_when_flagged(setup):
+    """Like every policy's pick: a feature the explainability filter flags keeps its adapter label in the
+    scores (and is counted as flagged), instead of silently dropping out of the mean."""
+    sae, backend, examples = setup
+    features = examples.live_features()[:4]
+    meta = AdapterMetadata(
+        backend.model_id, backend.d_model, str(sae.cfg.metadata.hook_name), 1, "test-open", "scalar-affine"
+    )
+    adapter = DirectionAdapter(meta, init_scale=4.0)
+    config = CFG.replace(layer=1, explainable_threshold=1.01)  # no cosine reaches it: every feature flagged
+    report = evaluate(sae, backend, examples, features, config, embedder=Embedder(), adapter=adapter)
+    result = next(r for r in report.results if r.labeller == "adapter")
+    assert result.flagged == len(features)
+    by_hand = SelfExplainer(backend, config.replace(adapter=adapter, policy="fixed")).explain(
+        decoder_rows(sae, features), features
+    )
+    for f, record in zip(features, by_hand):
+        assert record.chosen is None  # the library withholds the label ...
+        assert result.per_feature[f]["text"] == record.candidates[0].text  # ... the eval still scores it
+    assert result.scored == sum(1 for f in features if result.per_feature[f]["text"])
 
 
 def test_eval_cli_writes_a_table_and_json(tiny_sae: Path, tmp_path: Path, capsys):
