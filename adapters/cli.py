@@ -36,6 +36,7 @@ from sae_selfexplain_plugin.adapter_training import (
     DEFAULT_ARCHITECTURE,
     DEFAULT_RANK,
     DEFAULT_WORDS,
+    LATENT_LABELS,
     TrainableModel,
     TrainingSettings,
 )
@@ -471,8 +472,8 @@ def cmd_train_adapter(args: argparse.Namespace) -> int:
 
         adapter, report = train_for_sae(
             sae, cast(TrainableModel, backend), examples, out, config=config, architecture=args.architecture,
-            rank=_rank(args), n_words=args.words, held_out=args.held_out, settings=settings, checkpoint=checkpoint,
-            progress=advance,
+            rank=_rank(args), n_words=args.words, latent_labels=args.latent_labels, held_out=args.held_out,
+            settings=settings, checkpoint=checkpoint, progress=advance,
         )  # fmt: skip
     checkpoint.unlink(missing_ok=True)
     view = Console()
@@ -823,6 +824,10 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--layer", type=int, default=SelfExplainConfig().layer, help="injection block")
     tr.add_argument("--template", help="prompt template (default: from the tokenizer)")
     tr.add_argument("--words", type=int, default=DEFAULT_WORDS, help="vocabulary words to train on (%(default)s)")
+    tr.add_argument(
+        "--latent-labels", choices=LATENT_LABELS, default=LATENT_LABELS[0],
+        help="label each training latent with its top peak tokens, or train only on token features with their word",
+    )  # fmt: skip
     tr.add_argument("--held-out", type=int, default=HELD_OUT_LATENTS, help="latents below this never train")
     defaults = TrainingSettings()
     tr.add_argument("--steps", type=int, default=defaults.steps, help="(%(default)s)")

@@ -26,6 +26,7 @@ from sae_selfexplain_plugin.adapter_training import (
     DEFAULT_ARCHITECTURE,
     DEFAULT_RANK,
     DEFAULT_WORDS,
+    LATENT_LABELS,
     LabelledDirections,
     TrainableModel,
     TrainingReport,
@@ -40,7 +41,12 @@ from sae_selfexplain_plugin.word_recovery import CARRIER, load_words, single_tok
 from .evaluation import token_latents
 from .sae_lens import check_compatible, decoder_rows, sae_layer
 
-LATENT_MIN_PEAKS = 5  # a training latent: >= 5 of its 10 top contexts peak on one word
+LATENT_MIN_PEAKS = 5  # a "word" training latent: >= 5 of its 10 top contexts peak on one word
+LATENT_LABEL_TOKENS = 3  # a "tokens" label names up to 3 peak tokens
+LATENT_LABEL_MEANING = {
+    "tokens": f"with up to {LATENT_LABEL_TOKENS} peak tokens of their top contexts",
+    "word": f"with their word (token features: >= {LATENT_MIN_PEAKS} of 10 top contexts peak on it)",
+}
 
 
 def vocabulary_words(tokenizer: Any, exclude: set[str], n: int, seed: int = 0) -> list[str]:
@@ -75,14 +81,35 @@ def word_directions(backend: Any, words: list[str], layer: int) -> LabelledDirec
 
 
 def latent_directions(
-    sae: SAE[Any], examples: ActivationExamples, latents: range, min_peaks: int = LATENT_MIN_PEAKS
+    sae: SAE[Any],
+    examples: ActivationExamples,
+    latents: range,
+    labels: str = LATENT_LABELS[0],
+    min_peaks: int = LATENT_MIN_PEAKS,
 ) -> LabelledDirections:
-    """Decoder rows of the token-feature latents among `latents` (the sae-latent benchmark's rule, with
-    `min_peaks`), labelled with their word."""
-    found = token_latents(examples, latents, min_peaks)
+    """Decoder rows of latents among `latents` with their labels, by `labels`:
+    "tokens": every live latent, labelled with its top contexts' distinct peak tokens (`peak_label`);
+    "word": token-feature latents only (the sae-latent benchmark's rule, with `min_peaks`), with their word."""
+    if labels == "word":
+        found = token_latents(examples, latents, min_peaks)
+    elif labels == "tokens":
+        live = set(examples.live_features())
+        found = [(f, label) for f in latents if f in live and (label := peak_label(examples, f))]
+    else:
+        raise InputError(f"latent labels must be one of {', '.join(LATENT_LABELS)}, got {labels!r}.")
     if not found:
-        raise InputError("no latent in the training range is a token feature; train on words only.")
+        raise InputError(f"no latent in the training range has a {labels!r} label; train on words only.")
     return LabelledDirections(decoder_rows(sae, [f for f, _ in found]), [w for _, w in found])
+
+
+def peak_label(examples: ActivationExamples, feature: int, n: int = LATENT_LABEL_TOKENS) -> str:
+    """Up to `n` distinct (case-insensitively) peak tokens of `feature`'s top contexts, strongest first, joined
+    by ", "; tokens with a quote are left out (the label sits inside the template's quotes)."""
+    seen: dict[str, str] = {}
+    for token in examples[feature].peak_tokens():
+        if token and '"' not in token and token.lower() not in seen:
+            seen[token.lower()] = token
+    return ", ".join(list(seen.values())[:n])
 
 
 def split(data: LabelledDirections, fraction: float, seed: int) -> tuple[LabelledDirections, LabelledDirections]:
@@ -111,6 +138,7 @@ def train_for_sae(
     architecture: str = DEFAULT_ARCHITECTURE,
     rank: int = DEFAULT_RANK,
     n_words: int = DEFAULT_WORDS,
+    latent_labels: str = LATENT_LABELS[0],
     held_out: int = HELD_OUT_LATENTS,
     settings: TrainingSettings | None = None,
     checkpoint: Path | None = None,
@@ -118,6 +146,8 @@ def train_for_sae(
 ) -> tuple[DirectionAdapter, TrainingReport]:
     """Build the training data, train an adapter on the frozen model, save it to `out`."""
     check_compatible(sae, backend)
+    if latent_labels not in LATENT_LABELS:
+        raise InputError(f"latent labels must be one of {', '.join(LATENT_LABELS)}, got {latent_labels!r}.")
     settings = settings or TrainingSettings()
     explainer = SelfExplainer(backend, config.replace(adapter=None))
     source = sae_layer(sae)
@@ -125,12 +155,13 @@ def train_for_sae(
     train_words, val_words = split(word_directions(backend, words, source), 0.1, settings.seed)
     parts = [(train_words, val_words)]
     if examples is not None and held_out < sae.cfg.d_sae:
-        latents = latent_directions(sae, examples, range(held_out, sae.cfg.d_sae))
+        latents = latent_directions(sae, examples, range(held_out, sae.cfg.d_sae), latent_labels)
         parts.append(split(latents, 0.1, settings.seed))
     train, validation = join(*(p[0] for p in parts)), join(*(p[1] for p in parts))
     described = f"{len(words)} vocabulary words (centred in-context residuals at block {source}, words.txt excluded)"
     if len(parts) > 1:
-        described += f"; {len(parts[1][0]) + len(parts[1][1])} token-feature latents >= {held_out} labelled by token"
+        n_latents = len(parts[1][0]) + len(parts[1][1])
+        described += f"; {n_latents} latents >= {held_out} labelled {LATENT_LABEL_MEANING[latent_labels]}"
     metadata = AdapterMetadata(
         model_id=backend.model_id,
         d_model=backend.d_model,

@@ -27,18 +27,19 @@ from .templates import RenderedPrompt
 
 # The recipe of the shipped adapter (docs/adapters.md); `train-adapter` uses it by default.
 DEFAULT_ARCHITECTURE = "scalar-affine-low-rank"
-DEFAULT_RANK = 8
+DEFAULT_RANK = 64
 DEFAULT_WORDS = 4000  # vocabulary words in the training data
+LATENT_LABELS = ("tokens", "word")  # how an SAE's training latents are labelled; the first is the default
 
 
 @dataclass(frozen=True)
 class TrainingSettings:
     """Optimisation settings. `lr` is in units of the adapter's own size (see `_param_groups`)."""
 
-    steps: int = 500
+    steps: int = 650
     batch_size: int = 16
     lr: float = 0.02
-    eval_every: int = 50
+    eval_every: int = 65
     patience: int = 3
     seed: int = 0
 

@@ -10,10 +10,12 @@ import torch
 from sae_selfexplain_plugin.adapters.cli import main
 from sae_selfexplain_plugin.adapters.evaluation import token_latents
 from sae_selfexplain_plugin.adapters.pipeline import load_model, load_sae
-from sae_selfexplain_plugin.adapters.sae_lens import with_adapter
+from sae_selfexplain_plugin.adapters.sae_lens import decoder_rows, with_adapter
+from sae_selfexplain_plugin.adapters.train_adapter import latent_directions, peak_label
 
 from sae_selfexplain_plugin import DirectionAdapter, SelfExplainConfig, SelfExplainer
 from sae_selfexplain_plugin.activation_examples import EXAMPLES_FILE, ActivationExamples
+from sae_selfexplain_plugin.errors import InputError
 from sae_selfexplain_plugin.word_recovery import run_word_recovery
 
 
@@ -58,6 +60,26 @@ def test_token_latents_need_one_word_peaking_often(tiny_sae):
     for latent, word in token_latents(examples, range(128), 5):
         peaks = [t.lower() for t in examples[latent].peak_tokens()]
         assert peaks.count(word) >= 5 and word.isalpha() and len(word) >= 3
+
+
+def test_training_latents_and_their_labels(tiny_sae):
+    sae, _ = load_sae(str(tiny_sae))
+    examples = ActivationExamples.load(tiny_sae / EXAMPLES_FILE)
+    live = set(examples.live_features())
+    tokens = latent_directions(sae, examples, range(32, 128), "tokens")
+    labelled = [f for f in range(32, 128) if f in live and peak_label(examples, f)]
+    assert len(tokens) == len(labelled) > 0
+    assert torch.equal(tokens.directions, decoder_rows(sae, labelled))
+    for f, label in zip(labelled, tokens.labels):
+        parts = label.split(", ")
+        peaks = examples[f].peak_tokens()
+        assert 1 <= len(parts) <= 3 and len({p.lower() for p in parts}) == len(parts)
+        assert all(p in peaks and '"' not in p for p in parts)
+        assert parts[0] == next(t for t in peaks if t and '"' not in t)  # strongest first
+    word = latent_directions(sae, examples, range(32, 128), "word", min_peaks=2)
+    assert word.labels == [w for _, w in token_latents(examples, range(32, 128), 2)]
+    with pytest.raises(InputError, match="latent labels must be one of tokens, word"):
+        latent_directions(sae, examples, range(32, 128), "gloss")
 
 
 def test_adapter_choice(tiny_sae, tmp_path):
