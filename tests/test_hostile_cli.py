@@ -35,10 +35,12 @@ KEY = "hostile-test-key-0123"
 FAST = ["--template", "test-open", "--scales", "1,4", "--max-new-tokens", "3", "--batch-size", "4"]
 
 
-def save_sae(folder: Path, hook: str = "blocks.2.hook_resid_pre", nan_rows: tuple[int, ...] = ()) -> Path:
+def save_sae(
+    folder: Path, hook: str = "blocks.2.hook_resid_pre", nan_rows: tuple[int, ...] = (), d_sae: int = 12
+) -> Path:
     torch.manual_seed(0)
     meta = SAEMetadata(model_name="tiny-gemma3", hook_name=hook, neuronpedia_id="tiny-gemma3/2-test")
-    sae = StandardSAE(StandardSAEConfig(d_in=64, d_sae=12, metadata=meta))
+    sae = StandardSAE(StandardSAEConfig(d_in=64, d_sae=d_sae, metadata=meta))
     with torch.no_grad():
         sae.W_dec.copy_(torch.randn_like(sae.W_dec))
         for r in nan_rows:
@@ -457,7 +459,10 @@ def test_resume_after_changing_only_the_batch_size_recomputes_nothing(assets: Pa
 
 def test_ctrl_c_keeps_the_store_and_says_how_to_resume(assets: Path, tmp_path: Path) -> None:
     store = tmp_path / "r.db"
-    argv = ["explain", "--sae", str(assets / "sae"), "--model", str(assets / "tiny-gemma3"), "--out",
+    # 2,048 features: far more work than the wait below, so the signal always lands mid-run (with the
+    # 12-feature SAE a fast machine finished before the first poll saw a batch, and the run exited 0)
+    sae = save_sae(tmp_path / "big-sae", d_sae=2048)
+    argv = ["explain", "--sae", str(sae), "--model", str(assets / "tiny-gemma3"), "--out",
             str(tmp_path / "r.jsonl"), "--template", "identity", "--scales", "1", "--max-new-tokens", "40",
             "--batch-size", "1"]  # fmt: skip
     env = {**os.environ, "COLUMNS": "400"}
