@@ -87,6 +87,7 @@ def remote(nn_model, server, **kw):
 
 
 def test_our_requests_through_ndif_server_code(nn_model, directions, expected, ndif):
+    ndif.queue_delay_s = 0.5  # long beside poll_s (0.02), so early polls always happen (0.05 raced on fast runs)
     before = dict(nn_model.__dict__)
     ids_before = dict(_ID_CACHE)
     assert texts(SelfExplainer(remote(nn_model, ndif), CFG).explain(directions)) == expected
