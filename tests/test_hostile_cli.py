@@ -467,7 +467,9 @@ def test_ctrl_c_keeps_the_store_and_says_how_to_resume(assets: Path, tmp_path: P
             "--batch-size", "1"]  # fmt: skip
     env = {**os.environ, "COLUMNS": "400"}
     child = subprocess.Popen([sys.executable, "-m", "sae_selfexplain_plugin.adapters.cli", *argv], env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             # default SIGINT handling in the child, even if an earlier test left it ignored here
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:  # wait for the first committed batch
         if store.exists():
