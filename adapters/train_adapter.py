@@ -90,16 +90,20 @@ def latent_directions(
     """Decoder rows of latents among `latents` with their labels, by `labels`:
     "tokens": every live latent, labelled with its top contexts' distinct peak tokens (`peak_label`);
     "word": token-feature latents only (the sae-latent benchmark's rule, with `min_peaks`), with their word."""
+    check_latent_labels(labels)
     if labels == "word":
         found = token_latents(examples, latents, min_peaks)
-    elif labels == "tokens":
+    else:
         live = set(examples.live_features())
         found = [(f, label) for f in latents if f in live and (label := peak_label(examples, f))]
-    else:
-        raise InputError(f"latent labels must be one of {', '.join(LATENT_LABELS)}, got {labels!r}.")
     if not found:
         raise InputError(f"no latent in the training range has a {labels!r} label; train on words only.")
     return LabelledDirections(decoder_rows(sae, [f for f, _ in found]), [w for _, w in found])
+
+
+def check_latent_labels(labels: str) -> None:
+    if labels not in LATENT_LABELS:
+        raise InputError(f"latent labels must be one of {', '.join(LATENT_LABELS)}, got {labels!r}.")
 
 
 def peak_label(examples: ActivationExamples, feature: int, n: int = LATENT_LABEL_TOKENS) -> str:
@@ -146,8 +150,7 @@ def train_for_sae(
 ) -> tuple[DirectionAdapter, TrainingReport]:
     """Build the training data, train an adapter on the frozen model, save it to `out`."""
     check_compatible(sae, backend)
-    if latent_labels not in LATENT_LABELS:
-        raise InputError(f"latent labels must be one of {', '.join(LATENT_LABELS)}, got {latent_labels!r}.")
+    check_latent_labels(latent_labels)  # before the word data is built
     settings = settings or TrainingSettings()
     explainer = SelfExplainer(backend, config.replace(adapter=None))
     source = sae_layer(sae)
