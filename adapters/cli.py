@@ -722,6 +722,19 @@ def _add_adapter_option(parser: argparse.ArgumentParser, help: str | None = None
     )
 
 
+REPEATS = {"auto": None, "ban": True, "allow": False}  # --repeats -> SelfExplainConfig.no_repeats
+
+
+def _add_repeats_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--repeats",
+        choices=list(REPEATS),
+        default="auto",
+        help="ban generating a word token twice in one label, or allow it; auto bans with an adapter "
+        "(default: %(default)s)",
+    )
+
+
 def _with_adapter(config: SelfExplainConfig, args: argparse.Namespace, sae: Any, backend: Any) -> SelfExplainConfig:
     """`config` with --adapter applied. Explicit --scales are relative scales of the bare direction, so they
     turn "auto" off; with an adapter file named, they are multiples of the adapter's vector instead."""
@@ -729,7 +742,7 @@ def _with_adapter(config: SelfExplainConfig, args: argparse.Namespace, sae: Any,
 
     scales = getattr(args, "scales", None)
     choice = "none" if args.adapter == "auto" and scales else str(args.adapter)
-    config = with_adapter(config, choice, sae, backend)
+    config = with_adapter(config.replace(no_repeats=REPEATS[getattr(args, "repeats", "auto")]), choice, sae, backend)
     return config.replace(adapter_scales=_scales(scales)) if config.adapter is not None and scales else config
 
 
@@ -758,6 +771,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--max-new-tokens", type=int, default=16)
     _add_policy_options(demo, policy="knee")  # the best measured policy (docs/scale_policies.md)
     _add_adapter_option(demo)
+    _add_repeats_option(demo)
     demo.add_argument(
         "--out", default="out/demo", help="folder for results.db and results.jsonl (default: %(default)s)"
     )
@@ -780,6 +794,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--batch-size", type=int, default=SelfExplainConfig().batch_size, help="rows per generate")
     _add_policy_options(ex, WHOLE_SAE_CONFIG)
     _add_adapter_option(ex)
+    _add_repeats_option(ex)
     ex.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: a GPU if there is one)")
     ex.add_argument(
         "--contexts", metavar="CORPUS", help="also collect top-activating contexts over this corpus, beside --out"
@@ -916,6 +931,7 @@ def build_parser() -> argparse.ArgumentParser:
     sl.add_argument("--max-new-tokens", type=int, default=8)
     _add_policy_options(sl, policy="knee")
     _add_adapter_option(sl)
+    _add_repeats_option(sl)
     sl.add_argument("--json", help="write the results to this JSON file")
     sl.set_defaults(func=cmd_sae_latent)
     return parser

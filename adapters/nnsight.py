@@ -2,7 +2,7 @@
 locally or remotely on NDIF (`remote=True`, a host URL, or "local" for nnsight's local simulation).
 
 Remote-safe by construction: inside a trace there are only envoys (sent by reference), plain tensors and
-`patch_residual` from `sae_selfexplain_plugin.ops`, a pure-torch module registered with nnsight so that its
+functions of `sae_selfexplain_plugin.ops`, a pure-torch module registered with nnsight so that its
 source travels with the request. Nothing from sae_lens or this adapter is referenced in a trace.
 
 Remote runs submit without blocking and poll `GET /response/{id}` (NDIF's non-blocking protocol): a poll
@@ -28,9 +28,9 @@ from nnsight.intervention.envoy import Envoy
 
 import sae_selfexplain_plugin.ops as trace_ops
 from sae_selfexplain_plugin.backend import GenerationRequest, GenerationResult, check_layer, position_ids
-from sae_selfexplain_plugin.decoding import finish_rows
+from sae_selfexplain_plugin.decoding import finish_rows, word_tokens
 from sae_selfexplain_plugin.errors import InputError, SelfExplainError
-from sae_selfexplain_plugin.ops import patch_residual
+from sae_selfexplain_plugin.ops import ban_generated, mark_generated, patch_residual
 
 from .transformers import attribute_path, decoder_layers_path, eos_token_ids
 
@@ -139,6 +139,12 @@ class NNsightBackend:
             repo_id or getattr(model, "repo_id", "") or getattr(config, "_name_or_path", "") or "nnsight-model"
         )
         self.eos_token_ids = eos_token_ids(torch_model, model.tokenizer)
+        # for no_repeats: the token embedding (whose input at each step is the token just generated) and
+        # the unembedding (whose output is where the ban applies), as envoy paths
+        self._embed_path, self._head_path = (
+            next(name for name, m in torch_model.named_modules() if m is module)
+            for module in (torch_model.get_input_embeddings(), torch_model.get_output_embeddings())
+        )
 
     @property
     def tokenizer(self) -> Any:
@@ -238,6 +244,10 @@ class NNsightBackend:
 
     def _generate_options(self, request: GenerationRequest) -> dict[str, Any]:
         options: dict[str, Any] = {"max_new_tokens": request.max_new_tokens, "do_sample": request.temperature > 0}
+        if request.no_repeats:
+            # every row runs all max_new_tokens steps, so the trace's per-step loop always completes (rows are
+            # cut at their first EOS afterwards, as always, so the texts do not change)
+            options["eos_token_id"] = None
         if request.temperature > 0:  # plain ancestral sampling, as the original work did
             options.update(temperature=request.temperature, top_k=0, top_p=1.0)
             torch.manual_seed(request.seed)
@@ -258,11 +268,29 @@ class NNsightBackend:
         sequences = None
         fingerprint = _fingerprint("generate", self._model_id, request.injection.layer, options, ids, mask, positions,
                                    vectors, add)  # fmt: skip
+        ban = request.no_repeats  # then a per-step loop bans repeated word tokens, as decoding.decode does
+        embed, head = attribute_path(self.model, self._embed_path), attribute_path(self.model, self._head_path)
+        words = self._words() if ban else torch.zeros(0, dtype=torch.bool)
+        steps = request.max_new_tokens if ban else 1  # without a ban, the prompt pass only: the KV cache
         with _submitting(), self.model.generate(inputs, **self._trace_options(fingerprint), **options) as tracer:
-            for _ in tracer.iter[0:1]:  # the prompt pass only; the KV cache carries the patch forward
-                block.input = patch_residual(block.input, positions, vectors, add)
+            for step in tracer.iter[0:steps]:  # carries the patch forward
+                if step == 0:
+                    block.input = patch_residual(block.input, positions, vectors, add)
+                if ban:
+                    if step > 0:
+                        last = embed.input[:, -1]  # the token generated at the previous step
+                    logits = head.output
+                    if step == 0:
+                        banned = torch.zeros_like(logits[:, -1], dtype=torch.bool)
+                    else:
+                        mark_generated(banned, last, words)
+                    head.output = ban_generated(logits, banned[:, None])
             sequences = tracer.result.detach().cpu().save()
         return self._result(request, self._saved(tracer, "sequences", sequences, fingerprint))
+
+    def _words(self) -> torch.Tensor:
+        torch_model = self.model._module
+        return word_tokens(self.tokenizer, torch_model.get_output_embeddings().weight.shape[0])
 
     def generate_many(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
         """Several batches; on a server they travel as `session`s of at most MAX_REQUEST_BYTES of tensors
@@ -273,7 +301,8 @@ class NNsightBackend:
             == (first.injection.layer, first.max_new_tokens, first.temperature)
             for r in requests
         )
-        if not self._submits or len(requests) == 1 or not same:
+        # a session ships one trace body per batch; the no_repeats body (a per-step loop) goes one batch a request
+        if not self._submits or len(requests) == 1 or not same or any(r.no_repeats for r in requests):
             return [self.generate(r) for r in requests]
         results: list[GenerationResult] = []
         for group in _by_size([_trace_tensors(r) for r in requests], MAX_REQUEST_BYTES):

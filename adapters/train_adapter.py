@@ -42,7 +42,7 @@ from .evaluation import token_latents
 from .sae_lens import check_compatible, decoder_rows, sae_layer
 
 LATENT_MIN_PEAKS = 5  # a "word" training latent: >= 5 of its 10 top contexts peak on one word
-LATENT_LABEL_TOKENS = 3  # a "tokens" label names up to 3 peak tokens
+LATENT_LABEL_TOKENS = 5  # a "tokens" label names up to 5 peak tokens (as many as the top-tokens baseline)
 LATENT_LABEL_MEANING = {
     "tokens": f"with up to {LATENT_LABEL_TOKENS} peak tokens of their top contexts",
     "word": f"with their word (token features: >= {LATENT_MIN_PEAKS} of 10 top contexts peak on it)",
@@ -176,7 +176,7 @@ def train_for_sae(
         trained_on=described + "; 10% of each held out for validation",
     )
     # Untrained, the adapter injects what the fixed policy does: the direction at the default scale.
-    adapter = DirectionAdapter(metadata, init_scale=explainer.reference_norm * DEFAULT_SCALE)
+    adapter = DirectionAdapter(metadata, init_scale=explainer.reference_norm * DEFAULT_SCALE, seed=settings.seed)
     report = train_adapter(
         adapter, backend, explainer.prompt, train, validation, settings, checkpoint=checkpoint, progress=progress
     )

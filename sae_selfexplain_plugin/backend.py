@@ -47,6 +47,9 @@ class GenerationRequest:
     stop_strings: tuple[str, ...] = ()
     temperature: float = 0.0  # 0 = greedy
     seed: int = 0
+    # Never generate a word token (one with a letter or digit: `word_tokens`) twice in one row: greedy
+    # decoding of a list label otherwise repeats its first item ("idea, idea, idea").
+    no_repeats: bool = False
     # Blocks whose input residual at the last prompt position to return (GenerationResult.prompt_residuals),
     # read on the prompt pass itself: the scale metrics then cost no extra pass. Backends may ignore it.
     probe_layers: tuple[int, ...] = ()

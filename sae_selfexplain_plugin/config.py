@@ -67,6 +67,9 @@ class SelfExplainConfig:
             the bare direction times `scales`.
         adapter_scales: with an adapter, the sweep: multiples of the adapter's vector (1.0 = as trained, one
             generation per feature). Records then carry scale_mode "adapter".
+        no_repeats: never generate a word token twice in one explanation (list labels otherwise repeat
+            their first item under greedy decoding). None (default): on with an adapter, where it was
+            measured to help (docs/adapters.md), off without one.
     """
 
     layer: int = DEFAULT_LAYER
@@ -91,6 +94,7 @@ class SelfExplainConfig:
     relevancy: bool = False
     adapter: Any = None
     adapter_scales: tuple[float, ...] = (1.0,)
+    no_repeats: bool | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -121,6 +125,8 @@ class SelfExplainConfig:
             raise InputError(
                 f"adapter must be a DirectionAdapter or the path of its file, got {type(self.adapter).__name__}."
             )
+        if self.no_repeats not in (None, True, False):
+            raise InputError(f"no_repeats must be True, False or None (on with an adapter), got {self.no_repeats!r}.")
         if self.injection not in ("replace", "add"):
             raise InputError(f"injection must be 'replace' or 'add', got {self.injection!r}.")
         if self.max_new_tokens <= 0:
@@ -151,18 +157,27 @@ class SelfExplainConfig:
         if not math.isfinite(self.chosen_scale) or self.chosen_scale < 0:
             raise InputError(f"chosen_scale must be finite and >= 0, got {self.chosen_scale}.")
 
+    @property
+    def bans_repeats(self) -> bool:
+        """Whether generation bans repeated word tokens (`no_repeats`, resolved)."""
+        return self.adapter is not None if self.no_repeats is None else self.no_repeats
+
     def replace(self, **changes: Any) -> SelfExplainConfig:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain-JSON form. An adapter stands as its fingerprint (or path); the adapter keys are left out
-        when there is none, so settings hashes without one are those of earlier versions."""
+        """Plain-JSON form. An adapter stands as its fingerprint (or path); the adapter keys (and
+        `no_repeats` when not set) are left out when there is none, so settings hashes without one are those
+        of earlier versions."""
         d = {f.name: copy.deepcopy(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "adapter"}
         d["scales"] = list(self.scales)
         if self.adapter is None:
             del d["adapter_scales"]
+            if self.no_repeats is None:
+                del d["no_repeats"]
         else:
+            d["no_repeats"] = self.bans_repeats  # resolved: stores of runs before the option do not mix
             fingerprint = getattr(self.adapter, "fingerprint", None)
             d["adapter"] = str(self.adapter) if fingerprint is None else f"adapter:{fingerprint}"
             d["adapter_scales"] = list(self.adapter_scales)

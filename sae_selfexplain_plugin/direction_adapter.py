@@ -64,7 +64,7 @@ class AdapterMetadata:
 class DirectionAdapter(nn.Module):
     """s·x (+ x U Vᵀ) (+ b) for unit directions x [..., d_model]; see the module docstring."""
 
-    def __init__(self, metadata: AdapterMetadata, init_scale: float = 1.0) -> None:
+    def __init__(self, metadata: AdapterMetadata, init_scale: float = 1.0, seed: int = 0) -> None:
         super().__init__()
         arch, d, rank = metadata.architecture, metadata.d_model, metadata.rank
         if arch not in ARCHITECTURES:
@@ -74,8 +74,10 @@ class DirectionAdapter(nn.Module):
         self.metadata = metadata
         self.scale = nn.Parameter(torch.tensor(float(init_scale)))
         self.bias = nn.Parameter(torch.zeros(d)) if arch != "scale" else None
-        # V starts at zero, so a new low-rank adapter is exactly its scalar-affine part
-        self.U = nn.Parameter(torch.randn(d, rank) / d**0.5) if rank else None
+        # V starts at zero, so a new low-rank adapter is exactly its scalar-affine part; U's random start is
+        # seeded, so a training run is reproducible
+        generator = torch.Generator().manual_seed(seed)
+        self.U = nn.Parameter(torch.randn(d, rank, generator=generator) / d**0.5) if rank else None
         self.V = nn.Parameter(torch.zeros(d, rank)) if rank else None
 
     def forward(self, unit: torch.Tensor) -> torch.Tensor:

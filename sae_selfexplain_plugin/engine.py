@@ -317,6 +317,7 @@ class SelfExplainer:
             stop_strings=self.prompt.stop_strings,
             temperature=self.config.temperature,
             seed=seed,
+            no_repeats=self.config.bans_repeats,
             probe_layers=probe_layers,
         )
 

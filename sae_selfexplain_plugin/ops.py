@@ -2,8 +2,9 @@
 
 NDIF has no copy of this package, so the nnsight adapter registers this module with `nnsight.register`:
 its source travels with each request (by value) and the server executes it; it imports torch alone, which
-every NDIF server has. Only `patch_residual` is used inside traces; every backend patches the residual
-through it, so there is one implementation.
+every NDIF server has. Inside traces: `patch_residual` (every backend patches the residual through it, so
+there is one implementation) and, for `no_repeats`, `ban_generated`/`mark_generated` (which the shared
+decode loop uses too).
 """
 
 import torch
@@ -22,3 +23,15 @@ def padded_positions(positions: torch.Tensor, length: int) -> torch.Tensor:
     """Placeholder mask [B, P] of the prompt, extended with False to `length` >= P (for whole-sequence passes)."""
     extra = length - positions.shape[1]
     return torch.nn.functional.pad(positions, (0, extra)) if extra > 0 else positions
+
+
+def ban_generated(logits: torch.Tensor, banned: torch.Tensor) -> torch.Tensor:
+    """`logits` [..., V] with the ids `banned` (bool, broadcastable to `logits`) set to -inf; a new tensor."""
+    return logits.masked_fill(banned.to(logits.device), float("-inf"))
+
+
+def mark_generated(banned: torch.Tensor, tokens: torch.Tensor, words: torch.Tensor) -> None:
+    """Ban each row's newly generated token from that row from now on, if it is a word token (`words`:
+    bool [V]); in place on `banned` [B, V]."""
+    tokens = tokens.to(banned.device)
+    banned[torch.arange(len(tokens), device=banned.device), tokens] |= words.to(banned.device)[tokens]

@@ -11,7 +11,7 @@ from sae_selfexplain_plugin.adapters.cli import main
 from sae_selfexplain_plugin.adapters.evaluation import token_latents
 from sae_selfexplain_plugin.adapters.pipeline import load_model, load_sae
 from sae_selfexplain_plugin.adapters.sae_lens import decoder_rows, with_adapter
-from sae_selfexplain_plugin.adapters.train_adapter import latent_directions, peak_label
+from sae_selfexplain_plugin.adapters.train_adapter import LATENT_LABEL_TOKENS, latent_directions, peak_label
 
 from sae_selfexplain_plugin import DirectionAdapter, SelfExplainConfig, SelfExplainer
 from sae_selfexplain_plugin.activation_examples import EXAMPLES_FILE, ActivationExamples
@@ -73,7 +73,7 @@ def test_training_latents_and_their_labels(tiny_sae):
     for f, label in zip(labelled, tokens.labels):
         parts = label.split(", ")
         peaks = examples[f].peak_tokens()
-        assert 1 <= len(parts) <= 3 and len({p.lower() for p in parts}) == len(parts)
+        assert 1 <= len(parts) <= LATENT_LABEL_TOKENS and len({p.lower() for p in parts}) == len(parts)
         assert all(p in peaks and '"' not in p for p in parts)
         assert parts[0] == next(t for t in peaks if t and '"' not in t)  # strongest first
     word = latent_directions(sae, examples, range(32, 128), "word", min_peaks=2)
@@ -123,3 +123,24 @@ def test_self_explain_takes_an_adapter(tiny_sae):
     assert {e.chosen.scale_mode for e in plain} == {"relative"}
     assert SelfExplainer(backend, SelfExplainConfig(template="test-open", layer=1)).adapter is None
     assert torch.is_tensor(d)
+
+
+def test_explain_repeats_option(tiny_sae, tmp_path):
+    import test_direction_adapter
+
+    sae, _ = load_sae(str(tiny_sae))
+    backend = load_model(str(tiny_sae.parent / "tiny-model"), sae)
+    adapter = test_direction_adapter.make_adapter(backend)
+    path = adapter.save(tmp_path / "a.safetensors")
+    d = sae.W_dec.detach()[:8].float()
+    texts = {}
+    for repeats in ("auto", "ban", "allow"):
+        out = tmp_path / f"{repeats}.jsonl"
+        args = ["explain", *_tiny(tiny_sae), "--features", "0-7", "--out", str(out), "--template", "test-open",
+                "--layer", "1", "--adapter", str(path), "--max-new-tokens", "12", "--repeats", repeats]  # fmt: skip
+        assert main(args) == 0
+        texts[repeats] = [json.loads(line)["candidates"][0]["text"] for line in out.read_text().splitlines()]
+    for repeats, no_repeats in (("ban", True), ("allow", False)):
+        by_hand = test_direction_adapter.by_hand(backend, adapter, d, (1.0,), 12, no_repeats=no_repeats)
+        assert texts[repeats] == [row[0] for row in by_hand]
+    assert texts["auto"] == texts["ban"] != texts["allow"]  # an adapter bans by default; the ban matters here

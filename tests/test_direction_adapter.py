@@ -38,8 +38,9 @@ def make_adapter(backend, architecture="scalar-affine", rank=0, seed=0, **change
     return adapter
 
 
-def by_hand(backend, adapter, directions, scales, max_new_tokens):
-    """The texts of injecting scale * adapter(unit direction) with a hand-built request, no engine."""
+def by_hand(backend, adapter, directions, scales, max_new_tokens, no_repeats=True):
+    """The texts of injecting scale * adapter(unit direction) with a hand-built request, no engine (which,
+    with an adapter, bans repeated word tokens by default)."""
     prompt = render("test-open", backend.tokenizer)
     unit = directions / directions.norm(dim=-1, keepdim=True)
     with torch.no_grad():
@@ -47,7 +48,9 @@ def by_hand(backend, adapter, directions, scales, max_new_tokens):
     ids = torch.tensor([prompt.input_ids] * len(vectors))
     positions = torch.zeros_like(ids, dtype=torch.bool)
     positions[:, list(prompt.placeholder_positions)] = True
-    request = GenerationRequest(ids, torch.ones_like(ids), Injection(1, positions, vectors), max_new_tokens)
+    request = GenerationRequest(
+        ids, torch.ones_like(ids), Injection(1, positions, vectors), max_new_tokens, no_repeats=no_repeats
+    )
     texts = [t.strip() for t in backend.generate(request).texts]
     n = len(directions)
     return [[texts[j * n + f] for j in range(len(scales))] for f in range(n)]
@@ -80,6 +83,15 @@ def test_new_low_rank_adapter_is_its_scalar_affine_part(gemma_backend):
     meta = AdapterMetadata("m", gemma_backend.d_model, "s", 1, "test-open", "scalar-affine-low-rank", rank=2)
     x = torch.randn(3, gemma_backend.d_model)
     assert torch.allclose(DirectionAdapter(meta, init_scale=2.0)(x), 2.0 * x)
+
+
+def test_low_rank_start_is_seeded(gemma_backend):
+    meta = AdapterMetadata("m", gemma_backend.d_model, "s", 1, "test-open", "scalar-affine-low-rank", rank=2)
+    torch.manual_seed(1)
+    first = DirectionAdapter(meta, seed=3).U
+    torch.manual_seed(2)  # the global RNG plays no part
+    assert torch.equal(first, DirectionAdapter(meta, seed=3).U)
+    assert not torch.equal(first, DirectionAdapter(meta, seed=4).U)
 
 
 def test_damaged_and_foreign_files(tmp_path, gemma_backend):
@@ -162,6 +174,23 @@ def test_adapter_enters_the_settings_hash_and_a_path_works(tmp_path, gemma_backe
     assert len({plain, with_adapter, other}) == 3
     assert from_path.settings_hash == with_adapter
     assert "adapter" not in base.to_dict()  # hashes without an adapter are unchanged
+
+
+def test_no_repeats_defaults_to_on_with_an_adapter_and_enters_the_hash(gemma_backend):
+    adapter = make_adapter(gemma_backend)
+    base = SelfExplainConfig(template="test-open", layer=1)
+    assert not base.bans_repeats and base.replace(no_repeats=True).bans_repeats
+    assert base.replace(adapter=adapter).bans_repeats
+    assert not base.replace(adapter=adapter, no_repeats=False).bans_repeats
+    assert "no_repeats" not in base.to_dict()  # hashes without an adapter or the option are unchanged
+    configs = [base, base.replace(no_repeats=True), base.replace(adapter=adapter),
+               base.replace(adapter=adapter, no_repeats=False)]  # fmt: skip
+    assert len({c.settings_hash() for c in configs}) == 4
+    # the resolved value is stored, so reading a config back keeps its behaviour
+    stored = base.replace(adapter=adapter).to_dict()
+    assert stored["no_repeats"] is True and SelfExplainConfig.from_dict({**stored, "adapter": adapter}).bans_repeats
+    with pytest.raises(InputError, match="no_repeats must be True, False or None"):
+        SelfExplainConfig(no_repeats="yes")
 
 
 def test_training_lowers_validation_loss_and_resumes(tmp_path, gemma_backend):

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -17,7 +18,7 @@ from sae_selfexplain_plugin import (
     render,
 )
 from sae_selfexplain_plugin.backend import left_pad, position_ids
-from sae_selfexplain_plugin.decoding import cut_at_stop, decode, finish_rows
+from sae_selfexplain_plugin.decoding import cut_at_stop, decode, finish_rows, word_tokens
 
 CFG = SelfExplainConfig(template="test-open", scales=(0.0, 1.0, 4.0), max_new_tokens=6)
 
@@ -309,3 +310,42 @@ def test_finish_rows_cuts_whole_sequences_like_the_decode_loop():
     looped = decode(ScriptedModel(scripts), req, CharTokenizer(), eos_token_ids={eos})
     whole = finish_rows(scripts, CharTokenizer(), ('"', "\n"), {eos})
     assert whole == looped
+
+
+def test_no_repeats_bans_each_generated_word_token_from_its_row(backend):
+    prompt = render("test-open", backend.tokenizer)
+    vectors = directions(backend, 6, seed=5) * 20
+    request = request_for(backend, [prompt] * 6, vectors, max_new_tokens=12)
+    plain = backend.generate(request)
+    banned = backend.generate(dataclasses.replace(request, no_repeats=True))
+    words = word_tokens(backend.tokenizer, 1 << 20)
+    repeats = 0
+    for free, ban in zip(plain.tokens, banned.tokens):
+        word_ids = [t for t in ban if words[t]]
+        assert len(word_ids) == len(set(word_ids))  # no word token twice in a row
+        # identical up to the first step where plain decoding repeats a word token, different there
+        first = next((i for i, t in enumerate(free) if words[t] and t in free[:i]), None)
+        if first is None:
+            assert ban == free
+        else:
+            repeats += 1
+            assert ban[:first] == free[:first] and ban[first] != free[first]
+    assert repeats > 0  # the tiny model does repeat, so the ban was exercised
+
+
+def test_no_repeats_keeps_separators_and_follows_leaving_rows():
+    # token 0..7 are letters (words), 9 is a newline (not a word); row 1 leaves the batch after its EOS
+    scripts = [[0, 0, 1, 0, 9, 9], [2, 7, 2, 2, 2, 2], [3, 3, 9, 3, 9, 1]]
+    ids, mask = left_pad([[1, 2]] * 3, 0)
+    req = GenerationRequest(ids, mask, Injection(0, ids > 0, torch.zeros(3, 3)), 6, (), no_repeats=True)
+
+    class Letters(CharTokenizer):
+        def __len__(self):
+            return len(self.chars)
+
+        def batch_decode(self, rows):
+            return [self.decode(r) for r in rows]
+
+    result = decode(ScriptedModel(scripts, vocab=10), req, Letters(), eos_token_ids={7})
+    # a banned script token falls to the best allowed logit (all 0: the lowest allowed id)
+    assert result.tokens == [[0, 1, 2, 3, 9, 9], [2], [3, 0, 9, 1, 9, 2]]

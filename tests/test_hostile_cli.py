@@ -457,6 +457,12 @@ def test_resume_after_changing_only_the_batch_size_recomputes_nothing(assets: Pa
     assert (tmp_path / "r.jsonl").read_text() == first
 
 
+def _default_sigint() -> None:
+    """In the child before exec: Ctrl-C handled by default and not blocked, whatever this process inherited."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT])
+
+
 def test_ctrl_c_keeps_the_store_and_says_how_to_resume(assets: Path, tmp_path: Path) -> None:
     store = tmp_path / "r.db"
     # 2,048 features: far more work than the wait below, so the signal always lands mid-run (with the
@@ -468,8 +474,7 @@ def test_ctrl_c_keeps_the_store_and_says_how_to_resume(assets: Path, tmp_path: P
     env = {**os.environ, "COLUMNS": "400"}
     child = subprocess.Popen([sys.executable, "-m", "sae_selfexplain_plugin.adapters.cli", *argv], env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             # default SIGINT handling in the child, even if an earlier test left it ignored here
-                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
+                             preexec_fn=_default_sigint)  # fmt: skip
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:  # wait for the first committed batch
         if store.exists():

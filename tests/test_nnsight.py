@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from dataclasses import replace
 
 import nnsight
 import pytest
@@ -22,7 +23,7 @@ from sae_selfexplain_plugin.adapters.nnsight import (
 )
 from sae_selfexplain_plugin.adapters.transformers import TransformersBackend
 
-from sae_selfexplain_plugin import InputError, SelfExplainConfig, SelfExplainer
+from sae_selfexplain_plugin import GenerationRequest, Injection, InputError, SelfExplainConfig, SelfExplainer, render
 
 CFG = SelfExplainConfig(template="test-open", scales=(1.0, 4.0), max_new_tokens=5)
 KEY = str(uuid.UUID(int=1234))  # NDIF keys are UUIDs
@@ -237,3 +238,18 @@ def test_nnsight_engine_applies_an_adapter_as_by_hand(nn_model, hf, tokenizer, d
     texts, _ = test_direction_adapter.engine_texts(backend, adapter, directions, (1.0,), 5)
     # only the adapted vectors travel: the same texts as the transformers backend given them by hand
     assert texts == test_direction_adapter.by_hand(TransformersBackend(hf, tokenizer), adapter, directions, (1.0,), 5)
+
+
+def test_no_repeats_in_the_trace_equals_the_decode_loop(nn_model, hf, tokenizer, directions, ndif):
+    # the ban runs inside the trace (per-step loop over the unembedding): locally, in nnsight's simulation
+    # and through NDIF's execution code, the tokens of our own decode loop
+    prompt = render("test-open", tokenizer)
+    ids = torch.tensor([prompt.input_ids] * len(directions))
+    positions = torch.zeros_like(ids, dtype=torch.bool)
+    positions[:, list(prompt.placeholder_positions)] = True
+    request = GenerationRequest(ids, torch.ones_like(ids), Injection(1, positions, directions * 20), 12,
+                                no_repeats=True)  # fmt: skip
+    loop = TransformersBackend(hf, tokenizer).generate(request)
+    assert loop.tokens != TransformersBackend(hf, tokenizer).generate(replace(request, no_repeats=False)).tokens
+    for backend in (NNsightBackend(nn_model), NNsightBackend(nn_model, remote="local"), remote(nn_model, ndif)):
+        assert backend.generate(request) == loop
