@@ -3,8 +3,9 @@
 - word directions: single-token words of the model's own vocabulary, read in a carrier sentence at the
   SAE's layer, minus their mean (an SAE decoder row has no mean component either), labelled with the word.
   The benchmark's word list (data/words.txt) is left out;
-- SAE latents that are token features (at least 5 of 10 top-activating contexts peak on one alphabetic
-  word of >= 3 letters), labelled with that word, from the SAE's activation examples. Latents below
+- SAE latents, from the SAE's activation examples: by default every live latent, labelled with up to 5
+  distinct peak tokens of its top contexts (`peak_label`); or ("word") only token features (at least 5 of
+  10 top contexts peak on one alphabetic word of >= 3 letters), labelled with that word. Latents below
   `held_out` never train: the demo SAE's eval, `sae-latent` benchmark and demo use latents 0..1023.
 
 Both are split 90/10 into training and validation by a seeded shuffle.

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import signal
-import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,19 +24,6 @@ OPEN_TEMPLATE = register_template(
     PromptTemplate(name="test-open", description="tests only", text="The meaning of X", stop_strings=()),
     overwrite=True,
 )
-
-
-@pytest.fixture(autouse=True)
-def sigint_handling_restored(request: pytest.FixtureRequest) -> Iterator[None]:
-    """A test (or a library it runs) that ignores or blocks SIGINT must not pass that on to later tests and
-    the processes they start (a child with Ctrl-C ignored ran on after its test failed): restore it and
-    warn, naming the test."""
-    handler, blocked = signal.getsignal(signal.SIGINT), signal.pthread_sigmask(signal.SIG_BLOCK, [])
-    yield
-    if signal.getsignal(signal.SIGINT) != handler or signal.pthread_sigmask(signal.SIG_BLOCK, []) != blocked:
-        signal.signal(signal.SIGINT, handler)
-        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-        warnings.warn(f"{request.node.nodeid} left SIGINT handling changed; restored", stacklevel=1)
 
 
 SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]

@@ -458,7 +458,9 @@ def test_resume_after_changing_only_the_batch_size_recomputes_nothing(assets: Pa
 
 
 def _default_sigint() -> None:
-    """In the child before exec: Ctrl-C handled by default and not blocked, whatever this process inherited."""
+    """In the child before exec: Ctrl-C handled by default and not blocked, whatever this process inherited
+    (a suite started in the background by a non-interactive shell, `make test &`, has SIGINT ignored, and
+    its children would ignore the test's Ctrl-C)."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT])
 
