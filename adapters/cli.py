@@ -928,7 +928,9 @@ def build_parser() -> argparse.ArgumentParser:
     sl.add_argument("--min-peaks", type=int, default=8, help="top contexts that must peak on the word (of 10)")
     sl.add_argument("--template", help="prompt template (default: from the tokenizer)")
     sl.add_argument("--scales", help="comma-separated relative scales")
-    sl.add_argument("--max-new-tokens", type=int, default=8)
+    sl.add_argument(
+        "--max-new-tokens", type=int, default=16, help="as demo and eval: room for a list label (%(default)s)"
+    )
     _add_policy_options(sl, policy="knee")
     _add_adapter_option(sl)
     _add_repeats_option(sl)
