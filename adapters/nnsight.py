@@ -139,12 +139,6 @@ class NNsightBackend:
             repo_id or getattr(model, "repo_id", "") or getattr(config, "_name_or_path", "") or "nnsight-model"
         )
         self.eos_token_ids = eos_token_ids(torch_model, model.tokenizer)
-        # for no_repeats: the token embedding (whose input at each step is the token just generated) and
-        # the unembedding (whose output is where the ban applies), as envoy paths
-        self._embed_path, self._head_path = (
-            next(name for name, m in torch_model.named_modules() if m is module)
-            for module in (torch_model.get_input_embeddings(), torch_model.get_output_embeddings())
-        )
 
     @property
     def tokenizer(self) -> Any:
@@ -269,11 +263,12 @@ class NNsightBackend:
         fingerprint = _fingerprint("generate", self._model_id, request.injection.layer, options, ids, mask, positions,
                                    vectors, add)  # fmt: skip
         ban = request.no_repeats  # then a per-step loop bans repeated word tokens, as decoding.decode does
-        embed, head = attribute_path(self.model, self._embed_path), attribute_path(self.model, self._head_path)
-        words = self._words() if ban else torch.zeros(0, dtype=torch.bool)
-        steps = request.max_new_tokens if ban else 1  # without a ban, the prompt pass only: the KV cache
+        parts: tuple[Any, Any, Any] = self._ban_parts() if ban else (None, None, None)
+        embed, head, words = parts
+        # without a ban, the prompt pass only: the KV cache carries the patch forward
+        steps = request.max_new_tokens if ban else 1
         with _submitting(), self.model.generate(inputs, **self._trace_options(fingerprint), **options) as tracer:
-            for step in tracer.iter[0:steps]:  # carries the patch forward
+            for step in tracer.iter[0:steps]:
                 if step == 0:
                     block.input = patch_residual(block.input, positions, vectors, add)
                 if ban:
@@ -288,9 +283,15 @@ class NNsightBackend:
             sequences = tracer.result.detach().cpu().save()
         return self._result(request, self._saved(tracer, "sequences", sequences, fingerprint))
 
-    def _words(self) -> torch.Tensor:
+    def _ban_parts(self) -> tuple[Any, Any, torch.Tensor]:
+        """For no_repeats: the envoys of the token embedding (its input at each step is the token just
+        generated) and of the unembedding (its output is where the ban applies), and the word-token mask.
+        Looked up only when a ban is asked for."""
         torch_model = self.model._module
-        return word_tokens(self.tokenizer, torch_model.get_output_embeddings().weight.shape[0])
+        embed, head = torch_model.get_input_embeddings(), torch_model.get_output_embeddings()
+        paths = {m: name for name, m in torch_model.named_modules() if m is embed or m is head}
+        words = word_tokens(self.tokenizer, head.weight.shape[0])
+        return attribute_path(self.model, paths[embed]), attribute_path(self.model, paths[head]), words
 
     def generate_many(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
         """Several batches; on a server they travel as `session`s of at most MAX_REQUEST_BYTES of tensors
