@@ -28,7 +28,7 @@ from .templates import RenderedPrompt
 # The recipe of the shipped adapter (docs/adapters.md); `train-adapter` uses it by default.
 DEFAULT_ARCHITECTURE = "scalar-affine-low-rank"
 DEFAULT_RANK = 64
-DEFAULT_WORDS = 4000  # vocabulary words in the training data
+DEFAULT_WORDS = 2000  # vocabulary words in the training data (4,000 named fewer latents; docs/adapters.md)
 LATENT_LABELS = ("tokens", "word")  # how an SAE's training latents are labelled; the first is the default
 
 
@@ -39,8 +39,8 @@ class TrainingSettings:
     steps: int = 650
     batch_size: int = 16
     lr: float = 0.02
-    eval_every: int = 65
-    patience: int = 3
+    eval_every: int = 130
+    patience: int = 2
     seed: int = 0
 
     def __post_init__(self) -> None:
