@@ -25,7 +25,6 @@ OPEN_TEMPLATE = register_template(
     overwrite=True,
 )
 
-
 SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
 # Words that become single tokens (" cat" etc.), and "Xy" so that a placeholder "X" can merge with text.
 MERGED_WORDS = ["Ġcat", "Ġdog", "Ġsun", "Ġtree", "Ġblue", "Xy"]
