@@ -272,6 +272,7 @@ class NNsightBackend:
                 if step == 0:
                     block.input = patch_residual(block.input, positions, vectors, add)
                 if ban:
+                    # read before the unembedding: a trace reaches envoys in the order their modules run
                     if step > 0:
                         last = embed.input[:, -1]  # the token generated at the previous step
                     logits = head.output
