@@ -472,8 +472,8 @@ def cmd_train_adapter(args: argparse.Namespace) -> int:
 
         adapter, report = train_for_sae(
             sae, cast(TrainableModel, backend), examples, out, config=config, architecture=args.architecture,
-            rank=_rank(args), n_words=args.words, latent_labels=args.latent_labels, held_out=args.held_out,
-            settings=settings, checkpoint=checkpoint, progress=advance,
+            rank=_rank(args), slots=args.slots, n_words=args.words, latent_labels=args.latent_labels,
+            held_out=args.held_out, settings=settings, checkpoint=checkpoint, progress=advance,
         )  # fmt: skip
     checkpoint.unlink(missing_ok=True)
     view = Console()
@@ -836,6 +836,10 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument(
         "--rank", type=int, help=f"of the low-rank part (default: {DEFAULT_RANK} for scalar-affine-low-rank, else 0)"
     )
+    tr.add_argument(
+        "--slots", type=int,
+        help="injected vectors per feature: 1 for every placeholder, or one per placeholder (the default)",
+    )  # fmt: skip
     tr.add_argument("--layer", type=int, default=SelfExplainConfig().layer, help="injection block")
     tr.add_argument("--template", help="prompt template (default: from the tokenizer)")
     tr.add_argument("--words", type=int, default=DEFAULT_WORDS, help="vocabulary words to train on (%(default)s)")

@@ -142,6 +142,7 @@ def train_for_sae(
     config: SelfExplainConfig,
     architecture: str = DEFAULT_ARCHITECTURE,
     rank: int = DEFAULT_RANK,
+    slots: int | None = None,
     n_words: int = DEFAULT_WORDS,
     latent_labels: str = LATENT_LABELS[0],
     held_out: int = HELD_OUT_LATENTS,
@@ -149,12 +150,28 @@ def train_for_sae(
     checkpoint: Path | None = None,
     progress: Callable[[int, float], None] | None = None,
 ) -> tuple[DirectionAdapter, TrainingReport]:
-    """Build the training data, train an adapter on the frozen model, save it to `out`."""
+    """Build the training data, train an adapter on the frozen model, save it to `out`. `slots`: injected
+    vectors per feature, 1 or the template's number of placeholders (the default)."""
     check_compatible(sae, backend)
     check_latent_labels(latent_labels)  # before the word data is built
     settings = settings or TrainingSettings()
     explainer = SelfExplainer(backend, config.replace(adapter=None))
     source = sae_layer(sae)
+    placeholders = len(explainer.prompt.placeholder_positions)
+    metadata = AdapterMetadata(
+        model_id=backend.model_id,
+        d_model=backend.d_model,
+        source=str(sae.cfg.metadata.hook_name),
+        layer=config.layer,
+        template=explainer.prompt.template,
+        architecture=architecture,
+        rank=rank,
+        slots=placeholders if slots is None else slots,  # default: one vector per placeholder
+    )
+    # Untrained, the adapter injects what the fixed policy does: the direction at the default scale.
+    # Built (and checked) before the data, which takes minutes.
+    adapter = DirectionAdapter(metadata, init_scale=explainer.reference_norm * DEFAULT_SCALE, seed=settings.seed)
+    adapter.check_slots(placeholders)
     words = vocabulary_words(backend.tokenizer, set(load_words()), n_words, settings.seed)
     train_words, val_words = split(word_directions(backend, words, source), 0.1, settings.seed)
     parts = [(train_words, val_words)]
@@ -166,18 +183,7 @@ def train_for_sae(
     if len(parts) > 1:
         n_latents = len(parts[1][0]) + len(parts[1][1])
         described += f"; {n_latents} latents >= {held_out} labelled {LATENT_LABEL_MEANING[latent_labels]}"
-    metadata = AdapterMetadata(
-        model_id=backend.model_id,
-        d_model=backend.d_model,
-        source=str(sae.cfg.metadata.hook_name),
-        layer=config.layer,
-        template=explainer.prompt.template,
-        architecture=architecture,
-        rank=rank,
-        trained_on=described + "; 10% of each held out for validation",
-    )
-    # Untrained, the adapter injects what the fixed policy does: the direction at the default scale.
-    adapter = DirectionAdapter(metadata, init_scale=explainer.reference_norm * DEFAULT_SCALE, seed=settings.seed)
+    metadata.trained_on = described + "; 10% of each held out for validation"
     report = train_adapter(
         adapter, backend, explainer.prompt, train, validation, settings, checkpoint=checkpoint, progress=progress
     )

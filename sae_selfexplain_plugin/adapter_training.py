@@ -152,6 +152,7 @@ def train_adapter(
 ) -> TrainingReport:
     """Train `adapter` in place (see the module docstring); returns the loss history."""
     layer = adapter.metadata.layer
+    adapter.check_slots(len(prompt.placeholder_positions))
     optimizer = torch.optim.Adam(_param_groups(adapter, settings.lr))
     generator = torch.Generator().manual_seed(settings.seed)
     state = _State()

@@ -28,7 +28,7 @@ class Injection:
 
     layer: int
     positions: torch.Tensor  # bool [B, T]
-    vectors: torch.Tensor  # [B, d_model]
+    vectors: torch.Tensor  # [B, d_model], or [B, K, d_model]: one per placeholder slot (ops.patch_residual)
     mode: Literal["replace", "add"] = "replace"
 
     def apply(self, hidden: torch.Tensor) -> torch.Tensor:

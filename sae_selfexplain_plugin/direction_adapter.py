@@ -46,6 +46,7 @@ class AdapterMetadata:
     template: str
     architecture: str = "scalar-affine"
     rank: int = 0
+    slots: int = 1  # injected vectors per direction: 1 for every placeholder, or one per placeholder of the template
     trained_on: str = ""  # a sentence: the data (kinds, counts, what was held out)
     validation: dict[str, float] = field(default_factory=dict)  # figures measured on held-out data
 
@@ -66,25 +67,31 @@ class DirectionAdapter(nn.Module):
 
     def __init__(self, metadata: AdapterMetadata, init_scale: float = 1.0, seed: int = 0) -> None:
         super().__init__()
-        arch, d, rank = metadata.architecture, metadata.d_model, metadata.rank
+        arch, d, rank, slots = metadata.architecture, metadata.d_model, metadata.rank, metadata.slots
         if arch not in ARCHITECTURES:
             raise InputError(f"unknown adapter architecture {arch!r}; choose one of {list(ARCHITECTURES)}.")
         if (arch == "scalar-affine-low-rank") != (rank > 0):
             raise InputError(f"rank must be > 0 exactly for 'scalar-affine-low-rank', got {arch!r} with rank {rank}.")
+        if slots < 1 or (slots > 1 and arch == "scale"):
+            raise InputError(f"slots must be >= 1, and 1 for 'scale' (nothing differs between slots), got {slots}.")
         self.metadata = metadata
         self.scale = nn.Parameter(torch.tensor(float(init_scale)))
-        self.bias = nn.Parameter(torch.zeros(d)) if arch != "scale" else None
+        per_slot = (slots,) if slots > 1 else ()  # one bias and one V per slot; U (what is read) is shared
+        self.bias = nn.Parameter(torch.zeros(*per_slot, d)) if arch != "scale" else None
         # V starts at zero, so a new low-rank adapter is exactly its scalar-affine part; U's random start is
         # seeded, so a training run is reproducible
         generator = torch.Generator().manual_seed(seed)
         self.U = nn.Parameter(torch.randn(d, rank, generator=generator) / d**0.5) if rank else None
-        self.V = nn.Parameter(torch.zeros(d, rank)) if rank else None
+        self.V = nn.Parameter(torch.zeros(*per_slot, d, rank)) if rank else None
 
     def forward(self, unit: torch.Tensor) -> torch.Tensor:
+        """[..., d_model] unit directions -> injected vectors [..., d_model], or [..., slots, d_model]."""
         unit = unit.to(self.scale.dtype)
-        out = self.scale * unit
+        slotted = self.metadata.slots > 1
+        out = self.scale * (unit.unsqueeze(-2) if slotted else unit)  # [..., 1, d] broadcasts over the slots
         if self.U is not None and self.V is not None:
-            out = out + (unit @ self.U) @ self.V.T
+            read = unit @ self.U  # [..., rank]
+            out = out + (torch.einsum("...r,sdr->...sd", read, self.V) if slotted else read @ self.V.T)
         if self.bias is not None:
             out = out + self.bias
         return out
@@ -153,6 +160,16 @@ class DirectionAdapter(nn.Module):
         if m.template != template:
             problems.append(f"template {m.template!r} != {template!r}")
         return problems
+
+    def check_slots(self, placeholders: int) -> None:
+        """Raise InputError unless the rendered prompt has a placeholder for each of this adapter's slots."""
+        slots = self.metadata.slots
+        if slots > 1 and slots != placeholders:
+            raise InputError(
+                f"an adapter with {slots} slots injects one vector per placeholder, but the prompt of template "
+                f"{self.metadata.template!r} has {placeholders}; use slots=1"
+                + (f" or slots={placeholders}." if placeholders > 1 else ".")
+            )
 
     def check(self, model_id: str, d_model: int, layer: int, template: str) -> None:
         """Raise InputError unless this adapter was trained for this model, injection layer and template."""

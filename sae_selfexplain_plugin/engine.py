@@ -51,6 +51,8 @@ class SelfExplainer:
                 min_scale=0.0,
             )
         self.config = config
+        if self.adapter is not None:
+            self.adapter.check_slots(len(self.prompt.placeholder_positions))
         self.adapter_id = None if self.adapter is None else self.adapter.fingerprint  # recorded with each text
 
     @property
@@ -87,7 +89,7 @@ class SelfExplainer:
                 unit = self.adapter(unit).float()
         elif self.config.scale_mode == "relative":
             factor = factor * self.reference_norm
-        vectors: torch.Tensor = unit * factor[:, None]
+        vectors: torch.Tensor = unit * factor.view(-1, *[1] * (unit.ndim - 1))  # unit: [n, d] or [n, slots, d]
         return vectors
 
     @cached_property

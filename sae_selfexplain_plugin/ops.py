@@ -11,9 +11,18 @@ import torch
 
 
 def patch_residual(hidden: torch.Tensor, positions: torch.Tensor, vectors: torch.Tensor, add: bool) -> torch.Tensor:
-    """Write `vectors[b]` at `positions[b]` of a [B, T, d] residual (replace, or add when `add`); a new tensor."""
-    mask = positions.to(hidden.device)[..., None]
-    vec = vectors.to(device=hidden.device, dtype=hidden.dtype)[:, None, :]
+    """Write `vectors[b]` at `positions[b]` of a [B, T, d] residual (replace, or add when `add`); a new tensor.
+
+    `vectors` is [B, d] (one vector for every placeholder of a row) or [B, K, d] (one per placeholder slot:
+    the k-th placeholder of a row, in position order, gets `vectors[b, k]`)."""
+    positions = positions.to(hidden.device)
+    mask = positions[..., None]
+    vec = vectors.to(device=hidden.device, dtype=hidden.dtype)
+    if vec.ndim == 3:
+        slot = (positions.long().cumsum(-1) - 1).clamp(min=0, max=vec.shape[1] - 1)  # [B, T]
+        vec = vec.gather(1, slot[..., None].expand(-1, -1, vec.shape[-1]))
+    else:
+        vec = vec[:, None, :]
     if add:
         return hidden + mask * vec
     return torch.where(mask, vec, hidden)

@@ -25,6 +25,12 @@ OPEN_TEMPLATE = register_template(
     overwrite=True,
 )
 
+# Two placeholders: adapters with one vector per placeholder slot.
+TWO_SLOT_TEMPLATE = register_template(
+    PromptTemplate(name="test-two", description="tests only", text="The meaning of X is X", stop_strings=()),
+    overwrite=True,
+)
+
 SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
 # Words that become single tokens (" cat" etc.), and "Xy" so that a placeholder "X" can merge with text.
 MERGED_WORDS = ["Ġcat", "Ġdog", "Ġsun", "Ġtree", "Ġblue", "Xy"]

@@ -40,6 +40,19 @@ def test_train_adapter_command(tiny_sae, tmp_path):
     assert main(args) == 2
 
 
+def test_train_adapter_with_one_vector_per_placeholder(tiny_sae, tmp_path, capsys):
+    args = ["train-adapter", *_tiny(tiny_sae), "--layer", "1", "--steps", "2", "--eval-every", "2"]
+    args += ["--batch-size", "4", "--words", "12", "--held-out", "64", "--slots", "2"]
+    one = tmp_path / "one.safetensors"
+    assert main([*args, "--template", "test-open", "--out", str(one)]) == 2  # one placeholder: told at once
+    assert "template 'test-open' has 1; use slots=1." in " ".join(capsys.readouterr().err.split())
+    assert not one.exists()
+    two = tmp_path / "two.safetensors"
+    assert main([*args, "--template", "test-two", "--out", str(two)]) == 0
+    adapter = DirectionAdapter.load(two)
+    assert adapter.metadata.slots == 2 and adapter(torch.randn(3, 64)).shape == (3, 2, 64)
+
+
 def test_sae_latent_command(tiny_sae, tmp_path):
     report = tmp_path / "latent.json"
     args = ["bench", "sae-latent", *_tiny(tiny_sae), "--latents", "0-127", "--min-peaks", "2"]

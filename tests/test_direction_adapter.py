@@ -20,15 +20,16 @@ from sae_selfexplain_plugin import (
 )
 from sae_selfexplain_plugin.adapter_training import LabelledDirections, TrainingSettings, train_adapter
 from sae_selfexplain_plugin.formats import to_neuronpedia_line, validate
+from sae_selfexplain_plugin.ops import patch_residual
 
 ARCHITECTURES = [("scale", 0), ("scalar-affine", 0), ("scalar-affine-low-rank", 3)]
 
 
 def make_adapter(backend, architecture="scalar-affine", rank=0, seed=0, **changes) -> DirectionAdapter:
-    """An adapter for `backend` with random (non-initial) weights."""
+    """An adapter for `backend` with random (non-initial) weights; with slots, for the two-placeholder template."""
     fields = dict(
         model_id=backend.model_id, d_model=backend.d_model, source="blocks.2.hook_resid_post", layer=1,
-        template="test-open", architecture=architecture, rank=rank,
+        template="test-two" if changes.get("slots", 1) > 1 else "test-open", architecture=architecture, rank=rank,
     )  # fmt: skip
     adapter = DirectionAdapter(AdapterMetadata(**{**fields, **changes}), init_scale=5.0)
     g = torch.Generator().manual_seed(seed)
@@ -41,7 +42,7 @@ def make_adapter(backend, architecture="scalar-affine", rank=0, seed=0, **change
 def by_hand(backend, adapter, directions, scales, max_new_tokens, no_repeats=True):
     """The texts of injecting scale * adapter(unit direction) with a hand-built request, no engine (which,
     with an adapter, bans repeated word tokens by default)."""
-    prompt = render("test-open", backend.tokenizer)
+    prompt = render(adapter.metadata.template, backend.tokenizer)
     unit = directions / directions.norm(dim=-1, keepdim=True)
     with torch.no_grad():
         vectors = torch.cat([adapter(unit) * s for s in scales])  # scale-major rows
@@ -58,25 +59,65 @@ def by_hand(backend, adapter, directions, scales, max_new_tokens, no_repeats=Tru
 
 def engine_texts(backend, adapter, directions, scales, max_new_tokens):
     config = SelfExplainConfig(
-        template="test-open", layer=1, adapter=adapter, adapter_scales=scales, max_new_tokens=max_new_tokens
-    )
+        template=adapter.metadata.template, layer=1, adapter=adapter, adapter_scales=scales,
+        max_new_tokens=max_new_tokens,
+    )  # fmt: skip
     records = SelfExplainer(backend, config).explain(directions)
     return [[c.text for c in r.candidates] for r in records], records
 
 
-@pytest.mark.parametrize(("architecture", "rank"), ARCHITECTURES)
-def test_file_round_trip(tmp_path, gemma_backend, architecture, rank):
-    adapter = make_adapter(gemma_backend, architecture, rank)
+@pytest.mark.parametrize(
+    ("architecture", "rank", "slots"),
+    [(a, r, 1) for a, r in ARCHITECTURES] + [("scalar-affine", 0, 2), ("scalar-affine-low-rank", 3, 2)],
+)
+def test_file_round_trip(tmp_path, gemma_backend, architecture, rank, slots):
+    adapter = make_adapter(gemma_backend, architecture, rank, slots=slots)
     loaded = DirectionAdapter.load(adapter.save(tmp_path / "a.safetensors"))
     x = torch.randn(4, gemma_backend.d_model)
     assert torch.equal(adapter(x), loaded(x))
+    assert adapter(x).shape == ((4, slots, gemma_backend.d_model) if slots > 1 else (4, gemma_backend.d_model))
     assert loaded.metadata == adapter.metadata
     assert loaded.fingerprint == adapter.fingerprint
     d = gemma_backend.d_model
-    assert (
-        loaded.n_parameters
-        == {"scale": 1, "scalar-affine": d + 1, "scalar-affine-low-rank": d + 2 * d * rank + 1}[architecture]
-    )
+    bias, low_rank = {"scale": (0, 0), "scalar-affine": (1, 0), "scalar-affine-low-rank": (1, 1)}[architecture]
+    assert loaded.n_parameters == 1 + bias * slots * d + low_rank * (d * rank + slots * d * rank)
+
+
+def test_slots_are_the_shared_part_plus_their_own(gemma_backend):
+    adapter = make_adapter(gemma_backend, "scalar-affine-low-rank", 3, slots=2)
+    x = torch.randn(5, gemma_backend.d_model)
+    out = adapter(x)
+    for k in range(2):  # s·x + (x U) V_kᵀ + b_k
+        by_hand = adapter.scale * x + (x @ adapter.U) @ adapter.V[k].T + adapter.bias[k]
+        assert torch.allclose(out[:, k], by_hand, atol=1e-5)
+    assert not torch.allclose(out[:, 0], out[:, 1])
+    with pytest.raises(InputError, match="slots must be >= 1"):
+        make_adapter(gemma_backend, "scale", slots=2)
+    with pytest.raises(InputError, match="slots must be >= 1"):
+        make_adapter(gemma_backend, slots=0)
+
+
+def test_patch_residual_writes_one_vector_per_slot():
+    hidden = torch.randn(2, 6, 4)
+    positions = torch.zeros(2, 6, dtype=torch.bool)
+    positions[0, [1, 4]] = True
+    positions[1, [2, 5]] = True  # rows differ, as left padding makes them
+    vectors = torch.randn(2, 2, 4)
+    for add in (False, True):
+        out = patch_residual(hidden, positions, vectors, add)
+        expected = hidden.clone()
+        for b, where in enumerate(positions.nonzero()[:, 1].view(2, 2).tolist()):
+            for k, t in enumerate(where):
+                expected[b, t] = vectors[b, k] + (hidden[b, t] if add else 0)
+        assert torch.equal(out, expected)
+    # one vector per row goes to every placeholder of that row, as before
+    assert torch.equal(patch_residual(hidden, positions, vectors[:, 0], False)[0, 4], vectors[0, 0])
+
+
+def test_slotted_adapter_needs_that_many_placeholders(gemma_backend):
+    adapter = make_adapter(gemma_backend, slots=3)
+    with pytest.raises(InputError, match=r"3 slots .* template 'test-two' has 2; use slots=1 or slots=2\."):
+        SelfExplainer(gemma_backend, SelfExplainConfig(template="test-two", layer=1, adapter=adapter))
 
 
 def test_new_low_rank_adapter_is_its_scalar_affine_part(gemma_backend):
@@ -150,17 +191,23 @@ def test_bad_adapter_options(gemma_backend):
         SelfExplainConfig(scale_mode="adapter")
 
 
-def test_engine_applies_the_adapter_as_by_hand(backend):
-    adapter = make_adapter(backend, model_id=backend.model_id)
+SLOTS = pytest.mark.parametrize("slots", [1, 2])  # one vector for every placeholder, or one per placeholder
+
+
+@SLOTS
+def test_engine_applies_the_adapter_as_by_hand(backend, slots):
+    adapter = make_adapter(backend, model_id=backend.model_id, slots=slots)
     d = torch.randn(3, backend.d_model, generator=torch.Generator().manual_seed(1)) * 7
     texts, records = engine_texts(backend, adapter, d, (1.0, 0.5), 5)
     assert texts == by_hand(backend, adapter, d, (1.0, 0.5), 5)
     assert len({t for row in texts for t in row}) > 1  # the vectors matter
     assert {c.scale_mode for r in records for c in r.candidates} == {"adapter"}
-    assert all(r.chosen is not None and r.chosen.scale == 1.0 for r in records)
-    assert validate(records[0].to_dict(), "explanation-record") == []
+    # the pick is the adapter's own vector (x1), unless self-similarity flags the feature
+    assert all(r.chosen.scale == 1.0 if r.chosen else "not_self_explainable" in r.flags for r in records)
+    picked = next(r for r in records if r.chosen)
+    assert validate(picked.to_dict(), "explanation-record") == []
     assert {c.adapter for r in records for c in r.candidates} == {adapter.fingerprint}
-    line = to_neuronpedia_line(records[0], "m", "s", "u1", None, None)
+    line = to_neuronpedia_line(picked, "m", "s", "u1", None, None)
     assert line is not None and json.loads(line["notes"])["adapter"] == adapter.fingerprint
 
 
@@ -193,7 +240,9 @@ def test_no_repeats_defaults_to_on_with_an_adapter_and_enters_the_hash(gemma_bac
         SelfExplainConfig(no_repeats="yes")
 
 
-def test_training_lowers_validation_loss_and_resumes(tmp_path, gemma_backend):
+@SLOTS
+def test_training_lowers_validation_loss_and_resumes(tmp_path, gemma_backend, slots):
+    template = "test-two" if slots > 1 else "test-open"
     g = torch.Generator().manual_seed(0)
     words = ["cat", "dog", "sun", "tree"]
     centres = torch.randn(len(words), gemma_backend.d_model, generator=g)
@@ -205,12 +254,19 @@ def test_training_lowers_validation_loss_and_resumes(tmp_path, gemma_backend):
         ])  # fmt: skip
 
     train, validation = data(32), data(8)
-    prompt = render("test-open", gemma_backend.tokenizer)
+    prompt = render(template, gemma_backend.tokenizer)
     weights = [p.detach().clone() for p in gemma_backend.model.parameters()]
     settings = TrainingSettings(steps=20, batch_size=8, eval_every=10, patience=10, lr=0.05)
     adapter = DirectionAdapter(
         AdapterMetadata(
-            gemma_backend.model_id, gemma_backend.d_model, "s", 1, "test-open", "scalar-affine-low-rank", rank=2
+            gemma_backend.model_id,
+            gemma_backend.d_model,
+            "s",
+            1,
+            template,
+            "scalar-affine-low-rank",
+            rank=2,
+            slots=slots,
         ),
         init_scale=5.0,
     )

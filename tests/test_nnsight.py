@@ -229,12 +229,16 @@ def test_sae_self_explain_through_nnsight(nn_model, expected, directions, api_ke
         sae.self_explain(0, model=TransformersBackend(nn_model._module, nn_model.tokenizer), remote=True, config=CFG)
 
 
-@pytest.mark.parametrize("remote", [False, "local"])
-def test_nnsight_engine_applies_an_adapter_as_by_hand(nn_model, hf, tokenizer, directions, remote):
+@pytest.mark.parametrize("slots", [1, 2])
+@pytest.mark.parametrize("where", [False, "local", "ndif"])
+def test_nnsight_engine_applies_an_adapter_as_by_hand(nn_model, hf, tokenizer, directions, where, slots, request):
     import test_direction_adapter
 
-    backend = NNsightBackend(nn_model, remote=remote, repo_id="tiny/gemma" if remote else None)
-    adapter = test_direction_adapter.make_adapter(backend)
+    if where == "ndif":  # NDIF's own server code runs the trace
+        backend = remote(nn_model, request.getfixturevalue("ndif"))
+    else:
+        backend = NNsightBackend(nn_model, remote=where, repo_id="tiny/gemma" if where else None)
+    adapter = test_direction_adapter.make_adapter(backend, slots=slots)
     texts, _ = test_direction_adapter.engine_texts(backend, adapter, directions, (1.0,), 5)
     # only the adapted vectors travel: the same texts as the transformers backend given them by hand
     assert texts == test_direction_adapter.by_hand(TransformersBackend(hf, tokenizer), adapter, directions, (1.0,), 5)

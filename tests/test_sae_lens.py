@@ -260,11 +260,12 @@ def test_model_is_required_when_metadata_names_no_embedded_model():
         make_sae(model="gpt2-small").self_explain(0, config=CFG)
 
 
-def test_tl_engine_applies_an_adapter_as_by_hand(hooked):
+@pytest.mark.parametrize("slots", [1, 2])
+def test_tl_engine_applies_an_adapter_as_by_hand(hooked, slots):
     import test_direction_adapter
 
     backend = TransformerLensBackend(hooked)
-    adapter = test_direction_adapter.make_adapter(backend)
+    adapter = test_direction_adapter.make_adapter(backend, slots=slots)
     d = torch.randn(3, D_MODEL, generator=torch.Generator().manual_seed(6))
     texts, _ = test_direction_adapter.engine_texts(backend, adapter, d, (1.0, 0.5), 5)
     assert texts == test_direction_adapter.by_hand(backend, adapter, d, (1.0, 0.5), 5)
