@@ -25,11 +25,16 @@ from sae_selfexplain_plugin.ops import patch_residual
 ARCHITECTURES = [("scale", 0), ("scalar-affine", 0), ("scalar-affine-low-rank", 3)]
 
 
+def template_for(slots: int) -> str:
+    """The test template with a placeholder for each of `slots` (test-open has one, test-two two)."""
+    return "test-two" if slots > 1 else "test-open"
+
+
 def make_adapter(backend, architecture="scalar-affine", rank=0, seed=0, **changes) -> DirectionAdapter:
     """An adapter for `backend` with random (non-initial) weights; with slots, for the two-placeholder template."""
     fields = dict(
         model_id=backend.model_id, d_model=backend.d_model, source="blocks.2.hook_resid_post", layer=1,
-        template="test-two" if changes.get("slots", 1) > 1 else "test-open", architecture=architecture, rank=rank,
+        template=template_for(changes.get("slots", 1)), architecture=architecture, rank=rank,
     )  # fmt: skip
     adapter = DirectionAdapter(AdapterMetadata(**{**fields, **changes}), init_scale=5.0)
     g = torch.Generator().manual_seed(seed)
@@ -242,7 +247,7 @@ def test_no_repeats_defaults_to_on_with_an_adapter_and_enters_the_hash(gemma_bac
 
 @SLOTS
 def test_training_lowers_validation_loss_and_resumes(tmp_path, gemma_backend, slots):
-    template = "test-two" if slots > 1 else "test-open"
+    template = template_for(slots)
     g = torch.Generator().manual_seed(0)
     words = ["cat", "dog", "sun", "tree"]
     centres = torch.randn(len(words), gemma_backend.d_model, generator=g)
