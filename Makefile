@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck pytest browser bench bench-sae bench-memory bench-words clean
+.PHONY: demo test lint typecheck pytest browser bench bench-sae bench-memory bench-words bench-vocabulary clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -43,15 +43,19 @@ test: lint typecheck pytest
 
 # Throughput (docs/performance.md): naive hooked-generate loop vs ours (before and with the prefix cache) vs
 # plain batched generate, on the default model and on Gemma 3 270M, each with its default template; then the
-# whole demo SAE through `explain`.
+# whole demo SAE through `explain`, and the vocabulary probe against it (docs/adapters.md).
 bench: $(STAMP)
 	mkdir -p out
 	$(BIN)/python benchmarks/bench_explain.py --json out/bench.json
 	$(BIN)/python benchmarks/bench_explain.py --model gemma-3-270m --json out/bench-gemma.json
 	$(MAKE) bench-sae
+	$(MAKE) bench-vocabulary
 
 bench-sae: $(STAMP)
 	mkdir -p out && $(BIN)/python benchmarks/bench_whole_sae.py --json out/bench_sae.json
+
+bench-vocabulary: $(STAMP)
+	mkdir -p out && $(BIN)/python benchmarks/bench_vocabulary.py --json out/bench_vocabulary.json
 
 bench-memory: $(STAMP)
 	$(BIN)/python benchmarks/bench_memory.py

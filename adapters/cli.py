@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, cast
@@ -61,6 +61,14 @@ if TYPE_CHECKING:
     from .evaluation import Embedder
 
 console = Console(stderr=True)
+
+
+def _probe_task(progress: Progress, tokenizer: Any) -> Callable[[int], None]:
+    """A progress bar for the vocabulary probe, shown once the probe starts."""
+    from sae_selfexplain_plugin.vocabulary import probe_size
+
+    task = progress.add_task("probing the vocabulary", total=probe_size(tokenizer), visible=False)
+    return lambda n: progress.update(task, visible=True, advance=n)
 
 
 def _progress() -> Progress:
@@ -322,6 +330,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
             summary = explain_sae(
                 sae, sae_key, backend, features, config, store, resume=args.resume,
                 retry_failed=args.retry_failed, on_batch=lambda n: progress.advance(task, n),
+                vocabulary=args.vocabulary,
+                on_probe=_probe_task(progress, backend.tokenizer) if args.vocabulary else None,
             )  # fmt: skip
     except KeyboardInterrupt:
         stored = len(store.done(backend.model_id, sae_key, SelfExplainer(backend, config).settings_hash))
@@ -409,7 +419,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         adapter = with_adapter(config, args.adapter, sae, backend).adapter
         report = evaluate(
             sae, backend, examples, features, config, embedder=embedder, adapter=adapter,
-            progress=lambda n: progress.advance(task, n),
+            progress=lambda n: progress.advance(task, n), vocabulary=not args.no_vocabulary,
+            vocabulary_progress=None if args.no_vocabulary else _probe_task(progress, backend.tokenizer),
         )  # fmt: skip
     table = Table(title=f"{len(features)} features of {report.sae} on {report.model_id} ({report.seconds:.0f}s)")
     for column in ("labeller", "activation check", "embedding AUROC", "scored", "flagged"):
@@ -787,6 +798,12 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument(
         "--retry-failed", action="store_true", help="with --resume: try again the features a run had to skip"
     )
+    ex.add_argument(
+        "--vocabulary",
+        action="store_true",
+        help="also record each feature's vocabulary probe tokens (docs/vocabulary_probe.md; one pass over the "
+        "vocabulary for all features)",
+    )
     ex.add_argument("--layer", type=int, default=SelfExplainConfig().layer)
     ex.add_argument("--template", help="prompt template (default: from the tokenizer)")
     ex.add_argument("--scales", help="comma-separated relative scales")
@@ -823,6 +840,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--scales", help="comma-separated relative scales")
     ev.add_argument("--max-new-tokens", type=int, default=16)
     ev.add_argument("--no-embedding", action="store_true", help="skip the embedding score")
+    ev.add_argument(
+        "--no-vocabulary", action="store_true", help="skip the vocabulary probe labeller (one pass over the vocabulary)"
+    )
     ev.add_argument("--out", help="write the full report (per feature) to this JSON file")
     _add_adapter_option(ev, "also score the labels of this adapter (auto: the shipped one that fits, if any)")
     ev.set_defaults(func=cmd_eval)

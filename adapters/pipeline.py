@@ -27,6 +27,7 @@ from .sae_lens import (
     load_sae_folder,
     resolve_backend,
     sae_identity,
+    vocabulary_labels,
 )
 from .transformers import TransformersBackend
 
@@ -156,10 +157,14 @@ def explain_sae(
     resume: bool = False,
     retry_failed: bool = False,
     on_batch: Callable[[int], None] | None = None,
+    vocabulary: bool = False,
+    on_probe: Callable[[int], None] | None = None,
 ) -> RunSummary:
     """Explain `features`, committing each batch to `store`; with `resume`, skip features already stored
     (and those a run had to skip, unless `retry_failed`). A feature whose decoder row has no direction
-    (NaN, inf, all zeros) is recorded as failed, with why, and the run goes on."""
+    (NaN, inf, all zeros) is recorded as failed, with why, and the run goes on. With `vocabulary`, each
+    record also carries the vocabulary probe's tokens (one pass over the vocabulary for all features to do,
+    before the first batch; `on_probe` gets its progress)."""
     check_compatible(sae, backend)
     explainer = SelfExplainer(backend, config)
     settings = explainer.settings_hash
@@ -167,6 +172,7 @@ def explain_sae(
     if resume and not retry_failed:
         done |= set(store.failed(backend.model_id, sae_key, settings))
     todo = [f for f in features if f not in done]
+    probed = dict(zip(todo, vocabulary_labels(sae, backend, todo, progress=on_probe))) if vocabulary and todo else {}
     # features per committed batch: enough to fill one generate call with their rows
     scales_generated = min(config.keep_top, len(config.scales)) if config.generate == "chosen" else len(config.scales)
     per_batch = max(1, config.batch_size // (scales_generated * config.n_samples))
@@ -192,6 +198,7 @@ def explain_sae(
             for r, act in zip(records, activation_records(sae, backend, chunk, texts, "own explanation")):
                 r.sae = identity
                 r.activations = [] if act is None else [act]
+                r.vocabulary = [{"token": t, "activation": v} for t, v in probed.get(r.feature_id, [])]
             store.put(records, sae_key)
         if on_batch is not None:
             on_batch(len(window))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, overload
 
@@ -24,6 +24,7 @@ from sae_selfexplain_plugin.direction_adapter import shipped_adapter
 from sae_selfexplain_plugin.errors import InputError
 from sae_selfexplain_plugin.files import parse_json
 from sae_selfexplain_plugin.templates import default_template_name
+from sae_selfexplain_plugin.vocabulary import probe_vocabulary
 
 from .backends import backend_for
 from .embedded import EMBEDDED_MODELS, load_backend
@@ -128,6 +129,34 @@ def activation_records(
         tokens = [tok.decode([int(t)]) for t in ids[0, skip:]]
         out.append({"source": source, "tokens": tokens, "values": [round(float(v), 6) for v in acts]})
     return out
+
+
+def vocabulary_labels(
+    sae: SAE[Any],
+    backend: Backend,
+    features: Sequence[int],
+    *,
+    k: int = 3,
+    progress: Callable[[int], None] | None = None,
+) -> list[list[tuple[str, float]]]:
+    """Per feature, the k word tokens of the model's vocabulary that make it fire most, read through
+    this SAE's encoder (vocabulary.probe_vocabulary: no corpus, one pass over the vocabulary for all
+    `features`). An empty list: no single word evokes the feature."""
+    layer = sae_input_layer(sae)
+    if layer is None or layer >= backend.n_layers:
+        raise InputError(
+            f"the vocabulary probe reads the residual the SAE encodes as it enters a block; hook "
+            f"{sae.cfg.metadata.hook_name!r} is not one (use an SAE on hook_resid_pre, or on hook_resid_post "
+            "of any block but the last)."
+        )
+    idx = torch.tensor(_feature_indices(list(features), sae.cfg.d_sae), device=sae.W_dec.device)
+
+    def encode(resid: torch.Tensor) -> torch.Tensor:
+        acts: torch.Tensor = sae.encode(resid.to(sae.W_dec.device, sae.W_dec.dtype))[:, idx]
+        return acts
+
+    prepend_bos = sae.cfg.metadata.prepend_bos is not False
+    return probe_vocabulary(backend, layer, encode, len(idx), k=k, prepend_bos=prepend_bos, progress=progress)
 
 
 def decoder_rows(sae: SAE[Any], features: list[int]) -> torch.Tensor:

@@ -20,6 +20,7 @@ from .engine import SelfExplainer
 from .errors import InputError, ModelCacheError, SelfExplainError, TemplateError
 from .results import Explanation, FeatureExplanations
 from .templates import PromptTemplate, RenderedPrompt, get_template, register_template, render, template_names
+from .vocabulary import probe_vocabulary
 
 
 def install() -> None:
@@ -59,6 +60,7 @@ __all__ = [
     "__version__",
     "get_template",
     "install",
+    "probe_vocabulary",
     "register_template",
     "render",
     "template_names",

@@ -54,6 +54,8 @@ def dashboard_data(
             "scores": r.scores,
             "flags": r.flags,
         }
+        if r.vocabulary:
+            f["vocab"] = [[v["token"], round(float(v["activation"]), 2)] for v in r.vocabulary]
         if examples is not None and 0 <= r.feature_id < examples.d_sae:
             ex = examples[r.feature_id]
             f["freq"] = round(ex.frequency, 6)

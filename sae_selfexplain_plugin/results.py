@@ -54,6 +54,9 @@ class FeatureExplanations:
     ranked_scales: list[float] = field(default_factory=list)
     flags: list[str] = field(default_factory=list)
     scores: dict[str, Any] = field(default_factory=dict)
+    # The vocabulary probe ({"token", "activation"}, best first; vocabulary.py): not a self-explanation,
+    # the model's own tokens that most evoke the feature. Empty when not probed or when no word evokes it.
+    vocabulary: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def chosen(self) -> Explanation | None:

@@ -55,6 +55,7 @@ def synthetic_records(n: int, n_layers: int = 6) -> list[FeatureExplanations]:
                 f, cands, chosen, "composite", "tiny", "abc", {"neuronpedia_id": "tiny-model/1-test-res"},
                 sweep=sweep, ranked_scales=ranked, flags=flags,
                 scores={"activation_check": {"value": round(f / n, 3)}, "embedding": {"value": 0.5}},
+                vocabulary=[{"token": EVIL if f == 1 else word, "activation": 3.5}] if f % 2 else [],
             )
         )  # fmt: skip
     return records
@@ -126,6 +127,18 @@ def test_model_text_is_shown_as_text_never_run(opened):
     odd = next(f for f in range(40) if any(" <b>bold?</b>" in c.tokens for c in examples[f].top[:5]))
     page.click(f"tr.row[data-id='{odd}']")
     assert "<b>bold?</b>" in page.inner_text("#feature")  # a corpus token, shown as text
+    assert errors == []
+
+
+def test_vocabulary_probe_tokens_show_as_text_when_recorded(opened):
+    page, _, errors, _ = opened
+    page.fill("#search", "")
+    page.click("tr.row[data-id='3']")
+    assert page.inner_text("#vocabulary-probe") == f"vocabulary probe (not a self-explanation): {WORDS[3]} (3.5)"
+    page.click("tr.row[data-id='1']")
+    assert EVIL in page.inner_text("#vocabulary-probe") and page.evaluate("window.__pwned") is None
+    page.click("tr.row[data-id='2']")  # not probed: no line
+    assert page.locator("#vocabulary-probe").count() == 0
     assert errors == []
 
 

@@ -10,12 +10,13 @@ from sae_selfexplain_plugin.adapters import evaluation
 from sae_selfexplain_plugin.adapters.cli import main
 from sae_selfexplain_plugin.adapters.evaluation import Embedder, evaluate, feature_activations
 from sae_selfexplain_plugin.adapters.pipeline import load_model
-from sae_selfexplain_plugin.adapters.sae_lens import decoder_rows, load_sae_folder
+from sae_selfexplain_plugin.adapters.sae_lens import decoder_rows, load_sae_folder, vocabulary_labels
 
 from sae_selfexplain_plugin import AdapterMetadata, DirectionAdapter, SelfExplainConfig, SelfExplainer
 from sae_selfexplain_plugin.activation_examples import EXAMPLES_FILE, ActivationExamples
 from sae_selfexplain_plugin.errors import InputError
 from sae_selfexplain_plugin.scoring import activation_check, auroc, embedding_score
+from sae_selfexplain_plugin.vocabulary import PROBE_CONTEXT, probe_vocabulary, word_start_tokens
 
 CFG = SelfExplainConfig(template="test-open", scales=(0.5, 1.0, 4.0), max_new_tokens=4)
 
@@ -83,6 +84,7 @@ def test_evaluate_scores_every_labeller(setup):
         "fixed@1",
         "fixed@4",
         "top-tokens baseline",
+        "vocabulary probe",
     ]
     for r in report.results:
         assert set(r.per_feature) == set(features)
@@ -91,9 +93,68 @@ def test_evaluate_scores_every_labeller(setup):
         # the dead feature has no examples: an explicit None with its reason, and the others still scored
         assert r.per_feature[dead]["embedding"]["value"] is None
         assert "no activation examples" in r.per_feature[dead]["embedding"]["reason"] or not r.per_feature[dead]["text"]
-    baseline = report.results[-1]
+    baseline, probe = report.results[-2:]
     assert baseline.per_feature[features[0]]["text"] == ", ".join(examples[features[0]].top_tokens())
     assert baseline.scored >= 1
+    probed = vocabulary_labels(sae, backend, features)
+    assert [probe.per_feature[f]["text"] for f in features] == [", ".join(t for t, _ in p) for p in probed]
+    assert any(probed)
+
+
+@torch.no_grad()
+def _probe_by_hand(sae, backend, features: list[int], k: int) -> list[list[tuple[str, float]]]:
+    """Each word-start token read alone as "<bos> The <token>", through the model and SAE, one at a time."""
+    tok = backend.tokenizer
+    prefix = [tok.bos_token_id, *tok(PROBE_CONTEXT, add_special_tokens=False)["input_ids"]]
+    ids = word_start_tokens(tok)
+    acts = []
+    for i in ids:
+        row = torch.tensor([[*prefix, i]])
+        acts.append(sae.encode(backend.residual(row, torch.ones_like(row), 2)[0, -1:])[0, features])
+    table = torch.stack(acts)
+    out = []
+    for j in range(len(features)):
+        picked: list[tuple[str, float]] = []
+        for r in table[:, j].argsort(descending=True).tolist():
+            text = tok.decode([ids[r]]).strip()
+            if table[r, j] <= 0 or len(picked) == k:
+                break
+            if text.lower() not in {t.lower() for t, _ in picked}:
+                picked.append((text, float(table[r, j])))
+        out.append(picked)
+    return out
+
+
+def test_vocabulary_probe_is_each_features_most_activating_word_starts(setup):
+    """Batched, streamed top-k over the vocabulary = reading every word-start token one at a time."""
+    sae, backend, examples = setup
+    tok = backend.tokenizer
+    starts = word_start_tokens(tok)
+    assert tok.convert_tokens_to_ids("Ġcat") in starts
+    assert all(tok.convert_ids_to_tokens(i).startswith("Ġ") for i in starts)  # "cat" without a space is not one
+    assert not set(starts) & set(tok.all_special_ids)
+    features = examples.live_features()[:6]
+    by_hand = _probe_by_hand(sae, backend, features, k=2)
+    assert any(by_hand)
+    idx = torch.tensor(features)
+
+    def encode(resid: torch.Tensor) -> torch.Tensor:
+        return sae.encode(resid)[:, idx]
+
+    for batch_size in (512, 3):  # one batch, and many: the running top-k must merge correctly
+        probed = probe_vocabulary(backend, 2, encode, len(features), k=2, batch_size=batch_size)
+        assert [[t for t, _ in p] for p in probed] == [[t for t, _ in p] for p in by_hand]
+        for got, want in zip(probed, by_hand):
+            assert [v for _, v in got] == pytest.approx([v for _, v in want], abs=1e-4)
+
+
+def test_vocabulary_probe_needs_an_sae_on_a_blocks_input(tiny_sae: Path):
+    sae = load_sae_folder(tiny_sae)
+    backend = load_model(str(tiny_sae.parent / "tiny-model"), sae)
+    for hook in ("blocks.1.hook_mlp_out", f"blocks.{backend.n_layers - 1}.hook_resid_post"):
+        sae.cfg.metadata.hook_name = hook
+        with pytest.raises(InputError, match="vocabulary probe reads the residual"):
+            vocabulary_labels(sae, backend, [0])
 
 
 def test_adapter_labels_are_scored_even_when_flagged(setup):
@@ -124,8 +185,10 @@ def test_eval_cli_writes_a_table_and_json(tiny_sae: Path, tmp_path: Path, capsys
     args += ["--template", "test-open", "--scales", "1,4", "--max-new-tokens", "3", "--no-embedding", "--out", str(out)]
     assert main(["eval", *args]) == 0
     printed = capsys.readouterr().out
-    assert "composite" in printed and "top-tokens baseline" in printed
+    assert "composite" in printed and "top-tokens baseline" in printed and "vocabulary probe" in printed
     import json
 
     data = json.loads(out.read_text())
     assert len(data["features"]) == 4 and data["results"][0]["embedding_score"] is None
+    assert main(["eval", *args, "--no-vocabulary"]) == 0
+    assert "vocabulary probe" not in {r["labeller"] for r in json.loads(out.read_text())["results"]}

@@ -24,6 +24,7 @@ from sae_selfexplain_plugin.adapters.nnsight import (
 from sae_selfexplain_plugin.adapters.transformers import TransformersBackend
 
 from sae_selfexplain_plugin import GenerationRequest, Injection, InputError, SelfExplainConfig, SelfExplainer, render
+from sae_selfexplain_plugin.vocabulary import probe_size, probe_vocabulary
 
 CFG = SelfExplainConfig(template="test-open", scales=(1.0, 4.0), max_new_tokens=5)
 KEY = str(uuid.UUID(int=1234))  # NDIF keys are UUIDs
@@ -257,3 +258,20 @@ def test_no_repeats_in_the_trace_equals_the_decode_loop(nn_model, hf, tokenizer,
     assert loop.tokens != TransformersBackend(hf, tokenizer).generate(replace(request, no_repeats=False)).tokens
     for backend in (NNsightBackend(nn_model), NNsightBackend(nn_model, remote="local"), remote(nn_model, ndif)):
         assert backend.generate(request) == loop
+
+
+def test_vocabulary_probe_through_nnsight_and_ndif_equals_transformers(nn_model, hf, tokenizer, ndif):
+    # the probe only needs each backend's `residual`: NDIF's server code runs one trace per batch
+    encoder = torch.randn(64, 5, generator=torch.Generator().manual_seed(4))
+
+    def encode(resid: torch.Tensor) -> torch.Tensor:
+        return torch.relu(resid.float() @ encoder)
+
+    expected = probe_vocabulary(TransformersBackend(hf, tokenizer), 2, encode, 5, batch_size=64)
+    assert any(expected)
+    for backend in (NNsightBackend(nn_model), remote(nn_model, ndif)):
+        got = probe_vocabulary(backend, 2, encode, 5, batch_size=8)
+        assert [[t for t, _ in p] for p in got] == [[t for t, _ in p] for p in expected]
+        for a, b in zip(got, expected):
+            assert [v for _, v in a] == pytest.approx([v for _, v in b], abs=1e-4)
+    assert len(ndif.posts) == -(-probe_size(tokenizer) // 8) > 1  # one request per batch

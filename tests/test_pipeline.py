@@ -16,7 +16,8 @@ from conftest import build_tokenizer, tiny_gemma
 from sae_lens import StandardSAE, StandardSAEConfig
 from sae_lens.saes.sae import SAEMetadata
 from sae_selfexplain_plugin.adapters.cli import main
-from sae_selfexplain_plugin.adapters.pipeline import load_sae, parse_features
+from sae_selfexplain_plugin.adapters.pipeline import load_model, load_sae, parse_features
+from sae_selfexplain_plugin.adapters.sae_lens import vocabulary_labels
 
 from sae_selfexplain_plugin import FeatureExplanations, InputError
 from sae_selfexplain_plugin.files import OutputError, atomic_writer
@@ -83,6 +84,26 @@ def test_explain_writes_every_feature_in_order(assets, tmp_path):
     assert sum(bool(r.activations) for r in records) >= 3
     assert main(["upload", "--results", str(out), "--dry-run", "--source", "2-test"]) == 0
     assert (tmp_path / "r.db").exists()
+
+
+def test_explain_records_the_vocabulary_probe_when_asked(assets, tmp_path):
+    plain, probed = tmp_path / "plain.jsonl", tmp_path / "probed.jsonl"
+    assert main(explain_args(assets, plain, "--features", "0-5")) == 0
+    assert main(explain_args(assets, probed, "--features", "0-5", "--vocabulary")) == 0
+    records = read_jsonl(probed)
+    assert all(r.vocabulary == [] for r in read_jsonl(plain))
+    assert [r.text for r in records] == [r.text for r in read_jsonl(plain)]  # the explanations do not change
+    model_dir, sae_dir = assets
+    sae, _ = load_sae(str(sae_dir))
+    expected = vocabulary_labels(sae, load_model(str(model_dir), sae), list(range(6)))
+    assert any(expected)
+    for r, tokens in zip(records, expected):
+        assert [v["token"] for v in r.vocabulary] == [t for t, _ in tokens]
+        assert [v["activation"] for v in r.vocabulary] == pytest.approx([a for _, a in tokens], abs=1e-4)
+    assert main(["validate", str(probed)]) == 0
+    bad = tmp_path / "bad.jsonl"  # the record schema checks the field's items
+    bad.write_text(probed.read_text().replace('"activation": ', '"activation": "high", "was": ', 1))
+    assert main(["validate", str(bad)]) == 1
 
 
 def test_resume_skips_what_is_done(assets, tmp_path, capsys):

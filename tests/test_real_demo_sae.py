@@ -9,6 +9,8 @@ from sae_selfexplain_plugin.adapters.demo_sae import DEMO_SAE_DIR, demo_examples
 from sae_selfexplain_plugin.adapters.embedded import DEFAULT_MODEL, EMBEDDED_MODELS, load_backend
 from sae_selfexplain_plugin.adapters.sae_lens import check_compatible, sae_input_layer
 
+from sae_selfexplain_plugin.vocabulary import word_start_tokens
+
 pytestmark = pytest.mark.real_model
 
 # Not from the training corpus (dictionary, WordNet, fortunes, Python docs): everyday prose.
@@ -75,3 +77,17 @@ def test_examples_cover_the_live_features() -> None:
     assert len(live) >= 0.9 * sae.cfg.d_sae
     first = examples[live[0]]
     assert len(first.top) == 10 and len(first.random) == 10
+
+
+@pytest.mark.parametrize("model", sorted(EMBEDDED_MODELS))
+def test_vocabulary_probe_reads_word_starts_of_the_real_tokenizers(model):
+    """Byte-level BPE marks a word start with "Ġ" (SmolLM2), SentencePiece with "▁" (Gemma): the probe reads
+    the tokens that begin a word, not the pieces inside one."""
+    tok = load_backend(model).tokenizer
+    starts = set(word_start_tokens(tok))
+    assert len(tok) // 4 < len(starts) < len(tok)
+    for word in ("house", "river", "music"):
+        (start,) = tok(" " + word, add_special_tokens=False)["input_ids"][-1:]
+        assert start in starts and tok.decode([start]).strip() == word
+    inner = tok("unhappiness", add_special_tokens=False)["input_ids"]
+    assert len(inner) > 1 and inner[-1] not in starts  # a piece inside a word
