@@ -172,13 +172,13 @@ def explain_sae(
     if resume and not retry_failed:
         done |= set(store.failed(backend.model_id, sae_key, settings))
     todo = [f for f in features if f not in done]
+    start = time.perf_counter()  # the probe counts in the run's time
     probed = dict(zip(todo, vocabulary_labels(sae, backend, todo, progress=on_probe))) if vocabulary and todo else {}
     # features per committed batch: enough to fill one generate call with their rows
     scales_generated = min(config.keep_top, len(config.scales)) if config.generate == "chosen" else len(config.scales)
     per_batch = max(1, config.batch_size // (scales_generated * config.n_samples))
     identity = sae_identity(sae)
     failed: dict[int, str] = {}
-    start = time.perf_counter()
     owner = uuid.uuid4().hex  # this run, in the store's claims
     elsewhere = 0  # features another run resuming this store claimed first
     for i in range(0, len(todo), per_batch):
