@@ -19,6 +19,7 @@ import torch
 
 from .backend import Backend
 from .decoding import word_tokens
+from .errors import InputError
 
 PROBE_CONTEXT = " The"  # a common word before each probed token: position 0 is an attention sink
 WORD_START_MARKS = ("Ġ", "▁")  # byte-level BPE and SentencePiece spell a leading space this way
@@ -56,7 +57,7 @@ def probe_vocabulary(
     an empty list. Tokens that differ only in case or spacing count once. `progress` gets the number of
     tokens probed after each batch (`probe_size` in all)."""
     if k < 1 or batch_size < 1:
-        raise ValueError(f"k and batch_size must be >= 1 (got k={k}, batch_size={batch_size}).")
+        raise InputError(f"k and batch_size must be >= 1 (got k={k}, batch_size={batch_size}).")
     tokenizer = backend.tokenizer
     candidates = torch.tensor(word_start_tokens(tokenizer))
     bos = [tokenizer.bos_token_id] if prepend_bos and tokenizer.bos_token_id is not None else []
@@ -69,7 +70,10 @@ def probe_vocabulary(
         ids = torch.cat([prefix.expand(len(chunk), -1), chunk[:, None]], 1)
         acts = encode(backend.residual(ids, torch.ones_like(ids), layer)[:, -1]).float().cpu()
         if acts.shape != (len(chunk), n_features):
-            raise ValueError(f"encode returned {tuple(acts.shape)}; expected {(len(chunk), n_features)}.")
+            raise InputError(
+                f"encode returned activations of shape {tuple(acts.shape)}; expected {(len(chunk), n_features)} "
+                "(one row per residual, one column per feature)."
+            )
         values = torch.cat([best_values, acts])
         ids_all = torch.cat([best_ids, chunk[:, None].expand(-1, n_features)])
         top = values.topk(min(keep, len(values)), dim=0)

@@ -148,6 +148,14 @@ def test_vocabulary_probe_is_each_features_most_activating_word_starts(setup):
             assert [v for _, v in got] == pytest.approx([v for _, v in want], abs=1e-4)
 
 
+def test_vocabulary_probe_rejects_bad_settings_and_a_misshapen_encoder(setup):
+    _, backend, _ = setup
+    with pytest.raises(InputError, match="k and batch_size must be >= 1"):
+        probe_vocabulary(backend, 2, lambda r: r[:, :3], 3, k=0)
+    with pytest.raises(InputError, match=r"encode returned activations of shape \(\d+, 2\); expected \(\d+, 3\)"):
+        probe_vocabulary(backend, 2, lambda r: r[:, :2], 3)
+
+
 def test_vocabulary_probe_needs_an_sae_on_a_blocks_input(tiny_sae: Path):
     sae = load_sae_folder(tiny_sae)
     backend = load_model(str(tiny_sae.parent / "tiny-model"), sae)
