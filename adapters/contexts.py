@@ -82,16 +82,11 @@ def collect_contexts(
     progress: Callable[[int], None] | None = None,
 ) -> ActivationExamples:
     """Stream `texts` (up to `max_tokens` tokens) and save each feature's activation examples to `out`."""
-    from .sae_lens import sae_input_layer
+    from .sae_lens import readable_input_layer, sae_prepends_bos
 
-    layer = sae_input_layer(sae)
-    if layer is None or layer >= backend.n_layers:
-        raise InputError(
-            f"the SAE reads {sae.cfg.metadata.hook_name!r}, not a block's input residual: its activations over text "
-            "cannot be computed here (hook_resid_pre / hook_resid_post SAEs can)."
-        )
+    layer = readable_input_layer(sae, backend, "collecting activation examples")
     tok = backend.tokenizer
-    bos = tok.bos_token_id if sae.cfg.metadata.prepend_bos is not False else None
+    bos = tok.bos_token_id if sae_prepends_bos(sae) else None
     skip = 1 if bos is not None else 0
     partial = Path(f"{out}.partial")
     collector = ExampleCollector(sae.cfg.d_sae)
@@ -134,8 +129,10 @@ def collect_contexts(
 def _add(
     collector: ExampleCollector, sae: SAE[Any], backend: Backend, ids: torch.Tensor, layer: int, skip: int
 ) -> None:
+    from .sae_lens import encode_residual
+
     resid = backend.residual(ids, torch.ones_like(ids), layer)[:, skip:]
-    acts = sae.encode(resid.to(sae.W_dec.device, sae.W_dec.dtype)).float().cpu()
+    acts = encode_residual(sae, resid).float().cpu()
     collector.add(ids[:, skip:], acts)
 
 

@@ -36,6 +36,7 @@ from sae_selfexplain_plugin.word_recovery import RecoveryRow, recovery_row
 from .sae_lens import (
     check_compatible,
     decoder_rows,
+    encode_residual,
     sae_input_ids,
     sae_input_layer,
     sae_layer,
@@ -100,7 +101,7 @@ def feature_activations(sae: SAE[Any], backend: Backend, texts: Sequence[str], f
             continue
         ids, skip = sae_input_ids(sae, backend.tokenizer, text)
         resid = backend.residual(ids, torch.ones_like(ids), layer)[0, skip:]
-        acts = sae.encode(resid.to(sae.W_dec.device, sae.W_dec.dtype))[:, idx]
+        acts = encode_residual(sae, resid)[:, idx]
         out[i] = acts.float().amax(0).cpu()
     return out
 

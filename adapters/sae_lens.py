@@ -97,13 +97,37 @@ def sae_input_layer(sae: SAE[Any]) -> int | None:
     return found[0] if found is not None and found[1] else None
 
 
+def readable_input_layer(sae: SAE[Any], backend: Backend, use: str) -> int:
+    """The block whose input residual the SAE encodes, when `backend` can read it there; otherwise an
+    InputError saying that `use` (e.g. "the vocabulary probe") needs such an SAE."""
+    layer = sae_input_layer(sae)
+    if layer is None or layer >= backend.n_layers:
+        raise InputError(
+            f"{use} reads the residual the SAE encodes as it enters a block; hook "
+            f"{sae.cfg.metadata.hook_name!r} is not one (use an SAE on hook_resid_pre, or on hook_resid_post "
+            "of any block but the last)."
+        )
+    return layer
+
+
+def sae_prepends_bos(sae: SAE[Any]) -> bool:
+    """Whether the SAE saw text with BOS first: yes unless its metadata says prepend_bos=False."""
+    return sae.cfg.metadata.prepend_bos is not False
+
+
+def encode_residual(sae: SAE[Any], resid: torch.Tensor) -> torch.Tensor:
+    """The SAE's activations of residuals [..., d_in] read on any device and dtype (moved to the SAE's)."""
+    acts: torch.Tensor = sae.encode(resid.to(sae.W_dec.device, sae.W_dec.dtype))
+    return acts
+
+
 def sae_input_ids(sae: SAE[Any], tokenizer: Any, text: str) -> tuple[torch.Tensor, int]:
     """Token ids [1, T] of `text` as the SAE saw text in training: BOS first unless its metadata says
     prepend_bos=False (the first position is an attention sink with outsized norms otherwise); and how many
     leading positions (the BOS) to skip when reading activations."""
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     bos = tokenizer.bos_token_id
-    if sae.cfg.metadata.prepend_bos is not False and bos is not None:
+    if sae_prepends_bos(sae) and bos is not None:
         return torch.tensor([[bos, *ids]]), 1
     return torch.tensor([ids]), 0
 
@@ -125,7 +149,7 @@ def activation_records(
             continue
         ids, skip = sae_input_ids(sae, tok, text)
         resid = backend.residual(ids, torch.ones_like(ids), layer)[0, skip:]
-        acts = sae.encode(resid.to(sae.W_dec.device, sae.W_dec.dtype))[:, feature].float().cpu()
+        acts = encode_residual(sae, resid)[:, feature].float().cpu()
         tokens = [tok.decode([int(t)]) for t in ids[0, skip:]]
         out.append({"source": source, "tokens": tokens, "values": [round(float(v), 6) for v in acts]})
     return out
@@ -142,21 +166,12 @@ def vocabulary_labels(
     """Per feature, the k word tokens of the model's vocabulary that make it fire most, read through
     this SAE's encoder (vocabulary.probe_vocabulary: no corpus, one pass over the vocabulary for all
     `features`). An empty list: no single word evokes the feature."""
-    layer = sae_input_layer(sae)
-    if layer is None or layer >= backend.n_layers:
-        raise InputError(
-            f"the vocabulary probe reads the residual the SAE encodes as it enters a block; hook "
-            f"{sae.cfg.metadata.hook_name!r} is not one (use an SAE on hook_resid_pre, or on hook_resid_post "
-            "of any block but the last)."
-        )
+    layer = readable_input_layer(sae, backend, "the vocabulary probe")
     idx = torch.tensor(_feature_indices(list(features), sae.cfg.d_sae), device=sae.W_dec.device)
-
-    def encode(resid: torch.Tensor) -> torch.Tensor:
-        acts: torch.Tensor = sae.encode(resid.to(sae.W_dec.device, sae.W_dec.dtype))[:, idx]
-        return acts
-
-    prepend_bos = sae.cfg.metadata.prepend_bos is not False
-    return probe_vocabulary(backend, layer, encode, len(idx), k=k, prepend_bos=prepend_bos, progress=progress)
+    return probe_vocabulary(
+        backend, layer, lambda resid: encode_residual(sae, resid)[:, idx], len(idx), k=k,
+        prepend_bos=sae_prepends_bos(sae), progress=progress,
+    )  # fmt: skip
 
 
 def decoder_rows(sae: SAE[Any], features: list[int]) -> torch.Tensor:

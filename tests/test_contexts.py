@@ -80,6 +80,16 @@ def test_an_interrupted_collection_resumes_to_the_same_examples(world, tmp_path)
         assert a.frequency == pytest.approx(b.frequency) and [c.tokens for c in a.top] == [c.tokens for c in b.top]
 
 
+def test_an_sae_not_on_a_blocks_input_is_named_before_any_corpus_is_read(world, tmp_path):
+    _, sae, backend, docs = world
+    meta = SAEMetadata(model_name="tiny-gemma3", hook_name="blocks.1.hook_mlp_out")
+    other = StandardSAE(StandardSAEConfig(d_in=sae.cfg.d_in, d_sae=8, metadata=meta))
+    named = r"collecting activation examples reads the residual .* 'blocks\.1\.hook_mlp_out'"
+    with pytest.raises(InputError, match=named):
+        collect_contexts(other, backend, iter(docs), tmp_path / "x.safetensors", max_tokens=100, context=32)
+    assert not (tmp_path / "x.safetensors.partial").exists()
+
+
 def test_corpus_formats(tmp_path):
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "a.txt").write_text("one\n\ntwo")
