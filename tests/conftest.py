@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -145,13 +148,20 @@ SCRIPTS = Path(__file__).parent.parent / "scripts"
 CORPUS_WORDS = "cat dog sun tree blue river stone cloud apple house music winter light paper green".split()  # noqa: SIM905
 
 
+def load_script(name: str) -> ModuleType:
+    """scripts/NAME.py as a module (scripts/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    assert spec and spec.loader
+    script = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = script  # as `import` would: pickling and dataclasses look modules up there
+    spec.loader.exec_module(script)
+    return script
+
+
 @pytest.fixture(scope="session")
 def tiny_sae(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """scripts/train_demo_sae.py run on a tiny random Gemma and a tiny corpus: the SAE folder (with its
     activation examples); the model folder is beside it, at ../tiny-model."""
-    import importlib.util
-    import sys
-
     root = tmp_path_factory.mktemp("demo_sae")
     tok = build_tokenizer()
     model_dir = root / "tiny-model"
@@ -162,11 +172,7 @@ def tiny_sae(tmp_path_factory: pytest.TempPathFactory) -> Path:
     docs = [" ".join(words[int(i)] for i in torch.randint(len(words), (30,), generator=g)) for _ in range(300)]
     corpus = root / "corpus.txt"
     corpus.write_text("\n\n".join(docs))
-    spec = importlib.util.spec_from_file_location("train_demo_sae", SCRIPTS / "train_demo_sae.py")
-    assert spec and spec.loader
-    script = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = script
-    spec.loader.exec_module(script)
+    script = load_script("train_demo_sae")
     out = root / "sae"
     args = ["--model", str(model_dir), "--corpus", str(corpus), "--hook-layer", "1", "--tokens", "12000"]
     args += ["--held-tokens", "3000", "--context", "32", "--width", "128", "--k", "8", "--batch-size", "256"]

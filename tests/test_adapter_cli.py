@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from conftest import load_script
 from sae_selfexplain_plugin.adapters.cli import main
 from sae_selfexplain_plugin.adapters.evaluation import token_latents
 from sae_selfexplain_plugin.adapters.pipeline import load_model, load_sae
@@ -157,3 +158,16 @@ def test_explain_repeats_option(tiny_sae, tmp_path):
         by_hand = test_direction_adapter.by_hand(backend, adapter, d, (1.0,), 12, no_repeats=no_repeats)
         assert texts[repeats] == [row[0] for row in by_hand]
     assert texts["auto"] == texts["ban"] != texts["allow"]  # an adapter bans by default; the ban matters here
+
+
+def test_fit_ceiling_script_fits_the_latents_it_is_then_scored_on(tiny_sae, tmp_path):
+    """scripts/fit_ceiling.py (a diagnostic upper bound, docs/adapters.md): trains on the first live latents
+    themselves, lowers the loss on them, and marks its file as never to ship."""
+    out = tmp_path / "fit.safetensors"
+    args = ["--sae", str(tiny_sae), "--model", str(tiny_sae.parent / "tiny-model"), "--template", "test-open"]
+    args += ["--layer", "1", "--limit", "12", "--steps", "12", "--batch-size", "4", "--out", str(out)]
+    assert load_script("fit_ceiling").main(args) == 0
+    meta = DirectionAdapter.load(out).metadata
+    assert meta.trained_on.startswith("DIAGNOSTIC") and "never ship" in meta.trained_on
+    assert meta.validation["steps"] == 12
+    assert meta.validation["fitted_loss"] < meta.validation["initial_loss"]
