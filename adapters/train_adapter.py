@@ -133,6 +133,36 @@ def join(*parts: LabelledDirections) -> LabelledDirections:
     return LabelledDirections(torch.cat([p.directions for p in parts]), [x for p in parts for x in p.labels])
 
 
+def untrained_adapter(
+    sae: SAE[Any],
+    backend: TrainableModel,
+    config: SelfExplainConfig,
+    architecture: str = DEFAULT_ARCHITECTURE,
+    rank: int = DEFAULT_RANK,
+    slots: int | None = None,
+    seed: int = 0,
+) -> tuple[DirectionAdapter, SelfExplainer]:
+    """A new adapter for `sae`'s directions on `backend`, and the bare explainer it trains against. `slots`:
+    injected vectors per feature, 1 or the template's number of placeholders (the default). Untrained, it
+    injects what the fixed policy does: the direction at the default scale. Checked before any data is built."""
+    check_compatible(sae, backend)
+    explainer = SelfExplainer(backend, config.replace(adapter=None))
+    placeholders = len(explainer.prompt.placeholder_positions)
+    metadata = AdapterMetadata(
+        model_id=backend.model_id,
+        d_model=backend.d_model,
+        source=str(sae.cfg.metadata.hook_name),
+        layer=config.layer,
+        template=explainer.prompt.template,
+        architecture=architecture,
+        rank=rank,
+        slots=placeholders if slots is None else slots,
+    )
+    adapter = DirectionAdapter(metadata, init_scale=explainer.reference_norm * DEFAULT_SCALE, seed=seed)
+    adapter.check_slots(placeholders)
+    return adapter, explainer
+
+
 def train_for_sae(
     sae: SAE[Any],
     backend: TrainableModel,
@@ -150,28 +180,11 @@ def train_for_sae(
     checkpoint: Path | None = None,
     progress: Callable[[int, float], None] | None = None,
 ) -> tuple[DirectionAdapter, TrainingReport]:
-    """Build the training data, train an adapter on the frozen model, save it to `out`. `slots`: injected
-    vectors per feature, 1 or the template's number of placeholders (the default)."""
-    check_compatible(sae, backend)
+    """Build the training data, train an adapter (`untrained_adapter`) on the frozen model, save it to `out`."""
     check_latent_labels(latent_labels)  # before the word data is built
     settings = settings or TrainingSettings()
-    explainer = SelfExplainer(backend, config.replace(adapter=None))
+    adapter, explainer = untrained_adapter(sae, backend, config, architecture, rank, slots, settings.seed)
     source = sae_layer(sae)
-    placeholders = len(explainer.prompt.placeholder_positions)
-    metadata = AdapterMetadata(
-        model_id=backend.model_id,
-        d_model=backend.d_model,
-        source=str(sae.cfg.metadata.hook_name),
-        layer=config.layer,
-        template=explainer.prompt.template,
-        architecture=architecture,
-        rank=rank,
-        slots=placeholders if slots is None else slots,  # default: one vector per placeholder
-    )
-    # Untrained, the adapter injects what the fixed policy does: the direction at the default scale.
-    # Built (and checked) before the data, which takes minutes.
-    adapter = DirectionAdapter(metadata, init_scale=explainer.reference_norm * DEFAULT_SCALE, seed=settings.seed)
-    adapter.check_slots(placeholders)
     words = vocabulary_words(backend.tokenizer, set(load_words()), n_words, settings.seed)
     train_words, val_words = split(word_directions(backend, words, source), 0.1, settings.seed)
     parts = [(train_words, val_words)]
@@ -183,7 +196,7 @@ def train_for_sae(
     if len(parts) > 1:
         n_latents = len(parts[1][0]) + len(parts[1][1])
         described += f"; {n_latents} latents >= {held_out} labelled {LATENT_LABEL_MEANING[latent_labels]}"
-    metadata.trained_on = described + "; 10% of each held out for validation"
+    adapter.metadata.trained_on = described + "; 10% of each held out for validation"
     report = train_adapter(
         adapter, backend, explainer.prompt, train, validation, settings, checkpoint=checkpoint, progress=progress
     )

@@ -19,20 +19,11 @@ from typing import cast
 from sae_selfexplain_plugin.adapters.demo_sae import DEMO_SAE_DIR
 from sae_selfexplain_plugin.adapters.pipeline import load_model, load_sae
 from sae_selfexplain_plugin.adapters.sae_lens import decoder_rows
-from sae_selfexplain_plugin.adapters.train_adapter import peak_label
+from sae_selfexplain_plugin.adapters.train_adapter import peak_label, untrained_adapter
 
 from sae_selfexplain_plugin import SelfExplainConfig
 from sae_selfexplain_plugin.activation_examples import EXAMPLES_FILE, ActivationExamples
-from sae_selfexplain_plugin.adapter_training import (
-    DEFAULT_RANK,
-    LabelledDirections,
-    TrainableModel,
-    TrainingSettings,
-    train_adapter,
-)
-from sae_selfexplain_plugin.config import DEFAULT_SCALE
-from sae_selfexplain_plugin.direction_adapter import AdapterMetadata, DirectionAdapter
-from sae_selfexplain_plugin.engine import SelfExplainer
+from sae_selfexplain_plugin.adapter_training import LabelledDirections, TrainableModel, TrainingSettings, train_adapter
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,19 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     found = [(f, label) for f in examples.live_features()[: args.limit] if (label := peak_label(examples, f))]
     data = LabelledDirections(decoder_rows(sae, [f for f, _ in found]), [label for _, label in found])
     backend = cast(TrainableModel, load_model(args.model, sae))
-    explainer = SelfExplainer(backend, SelfExplainConfig(layer=args.layer, template=args.template, adapter=None))
-    metadata = AdapterMetadata(
-        model_id=backend.model_id,
-        d_model=backend.d_model,
-        source=str(sae.cfg.metadata.hook_name),
-        layer=args.layer,
-        template=explainer.prompt.template,
-        architecture="scalar-affine-low-rank",
-        rank=DEFAULT_RANK,
-        slots=len(explainer.prompt.placeholder_positions),
-        trained_on=f"DIAGNOSTIC: the eval's own first {args.limit} live latents ({len(found)} labelled); never ship",
-    )
-    adapter = DirectionAdapter(metadata, init_scale=explainer.reference_norm * DEFAULT_SCALE, seed=0)
+    config = SelfExplainConfig(layer=args.layer, template=args.template)
+    adapter, explainer = untrained_adapter(sae, backend, config)
+    adapter.metadata.trained_on = f"DIAGNOSTIC: the eval's first {args.limit} live latents ({len(found)}); never ship"
     start = time.perf_counter()
     # Validation = the training rows: the question is how far they can be fitted, not generalisation.
     settings = TrainingSettings(steps=args.steps, batch_size=args.batch_size, patience=args.steps)
