@@ -37,8 +37,8 @@ from .sae_lens import (
     check_compatible,
     decoder_rows,
     encode_residual,
+    readable_input_layer,
     sae_input_ids,
-    sae_input_layer,
     sae_layer,
     vocabulary_labels,
 )
@@ -91,9 +91,7 @@ def _packaged_model_dir() -> Path:
 def feature_activations(sae: SAE[Any], backend: Backend, texts: Sequence[str], features: Sequence[int]) -> torch.Tensor:
     """[len(texts), len(features)]: each feature's maximum activation over each text's tokens (BOS excluded;
     BOS prepended when the SAE was trained with it). Empty texts give zeros."""
-    layer = sae_input_layer(sae)
-    if layer is None:
-        raise InputError("the activation check needs an SAE that encodes a block's input residual (hook_resid_*).")
+    layer = readable_input_layer(sae, backend, "the activation check")
     out = torch.zeros(len(texts), len(features))
     idx = torch.tensor(list(features))
     for i, text in enumerate(texts):

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 import torch
+from sae_lens import StandardSAE, StandardSAEConfig
+from sae_lens.saes.sae import SAEMetadata
 from sae_selfexplain_plugin.adapters import evaluation
 from sae_selfexplain_plugin.adapters.cli import main
 from sae_selfexplain_plugin.adapters.evaluation import Embedder, evaluate, feature_activations
@@ -68,6 +71,18 @@ def test_feature_activations_are_the_sae_maxima(setup):
     )
     resid = backend.residual(ids, torch.ones_like(ids), 2)[0, 1:]
     assert torch.allclose(acts[0], sae.encode(resid)[:, :3].amax(0), atol=1e-5)
+
+
+@pytest.mark.parametrize("hook", ["blocks.1.hook_mlp_out", "blocks.{last}.hook_resid_post"])
+def test_the_activation_check_names_an_sae_whose_input_it_cannot_read(setup, hook):
+    """No block's input is that SAE's input (the last block's output enters none): the hook is named,
+    not an out-of-range injection layer."""
+    sae, backend, _ = setup
+    hook = hook.format(last=backend.n_layers - 1)
+    meta = SAEMetadata(model_name=sae.cfg.metadata.model_name, hook_name=hook)
+    other = StandardSAE(StandardSAEConfig(d_in=sae.cfg.d_in, d_sae=8, metadata=meta))
+    with pytest.raises(InputError, match=rf"the activation check reads .* '{re.escape(hook)}'"):
+        feature_activations(other, backend, ["cat dog sun"], [0])
 
 
 def test_evaluate_scores_every_labeller(setup):
