@@ -21,14 +21,13 @@ import time
 from pathlib import Path
 
 import torch
+from bench_whole_sae import run
 from machine import matmul_gflops
 from sae_selfexplain_plugin.adapters.demo_sae import load_demo_sae
 from sae_selfexplain_plugin.adapters.embedded import load_backend
-from sae_selfexplain_plugin.adapters.pipeline import explain_sae
 from sae_selfexplain_plugin.adapters.sae_lens import AUTO, vocabulary_labels, with_adapter
 
 from sae_selfexplain_plugin.config import WHOLE_SAE_CONFIG
-from sae_selfexplain_plugin.store import ResultsStore
 from sae_selfexplain_plugin.vocabulary import probe_size
 
 
@@ -47,10 +46,8 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     with tempfile.TemporaryDirectory() as tmp:
-        store = ResultsStore(Path(tmp) / "results.db")
-        explain_sae(sae, "demo", backend, [0, 1], config, store)  # first-call costs out of the timings
-        sample = explain_sae(sae, "demo", backend, list(range(2, 2 + args.sample)), config, store).seconds
-        store.close()
+        run(sae, backend, [0, 1], config, Path(tmp) / "warm-up")  # first-call costs out of the timings
+        sample = run(sae, backend, list(range(2, 2 + args.sample)), config, Path(tmp) / "sample")["seconds"]
     explain_whole = sample * d_sae / args.sample
     print(f"explain: {args.sample} latents in {sample:.1f}s -> the whole SAE {explain_whole:.0f}s", flush=True)
     start = time.perf_counter()
