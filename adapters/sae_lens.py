@@ -24,7 +24,7 @@ from sae_selfexplain_plugin.direction_adapter import shipped_adapter
 from sae_selfexplain_plugin.errors import InputError
 from sae_selfexplain_plugin.files import parse_json
 from sae_selfexplain_plugin.templates import default_template_name
-from sae_selfexplain_plugin.vocabulary import probe_vocabulary
+from sae_selfexplain_plugin.vocabulary import direction_lens, probe_vocabulary
 
 from .backends import backend_for
 from .embedded import EMBEDDED_MODELS, load_backend
@@ -172,6 +172,21 @@ def vocabulary_labels(
         backend, layer, lambda resid: encode_residual(sae, resid)[:, idx], len(idx), k=k,
         prepend_bos=sae_prepends_bos(sae), progress=progress,
     )  # fmt: skip
+
+
+def lens_labels(
+    sae: SAE[Any],
+    backend: Backend,
+    features: Sequence[int],
+    *,
+    k: int = 3,
+    progress: Callable[[int], None] | None = None,
+) -> list[list[tuple[str, float]]]:
+    """Per feature, the k word tokens whose centred residual at the SAE's hook points most along its decoder
+    row (vocabulary.direction_lens: the direction and the model only, no encoder, no examples)."""
+    layer = readable_input_layer(sae, backend, "the direction lens")
+    rows = decoder_rows(sae, _feature_indices(list(features), sae.cfg.d_sae))
+    return direction_lens(backend, layer, rows, k=k, prepend_bos=sae_prepends_bos(sae), progress=progress)
 
 
 def decoder_rows(sae: SAE[Any], features: list[int]) -> torch.Tensor:

@@ -20,7 +20,7 @@ from .engine import SelfExplainer
 from .errors import InputError, ModelCacheError, SelfExplainError, TemplateError
 from .results import Explanation, FeatureExplanations
 from .templates import PromptTemplate, RenderedPrompt, get_template, register_template, render, template_names
-from .vocabulary import probe_vocabulary
+from .vocabulary import direction_lens, probe_vocabulary
 
 
 def install() -> None:
@@ -58,6 +58,7 @@ __all__ = [
     "StepModel",
     "TemplateError",
     "__version__",
+    "direction_lens",
     "get_template",
     "install",
     "probe_vocabulary",

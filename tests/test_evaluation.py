@@ -13,13 +13,19 @@ from sae_selfexplain_plugin.adapters import evaluation
 from sae_selfexplain_plugin.adapters.cli import main
 from sae_selfexplain_plugin.adapters.evaluation import Embedder, evaluate, feature_activations
 from sae_selfexplain_plugin.adapters.pipeline import load_model
-from sae_selfexplain_plugin.adapters.sae_lens import decoder_rows, load_sae_folder, vocabulary_labels
+from sae_selfexplain_plugin.adapters.sae_lens import decoder_rows, lens_labels, load_sae_folder, vocabulary_labels
 
 from sae_selfexplain_plugin import AdapterMetadata, DirectionAdapter, SelfExplainConfig, SelfExplainer
 from sae_selfexplain_plugin.activation_examples import EXAMPLES_FILE, ActivationExamples
 from sae_selfexplain_plugin.errors import InputError
 from sae_selfexplain_plugin.scoring import activation_check, auroc, embedding_score
-from sae_selfexplain_plugin.vocabulary import PROBE_CONTEXT, probe_vocabulary, word_start_tokens
+from sae_selfexplain_plugin.vocabulary import (
+    PROBE_CONTEXT,
+    direction_lens,
+    probe_vocabulary,
+    vocabulary_residuals,
+    word_start_tokens,
+)
 
 CFG = SelfExplainConfig(template="test-open", scales=(0.5, 1.0, 4.0), max_new_tokens=4)
 
@@ -100,6 +106,7 @@ def test_evaluate_scores_every_labeller(setup):
         "fixed@4",
         "top-tokens baseline",
         "vocabulary probe",
+        "direction lens",
     ]
     for r in report.results:
         assert set(r.per_feature) == set(features)
@@ -108,36 +115,48 @@ def test_evaluate_scores_every_labeller(setup):
         # the dead feature has no examples: an explicit None with its reason, and the others still scored
         assert r.per_feature[dead]["embedding"]["value"] is None
         assert "no activation examples" in r.per_feature[dead]["embedding"]["reason"] or not r.per_feature[dead]["text"]
-    baseline, probe = report.results[-2:]
+    baseline, probe, lens = report.results[-3:]
     assert baseline.per_feature[features[0]]["text"] == ", ".join(examples[features[0]].top_tokens())
     assert baseline.scored >= 1
     probed = vocabulary_labels(sae, backend, features)
     assert [probe.per_feature[f]["text"] for f in features] == [", ".join(t for t, _ in p) for p in probed]
     assert any(probed)
+    lensed = lens_labels(sae, backend, features)
+    assert [lens.per_feature[f]["text"] for f in features] == [", ".join(t for t, _ in p) for p in lensed]
+    assert all(lensed)
+
+
+@torch.no_grad()
+def _word_starts_by_hand(backend, layer: int) -> tuple[list[str], torch.Tensor]:
+    """Each word-start token read alone as "<bos> The <token>", one at a time: its text, and its residual
+    entering block `layer`."""
+    tok = backend.tokenizer
+    prefix = [tok.bos_token_id, *tok(PROBE_CONTEXT, add_special_tokens=False)["input_ids"]]
+    ids = word_start_tokens(tok)
+    rows = []
+    for i in ids:
+        row = torch.tensor([[*prefix, i]])
+        rows.append(backend.residual(row, torch.ones_like(row), layer)[0, -1])
+    return [tok.decode([i]).strip() for i in ids], torch.stack(rows).float()
+
+
+def _top_distinct(texts: list[str], scores: torch.Tensor, k: int) -> list[tuple[str, float]]:
+    """The k best-scoring distinct (case-insensitive) texts with a positive score, best first."""
+    picked: list[tuple[str, float]] = []
+    for r in scores.argsort(descending=True).tolist():
+        if scores[r] <= 0 or len(picked) == k:
+            break
+        if texts[r] and texts[r].lower() not in {t.lower() for t, _ in picked}:
+            picked.append((texts[r], float(scores[r])))
+    return picked
 
 
 @torch.no_grad()
 def _probe_by_hand(sae, backend, features: list[int], k: int) -> list[list[tuple[str, float]]]:
-    """Each word-start token read alone as "<bos> The <token>", through the model and SAE, one at a time."""
-    tok = backend.tokenizer
-    prefix = [tok.bos_token_id, *tok(PROBE_CONTEXT, add_special_tokens=False)["input_ids"]]
-    ids = word_start_tokens(tok)
-    acts = []
-    for i in ids:
-        row = torch.tensor([[*prefix, i]])
-        acts.append(sae.encode(backend.residual(row, torch.ones_like(row), 2)[0, -1:])[0, features])
-    table = torch.stack(acts)
-    out = []
-    for j in range(len(features)):
-        picked: list[tuple[str, float]] = []
-        for r in table[:, j].argsort(descending=True).tolist():
-            text = tok.decode([ids[r]]).strip()
-            if table[r, j] <= 0 or len(picked) == k:
-                break
-            if text.lower() not in {t.lower() for t, _ in picked}:
-                picked.append((text, float(table[r, j])))
-        out.append(picked)
-    return out
+    """Each word-start token's residual through the SAE; per feature its k most-activating tokens."""
+    texts, residuals = _word_starts_by_hand(backend, 2)
+    acts = sae.encode(residuals)[:, features]
+    return [_top_distinct(texts, acts[:, j], k) for j in range(len(features))]
 
 
 def test_vocabulary_probe_is_each_features_most_activating_word_starts(setup):
@@ -171,13 +190,55 @@ def test_vocabulary_probe_rejects_bad_settings_and_a_misshapen_encoder(setup):
         probe_vocabulary(backend, 2, lambda r: r[:, :2], 3)
 
 
-def test_vocabulary_probe_needs_an_sae_on_a_blocks_input(tiny_sae: Path):
+def test_vocabulary_probe_and_lens_need_an_sae_on_a_blocks_input(tiny_sae: Path):
     sae = load_sae_folder(tiny_sae)
     backend = load_model(str(tiny_sae.parent / "tiny-model"), sae)
     for hook in ("blocks.1.hook_mlp_out", f"blocks.{backend.n_layers - 1}.hook_resid_post"):
         sae.cfg.metadata.hook_name = hook
         with pytest.raises(InputError, match="vocabulary probe reads the residual"):
             vocabulary_labels(sae, backend, [0])
+        with pytest.raises(InputError, match="direction lens reads the residual"):
+            lens_labels(sae, backend, [0])
+
+
+def test_direction_lens_is_the_cosine_with_centred_word_residuals(setup):
+    """A token's own centred residual is lensed to that token first (cosine 1); any direction gets the k
+    distinct tokens of highest positive cosine, as computed one token at a time; batching changes nothing."""
+    _, backend, _ = setup
+    texts, table = _word_starts_by_hand(backend, 2)
+    table -= table.mean(0)
+    table /= table.norm(dim=1, keepdim=True)
+    cat = texts.index("cat")
+    directions = torch.cat([3.0 * table[cat : cat + 1], torch.randn(4, backend.d_model)])
+    for batch_size in (512, 3):
+        lensed = direction_lens(backend, 2, directions, k=2, batch_size=batch_size)
+        assert lensed[0][0][0] == "cat" and lensed[0][0][1] == pytest.approx(1.0, abs=1e-4)
+        for got, direction in zip(lensed, directions):
+            want = _top_distinct(texts, table @ (direction / direction.norm()), 2)
+            assert [t for t, _ in got] == [t for t, _ in want]
+            assert [v for _, v in got] == pytest.approx([v for _, v in want], abs=1e-4)
+
+
+def test_direction_lens_rejects_bad_directions_and_k(setup):
+    _, backend, _ = setup
+    d = backend.d_model
+    with pytest.raises(InputError, match="k must be >= 1"):
+        direction_lens(backend, 2, torch.randn(2, d), k=0)
+    with pytest.raises(InputError, match=rf"directions must be \[n, d_model={d}\], got \(3,\)"):
+        direction_lens(backend, 2, torch.randn(3))
+    with pytest.raises(InputError, match=rf"directions must be \[n, d_model={d}\], got \(2, {d + 1}\)"):
+        direction_lens(backend, 2, torch.randn(2, d + 1))
+    with pytest.raises(InputError, match="finite, non-zero norm"):
+        direction_lens(backend, 2, torch.stack([torch.randn(d), torch.zeros(d)]))
+
+
+def test_reading_the_vocabulary_leaves_the_callers_grad_mode_alone(setup):
+    _, backend, _ = setup
+    batches = vocabulary_residuals(backend, 2, batch_size=4)
+    chunk, resid = next(batches)
+    assert torch.is_grad_enabled() and not resid.requires_grad
+    assert resid.shape == (len(chunk), backend.d_model)
+    batches.close()
 
 
 def test_adapter_labels_are_scored_even_when_flagged(setup):
@@ -209,9 +270,11 @@ def test_eval_cli_writes_a_table_and_json(tiny_sae: Path, tmp_path: Path, capsys
     assert main(["eval", *args]) == 0
     printed = capsys.readouterr().out
     assert "composite" in printed and "top-tokens baseline" in printed and "vocabulary probe" in printed
+    assert "direction lens" in printed
     import json
 
     data = json.loads(out.read_text())
     assert len(data["features"]) == 4 and data["results"][0]["embedding_score"] is None
     assert main(["eval", *args, "--no-vocabulary"]) == 0
-    assert "vocabulary probe" not in {r["labeller"] for r in json.loads(out.read_text())["results"]}
+    labellers = {r["labeller"] for r in json.loads(out.read_text())["results"]}
+    assert "vocabulary probe" not in labellers and "direction lens" not in labellers

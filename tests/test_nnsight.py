@@ -24,7 +24,7 @@ from sae_selfexplain_plugin.adapters.nnsight import (
 from sae_selfexplain_plugin.adapters.transformers import TransformersBackend
 
 from sae_selfexplain_plugin import GenerationRequest, Injection, InputError, SelfExplainConfig, SelfExplainer, render
-from sae_selfexplain_plugin.vocabulary import probe_size, probe_vocabulary
+from sae_selfexplain_plugin.vocabulary import direction_lens, probe_size, probe_vocabulary
 
 CFG = SelfExplainConfig(template="test-open", scales=(1.0, 4.0), max_new_tokens=5)
 KEY = str(uuid.UUID(int=1234))  # NDIF keys are UUIDs
@@ -275,3 +275,14 @@ def test_vocabulary_probe_through_nnsight_and_ndif_equals_transformers(nn_model,
         for a, b in zip(got, expected):
             assert [v for _, v in a] == pytest.approx([v for _, v in b], abs=1e-4)
     assert len(ndif.posts) == -(-probe_size(tokenizer) // 8) > 1  # one request per batch
+
+
+def test_direction_lens_through_nnsight_and_ndif_equals_transformers(nn_model, hf, tokenizer, ndif):
+    directions = torch.randn(3, 64, generator=torch.Generator().manual_seed(5))
+    expected = direction_lens(TransformersBackend(hf, tokenizer), 2, directions, batch_size=64)
+    assert all(expected)
+    for backend in (NNsightBackend(nn_model), remote(nn_model, ndif)):
+        got = direction_lens(backend, 2, directions, batch_size=64)
+        assert [[t for t, _ in p] for p in got] == [[t for t, _ in p] for p in expected]
+        for a, b in zip(got, expected):
+            assert [v for _, v in a] == pytest.approx([v for _, v in b], abs=1e-4)
