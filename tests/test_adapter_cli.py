@@ -4,6 +4,7 @@ a shipped adapter, and the centred word-recovery vectors."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -11,10 +12,10 @@ from conftest import load_script
 from sae_selfexplain_plugin.adapters.cli import main
 from sae_selfexplain_plugin.adapters.evaluation import token_latents
 from sae_selfexplain_plugin.adapters.pipeline import load_model, load_sae
-from sae_selfexplain_plugin.adapters.sae_lens import decoder_rows, with_adapter
+from sae_selfexplain_plugin.adapters.sae_lens import decoder_rows, load_sae_folder, with_adapter
 from sae_selfexplain_plugin.adapters.train_adapter import LATENT_LABEL_TOKENS, latent_directions, peak_label
 
-from sae_selfexplain_plugin import DirectionAdapter, SelfExplainConfig, SelfExplainer
+from sae_selfexplain_plugin import AdapterMetadata, DirectionAdapter, SelfExplainConfig, SelfExplainer
 from sae_selfexplain_plugin.activation_examples import EXAMPLES_FILE, ActivationExamples
 from sae_selfexplain_plugin.errors import InputError
 from sae_selfexplain_plugin.word_recovery import run_word_recovery
@@ -171,3 +172,25 @@ def test_fit_ceiling_script_fits_the_latents_it_is_then_scored_on(tiny_sae, tmp_
     assert meta.trained_on.startswith("DIAGNOSTIC") and "never ship" in meta.trained_on
     assert meta.validation["steps"] == 12
     assert meta.validation["fitted_loss"] < meta.validation["initial_loss"]
+
+
+def test_lens_anchored_script_scores_each_labeller_on_two_held_out_sets(tiny_sae, tmp_path, capsys):
+    """scripts/lens_anchored.py (a diagnostic, docs/adapters.md): runs end to end on a tiny SAE and adapter and
+    prints the four labellers for both latent sets; its label join keeps distinct items in order."""
+    script = load_script("lens_anchored")
+    assert script.joined(["idea, Idea, ideas", "ideas, plan", "x"], 3) == "idea, ideas, plan"
+    assert script.joined(["", ","], 3) == ""
+    backend_dir = tiny_sae.parent / "tiny-model"
+    sae = load_sae_folder(tiny_sae)
+    backend = load_model(str(backend_dir), sae)
+    meta = AdapterMetadata(
+        backend.model_id, backend.d_model, str(sae.cfg.metadata.hook_name), 1, "test-open", "scalar-affine"
+    )
+    adapter = tmp_path / "tiny.safetensors"
+    DirectionAdapter(meta, init_scale=4.0).save(adapter)
+    args = ["--sae", str(tiny_sae), "--model", str(backend_dir), "--adapter", str(adapter), "--template", "test-open"]
+    assert script.main([*args, "--layer", "1", "--limit", "3", "--anchors", "2", "--items", "3"]) == 0
+    printed = capsys.readouterr().out
+    assert "eval: 3 latents" in printed and "next: 3 latents" in printed
+    for labeller in ("adapter", "anchored", "direction lens k3", "direction lens k5"):
+        assert len(re.findall(rf"  {labeller} +act [01]\.\d{{3}}  AUROC", printed)) == 2
