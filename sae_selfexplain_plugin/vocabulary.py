@@ -153,6 +153,8 @@ def direction_lens(
     `nearest_tokens`). It keeps the vocabulary's residuals in memory (tokens x d_model floats: 73 MB for
     SmolLM2-135M). Not a self-explanation: nothing is injected and the model says nothing."""
     _check_lens_input(directions, backend.d_model, k)
+    if len(directions) == 0:
+        return []  # nothing to label: skip the pass over the vocabulary
     ids, table = centred_vocabulary(
         backend, layer, prepend_bos=prepend_bos, context=context, batch_size=batch_size, progress=progress
     )
@@ -166,6 +168,8 @@ def nearest_tokens(
     """Per direction, the k distinct tokens of `table` (`centred_vocabulary`'s unit rows, one per id) of
     highest positive cosine with it (text, cosine), best first."""
     _check_lens_input(directions, table.shape[1], k)
+    if len(directions) == 0:
+        return []
     units = directions.detach().float().cpu()
     units = units / units.norm(dim=1, keepdim=True)
     keep = min(8 * k, len(table))  # as the probe: room for case and spacing variants

@@ -230,6 +230,8 @@ def test_direction_lens_rejects_bad_directions_and_k(setup):
         direction_lens(backend, 2, torch.randn(2, d + 1))
     with pytest.raises(InputError, match="finite, non-zero norm"):
         direction_lens(backend, 2, torch.stack([torch.randn(d), torch.zeros(d)]))
+    calls: list[int] = []
+    assert direction_lens(backend, 2, torch.zeros(0, d), progress=calls.append) == [] and not calls  # no pass
 
 
 def test_reading_the_vocabulary_leaves_the_callers_grad_mode_alone(setup):
