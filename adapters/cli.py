@@ -63,13 +63,11 @@ if TYPE_CHECKING:
 console = Console(stderr=True)
 
 
-def _probe_task(
-    progress: Progress, tokenizer: Any, description: str = "probing the vocabulary"
-) -> Callable[[int], None]:
-    """A progress bar for one pass over the vocabulary (probe or lens), shown once the pass starts."""
+def _probe_task(progress: Progress, tokenizer: Any) -> Callable[[int], None]:
+    """A progress bar for the vocabulary probe, shown once the probe starts."""
     from sae_selfexplain_plugin.vocabulary import probe_size
 
-    task = progress.add_task(description, total=probe_size(tokenizer), visible=False)
+    task = progress.add_task("probing the vocabulary", total=probe_size(tokenizer), visible=False)
     return lambda n: progress.update(task, visible=True, advance=n)
 
 
@@ -423,9 +421,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
             sae, backend, examples, features, config, embedder=embedder, adapter=adapter,
             progress=lambda n: progress.advance(task, n), vocabulary=not args.no_vocabulary,
             vocabulary_progress=None if args.no_vocabulary else _probe_task(progress, backend.tokenizer),
-            lens_progress=None if args.no_vocabulary else _probe_task(
-                progress, backend.tokenizer, "reading the vocabulary for the direction lens"
-            ),
         )  # fmt: skip
     table = Table(title=f"{len(features)} features of {report.sae} on {report.model_id} ({report.seconds:.0f}s)")
     for column in ("labeller", "activation check", "embedding AUROC", "scored", "flagged"):
@@ -848,7 +843,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument(
         "--no-vocabulary",
         action="store_true",
-        help="skip the vocabulary probe and direction lens labellers (one pass over the vocabulary each)",
+        help="skip the vocabulary probe and direction lens labellers (one pass over the vocabulary for both)",
     )
     ev.add_argument("--out", help="write the full report (per feature) to this JSON file")
     _add_adapter_option(ev, "also score the labels of this adapter (auto: the shipped one that fits, if any)")

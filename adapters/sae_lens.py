@@ -24,7 +24,14 @@ from sae_selfexplain_plugin.direction_adapter import shipped_adapter
 from sae_selfexplain_plugin.errors import InputError
 from sae_selfexplain_plugin.files import parse_json
 from sae_selfexplain_plugin.templates import default_template_name
-from sae_selfexplain_plugin.vocabulary import direction_lens, probe_vocabulary
+from sae_selfexplain_plugin.vocabulary import (
+    centred_vocabulary,
+    direction_lens,
+    nearest_tokens,
+    probe_batches,
+    probe_vocabulary,
+    vocabulary_residuals,
+)
 
 from .backends import backend_for
 from .embedded import EMBEDDED_MODELS, load_backend
@@ -187,6 +194,24 @@ def lens_labels(
     layer = readable_input_layer(sae, backend, "the direction lens")
     rows = decoder_rows(sae, _feature_indices(list(features), sae.cfg.d_sae))
     return direction_lens(backend, layer, rows, k=k, prepend_bos=sae_prepends_bos(sae), progress=progress)
+
+
+def probe_and_lens_labels(
+    sae: SAE[Any],
+    backend: Backend,
+    features: Sequence[int],
+    *,
+    k: int = 3,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[list[list[tuple[str, float]]], list[list[tuple[str, float]]]]:
+    """`vocabulary_labels` and `lens_labels` from one read of the vocabulary (held in memory for both)."""
+    layer = readable_input_layer(sae, backend, "the vocabulary probe with the direction lens")
+    indices = _feature_indices(list(features), sae.cfg.d_sae)
+    idx = torch.tensor(indices, device=sae.W_dec.device)
+    read = list(vocabulary_residuals(backend, layer, prepend_bos=sae_prepends_bos(sae), progress=progress))
+    probed = probe_batches(backend.tokenizer, read, lambda resid: encode_residual(sae, resid)[:, idx], len(idx), k)
+    ids, table = centred_vocabulary(read)
+    return probed, nearest_tokens(backend.tokenizer, ids, table, decoder_rows(sae, indices), k)
 
 
 def decoder_rows(sae: SAE[Any], features: list[int]) -> torch.Tensor:

@@ -16,7 +16,7 @@ model) and serves as the measure of what injecting and generating add to it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -89,12 +89,27 @@ def probe_vocabulary(
     tokens probed after each batch (`probe_size` in all)."""
     if k < 1 or batch_size < 1:
         raise InputError(f"k and batch_size must be >= 1 (got k={k}, batch_size={batch_size}).")
-    keep = 8 * k  # enough candidates that case and spacing variants do not crowd out k distinct words
-    best_values = torch.empty(0, n_features)
-    best_ids = torch.empty(0, n_features, dtype=torch.long)
     batches = vocabulary_residuals(
         backend, layer, prepend_bos=prepend_bos, context=context, batch_size=batch_size, progress=progress
     )
+    return probe_batches(backend.tokenizer, batches, encode, n_features, k)
+
+
+@torch.no_grad()
+def probe_batches(
+    tokenizer: Any,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    encode: Callable[[torch.Tensor], torch.Tensor],
+    n_features: int,
+    k: int = 3,
+) -> list[list[tuple[str, float]]]:
+    """`probe_vocabulary` over batches already read (`vocabulary_residuals`), so that one read of the
+    vocabulary can serve the probe and the direction lens."""
+    if k < 1:
+        raise InputError(f"k must be >= 1 (got {k}).")
+    keep = 8 * k  # enough candidates that case and spacing variants do not crowd out k distinct words
+    best_values = torch.empty(0, n_features)
+    best_ids = torch.empty(0, n_features, dtype=torch.long)
     for chunk, resid in batches:
         acts = encode(resid).float().cpu()
         if acts.shape != (len(chunk), n_features):
@@ -106,25 +121,15 @@ def probe_vocabulary(
         ids_all = torch.cat([best_ids, chunk[:, None].expand(-1, n_features)])
         top = values.topk(min(keep, len(values)), dim=0)
         best_values, best_ids = top.values, ids_all.gather(0, top.indices)
-    texts = _texts(backend.tokenizer, best_ids)
+    texts = _texts(tokenizer, best_ids)
     return [_distinct(best_values[:, f], best_ids[:, f], texts, k) for f in range(n_features)]
 
 
-def centred_vocabulary(
-    backend: Backend,
-    layer: int,
-    *,
-    prepend_bos: bool = True,
-    context: str = PROBE_CONTEXT,
-    batch_size: int = BATCH_SIZE,
-    progress: Callable[[int], None] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Word-start token ids [n] and their residuals entering block `layer` (`vocabulary_residuals`) minus
-    the mean over all of them, as unit rows [n, d_model] (float32, CPU): the direction lens's table."""
+def centred_vocabulary(batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Word-start token ids [n] and their residuals from `batches` (`vocabulary_residuals`) minus the mean
+    over all of them, as unit rows [n, d_model] (float32, CPU): the direction lens's table."""
     ids, rows = [], []
-    for chunk, resid in vocabulary_residuals(
-        backend, layer, prepend_bos=prepend_bos, context=context, batch_size=batch_size, progress=progress
-    ):
+    for chunk, resid in batches:
         ids.append(chunk)
         rows.append(resid.float().cpu())
     table = torch.cat(rows)
@@ -155,9 +160,10 @@ def direction_lens(
     _check_lens_input(directions, backend.d_model, k)
     if len(directions) == 0:
         return []  # nothing to label: skip the pass over the vocabulary
-    ids, table = centred_vocabulary(
+    batches = vocabulary_residuals(
         backend, layer, prepend_bos=prepend_bos, context=context, batch_size=batch_size, progress=progress
     )
+    ids, table = centred_vocabulary(batches)
     return nearest_tokens(backend.tokenizer, ids, table, directions, k)
 
 

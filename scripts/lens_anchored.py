@@ -35,7 +35,7 @@ from sae_selfexplain_plugin import SelfExplainConfig, SelfExplainer
 from sae_selfexplain_plugin.activation_examples import EXAMPLES_FILE, ActivationExamples
 from sae_selfexplain_plugin.direction_adapter import HELD_OUT_LATENTS
 from sae_selfexplain_plugin.errors import InputError
-from sae_selfexplain_plugin.vocabulary import centred_vocabulary, nearest_tokens, probe_label
+from sae_selfexplain_plugin.vocabulary import centred_vocabulary, nearest_tokens, probe_label, vocabulary_residuals
 
 
 def label_items(text: str) -> list[str]:
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         raise InputError("no adapter fits this SAE and model; pass --adapter FILE.")
     explainer = SelfExplainer(backend, config.replace(policy="fixed", generate="all"))
     layer = readable_input_layer(sae, backend, "the direction lens")
-    ids, table = centred_vocabulary(backend, layer, prepend_bos=sae_prepends_bos(sae))
+    ids, table = centred_vocabulary(vocabulary_residuals(backend, layer, prepend_bos=sae_prepends_bos(sae)))
     live = examples.live_features()
     first = live[: args.limit]
     sets = {"eval": first, "next": [f for f in live[len(first) :] if f < HELD_OUT_LATENTS][: args.limit]}

@@ -13,7 +13,13 @@ from sae_selfexplain_plugin.adapters import evaluation
 from sae_selfexplain_plugin.adapters.cli import main
 from sae_selfexplain_plugin.adapters.evaluation import Embedder, evaluate, feature_activations
 from sae_selfexplain_plugin.adapters.pipeline import load_model
-from sae_selfexplain_plugin.adapters.sae_lens import decoder_rows, lens_labels, load_sae_folder, vocabulary_labels
+from sae_selfexplain_plugin.adapters.sae_lens import (
+    decoder_rows,
+    lens_labels,
+    load_sae_folder,
+    probe_and_lens_labels,
+    vocabulary_labels,
+)
 
 from sae_selfexplain_plugin import AdapterMetadata, DirectionAdapter, SelfExplainConfig, SelfExplainer
 from sae_selfexplain_plugin.activation_examples import EXAMPLES_FILE, ActivationExamples
@@ -199,6 +205,8 @@ def test_vocabulary_probe_and_lens_need_an_sae_on_a_blocks_input(tiny_sae: Path)
             vocabulary_labels(sae, backend, [0])
         with pytest.raises(InputError, match="direction lens reads the residual"):
             lens_labels(sae, backend, [0])
+        with pytest.raises(InputError, match="vocabulary probe with the direction lens reads the residual"):
+            probe_and_lens_labels(sae, backend, [0])
 
 
 def test_direction_lens_is_the_cosine_with_centred_word_residuals(setup):
