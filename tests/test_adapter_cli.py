@@ -176,7 +176,8 @@ def test_fit_ceiling_script_fits_the_latents_it_is_then_scored_on(tiny_sae, tmp_
 
 def test_lens_anchored_script_scores_each_labeller_on_two_held_out_sets(tiny_sae, tmp_path, capsys):
     """scripts/lens_anchored.py (a diagnostic, docs/adapters.md): runs end to end on a tiny SAE and adapter and
-    prints the four labellers for both latent sets; its label join keeps distinct items in order."""
+    prints every labeller (the lens after further contexts too) for both latent sets; its label join keeps
+    distinct items in order."""
     script = load_script("lens_anchored")
     assert script.joined(["idea, Idea, ideas", "ideas, plan", "x"], 3) == "idea, ideas, plan"
     assert script.joined(["", ","], 3) == ""
@@ -189,8 +190,10 @@ def test_lens_anchored_script_scores_each_labeller_on_two_held_out_sets(tiny_sae
     adapter = tmp_path / "tiny.safetensors"
     DirectionAdapter(meta, init_scale=4.0).save(adapter)
     args = ["--sae", str(tiny_sae), "--model", str(backend_dir), "--adapter", str(adapter), "--template", "test-open"]
-    assert script.main([*args, "--layer", "1", "--limit", "3", "--anchors", "2", "--items", "3"]) == 0
+    options = ["--layer", "1", "--limit", "3", "--anchors", "2", "--items", "3", "--lens-contexts", " a| my"]
+    assert script.main([*args, *options]) == 0
     printed = capsys.readouterr().out
     assert "eval: 3 latents" in printed and "next: 3 latents" in printed
-    for labeller in ("adapter", "anchored", "direction lens k3", "direction lens k5"):
-        assert len(re.findall(rf"  {labeller} +act [01]\.\d{{3}}  AUROC", printed)) == 2
+    labellers = ["adapter", "anchored", "direction lens k3", "direction lens k5", "direction lens ' a'"]
+    for labeller in [*labellers, "direction lens ' my'", "direction lens, mean"]:
+        assert len(re.findall(rf"  {re.escape(labeller)} +act [01]\.\d{{3}}  AUROC", printed)) == 2
