@@ -92,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
             vocabulary_residuals(backend, layer, prepend_bos=sae_prepends_bos(sae), context=context)
         )
         assert torch.equal(context_ids, ids)  # the same word-start tokens whatever the context
-    mean_table = torch.stack(list(tables.values())).mean(0)  # its cosines are the mean over contexts
+    # unit rows, so a direction's cosines with this mean are the mean of its cosines over the contexts
+    mean_table = torch.stack(list(tables.values())).mean(0) if further else None
     live = examples.live_features()
     first = live[: args.limit]
     sets = {"eval": first, "next": [f for f in live[len(first) :] if f < HELD_OUT_LATENTS][: args.limit]}
@@ -115,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
             "direction lens k3": [probe_label(tokens[:3]) for tokens in lens5],
             "direction lens k5": [probe_label(tokens) for tokens in lens5],
         }
-        if further:
+        if mean_table is not None:
             for context in further:
                 lens = nearest_tokens(backend.tokenizer, ids, tables[context], rows, k=3)
                 labels[f"direction lens {context!r}"] = [probe_label(tokens) for tokens in lens]
