@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn, cast
+from typing import TYPE_CHECKING, Any, NoReturn, cast, overload
 
 from rich.console import Console
 from rich.markup import escape
@@ -54,7 +54,7 @@ from sae_selfexplain_plugin.word_recovery import (
 
 from .contexts import DEFAULT_TOKENS, examples_beside
 from .embedded import DEFAULT_MODEL, EMBEDDED_MODELS, get_embedded, load_backend
-from .neuronpedia import DEFAULT_HOST
+from .neuronpedia import DEFAULT_HOST, DEFAULT_TIMEOUT_S, MAX_TIMEOUT_S, redact_api_key
 from .transformers import TransformersBackend
 
 if TYPE_CHECKING:
@@ -133,10 +133,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     from .demo_sae import demo_examples, load_demo_sae
     from .evaluation import score_records
-    from .pipeline import explain_sae, parse_features, stored_records
+    from .pipeline import explain_sae, parse_features, store_key, stored_records
 
     sae, examples = load_demo_sae(), demo_examples()
-    sae_key = sae.cfg.metadata.neuronpedia_id
+    sae_key = store_key(sae, "demo")
     features = parse_features(args.features, sae.cfg.d_sae) if args.features else examples.live_features()[:16]
     config = SelfExplainConfig(
         scales=_scales(args.scales),
@@ -304,7 +304,10 @@ def cmd_explain(args: argparse.Namespace) -> int:
     except ImportError as e:
         raise SelfExplainError(f"`explain` needs SAELens ({e}): pip install 'sae-selfexplain[saelens]'.") from None
 
-    check_writable(args.out, "--out")
+    store_path = Path(args.store) if args.store else Path(args.out).with_suffix(".db")
+    check_writable(args.out, "--out", {"the results store": store_path, "--sae": args.sae})
+    if args.contexts:
+        check_writable(examples_beside(args.out), "--out's activation examples", {"--contexts": args.contexts})
     with _status(f"Loading SAE {args.sae}...", "loaded the SAE"):
         sae, sae_key = load_sae(args.sae, device=args.device or "cpu")
     features = parse_features(args.features, sae.cfg.d_sae) if args.features else list(range(sae.cfg.d_sae))
@@ -319,7 +322,6 @@ def cmd_explain(args: argparse.Namespace) -> int:
         keep_top=args.keep_top,
         metrics=args.metrics,
     )
-    store_path = Path(args.store) if args.store else Path(args.out).with_suffix(".db")
     store = ResultsStore(store_path)  # fail on an unwritable store before loading the model
     with _status("Loading the model...", "loaded the model"):
         backend = load_model(args.model, sae, args.device)
@@ -386,7 +388,7 @@ def _collect_contexts(sae: Any, backend: Any, corpus: str, out: Path, tokens: in
 def cmd_contexts(args: argparse.Namespace) -> int:
     from .pipeline import load_model, load_sae
 
-    check_writable(args.out, "--out")
+    check_writable(args.out, "--out", {"--corpus": args.corpus, "--sae": args.sae})
     sae, _ = load_sae(args.sae, device=args.device or "cpu")
     with _status("Loading the model...", "loaded the model"):
         backend = load_model(args.model, sae, args.device)
@@ -404,9 +406,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         layer=args.layer, template=args.template, scales=_scales(args.scales), max_new_tokens=args.max_new_tokens
     )
     if args.out:
-        check_writable(args.out, "--out")
-    sae, examples_path = _sae_and_examples_path(args)
-    examples = ActivationExamples.load(examples_path)
+        check_writable(args.out, "--out", {"--examples": args.examples, "--sae": args.sae})
+    sae, examples = _sae_and_examples(args)
     live = examples.live_features()
     features = parse_features(args.features, sae.cfg.d_sae) if args.features else live[: args.limit]
     embedder = None if args.no_embedding else Embedder()
@@ -442,17 +443,25 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _sae_and_examples_path(args: argparse.Namespace) -> tuple[Any, Path]:
-    """--sae (default: the demo SAE) and the path of its activation examples (--examples, default: in its
-    folder)."""
+@overload
+def _sae_and_examples(args: argparse.Namespace) -> tuple[Any, ActivationExamples]: ...
+@overload
+def _sae_and_examples(args: argparse.Namespace, required: bool) -> tuple[Any, ActivationExamples | None]: ...
+def _sae_and_examples(args: argparse.Namespace, required: bool = True) -> tuple[Any, ActivationExamples | None]:
+    """--sae (default: the demo SAE) and its activation examples (--examples, default: in its folder; None
+    when not `required` and there are none), refused if they were collected for another SAE."""
     from sae_selfexplain_plugin.activation_examples import EXAMPLES_FILE
 
     from .demo_sae import DEMO_SAE_DIR
     from .pipeline import load_sae
+    from .sae_lens import sae_identity
 
     folder = Path(args.sae) if args.sae else DEMO_SAE_DIR
     sae, _ = load_sae(str(folder))
-    return sae, Path(args.examples) if args.examples else folder / EXAMPLES_FILE
+    path = Path(args.examples) if args.examples else folder / EXAMPLES_FILE
+    if not required and not path.is_file():
+        return sae, None
+    return sae, _checked_examples(ActivationExamples.load(path), path, sae_identity(sae))
 
 
 def cmd_train_adapter(args: argparse.Namespace) -> int:
@@ -460,9 +469,9 @@ def cmd_train_adapter(args: argparse.Namespace) -> int:
     from .pipeline import load_model
     from .train_adapter import train_for_sae
 
-    sae, examples_path = _sae_and_examples_path(args)
-    examples = ActivationExamples.load(examples_path) if examples_path.is_file() else None
     out = Path(args.out)
+    check_writable(out, "--out", {"--examples": args.examples, "--sae": args.sae})
+    sae, examples = _sae_and_examples(args, required=False)
     checkpoint = out.with_suffix(out.suffix + ".ckpt")
     if checkpoint.exists() and not args.resume:
         raise SelfExplainError(f"{checkpoint} exists from an earlier run: pass --resume to continue it, or delete it.")
@@ -511,9 +520,8 @@ def cmd_sae_latent(args: argparse.Namespace) -> int:
     from .pipeline import load_model, parse_features
 
     if args.json:
-        check_writable(args.json, "--json")
-    sae, examples_path = _sae_and_examples_path(args)
-    examples = ActivationExamples.load(examples_path)
+        check_writable(args.json, "--json", {"--examples": args.examples, "--sae": args.sae})
+    sae, examples = _sae_and_examples(args)
     candidates = token_latents(examples, parse_features(args.latents, sae.cfg.d_sae), args.min_peaks)
     latents = candidates[: args.limit]
     config = SelfExplainConfig(
@@ -546,8 +554,12 @@ def cmd_sae_latent(args: argparse.Namespace) -> int:
 
 
 def cmd_dashboard(args: argparse.Namespace) -> int:
+    check_writable(args.out, "--out", {"the results": args.results, "--examples": args.examples})
     db = args.results.endswith(".db")
-    records = list(_read_records(None if db else args.results, args.results if db else None, args.sae_id))
+    records = list(
+        _read_records(None if db else args.results, args.results if db else None, args.sae_id, args.settings)
+    )
+    _check_one_run(records, args.results)
     examples = _examples(args.examples, None if db else args.results, records)
     page = write_dashboard(records, args.out, examples=examples, title=args.title)
     Console().print(f"{len(records)} features; dashboard: {page.resolve()}", markup=False)
@@ -559,18 +571,45 @@ def _examples(
 ) -> ActivationExamples | None:
     """Activation examples for a command's records: the file named (--examples), else the one `explain
     --contexts` wrote beside a results JSONL, else (given the records) the demo SAE's for demo results."""
-    if named:
-        return ActivationExamples.load(named)
-    if results and examples_beside(results).is_file():
-        return ActivationExamples.load(examples_beside(results))
+    path = Path(named) if named else examples_beside(results) if results else None
+    if path is not None and (named or path.is_file()):
+        examples = ActivationExamples.load(path)
+        return _checked_examples(examples, path, records[0].sae) if records else examples
     return None if records is None else _demo_examples_for(records)
 
 
-def _demo_examples_for(records: list[FeatureExplanations]) -> ActivationExamples | None:
-    """The demo SAE's examples when the records come from it (else None: no contexts shown)."""
-    from .demo_sae import demo_examples, load_demo_sae
+def _checked_examples(examples: ActivationExamples, path: Path, sae: dict[str, Any]) -> ActivationExamples:
+    """`examples`, refused when they were collected for another SAE than `sae` (an identity: records' `sae`
+    field, or adapters.sae_lens.sae_identity): by the weights' fingerprint where the file records one, else by
+    the number of features."""
+    from sae_selfexplain_plugin.identity import check_same_sae
 
-    if records and records[0].sae.get("neuronpedia_id") == load_demo_sae().cfg.metadata.neuronpedia_id:
+    fix = "pass the examples collected for this SAE (sae-selfexplain contexts --sae ... --out FILE)."
+    if examples.sae is not None:
+        check_same_sae(sae, examples.sae, f"the activation examples {path}", fix)
+    elif sae.get("d_sae") not in (None, examples.d_sae):
+        raise InputError(
+            f"the activation examples {path} cover {examples.d_sae} features, but the SAE has {sae['d_sae']}; {fix}"
+        )
+    return examples
+
+
+def _check_one_run(records: list[FeatureExplanations], where: str) -> None:
+    """Refuse results that mix SAEs or runs: their links, ids and examples would all be the first SAE's."""
+    from sae_selfexplain_plugin.identity import check_one_sae
+
+    check_one_sae(((r.sae, r.model_id, r.settings_hash) for r in records), where)
+
+
+def _demo_examples_for(records: list[FeatureExplanations]) -> ActivationExamples | None:
+    """The demo SAE's examples when the records come from it, judged by its weights where the records carry
+    their fingerprint (else None: no contexts shown)."""
+    from sae_selfexplain_plugin.identity import same_sae
+
+    from .demo_sae import demo_examples, load_demo_sae
+    from .sae_lens import sae_identity
+
+    if records and same_sae(sae_identity(load_demo_sae()), records[0].sae):
         return demo_examples()
     return None
 
@@ -590,11 +629,13 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _records(args: argparse.Namespace) -> Iterator[FeatureExplanations]:
-    return _read_records(args.results, args.store, args.sae_id)
+    return _read_records(args.results, args.store, args.sae_id, args.settings)
 
 
-def _read_records(results: str | None, store_path: str | None, sae_id: str | None) -> Iterator[FeatureExplanations]:
-    """Records from a results JSONL (ours), else from a results store."""
+def _read_records(
+    results: str | None, store_path: str | None, sae_id: str | None, settings: str | None = None
+) -> Iterator[FeatureExplanations]:
+    """Records from a results JSONL (ours), else from a results store (optionally one SAE's, one run's)."""
     if results:
         from sae_selfexplain_plugin.formats import read_documents
 
@@ -606,7 +647,7 @@ def _read_records(results: str | None, store_path: str | None, sae_id: str | Non
         if store_path is None or not Path(store_path).is_file():
             raise SelfExplainError(f"no results store at {store_path}; pass --results FILE or --store FILE.db.")
         with ResultsStore(store_path, read_only=True) as store:
-            for _, record in store.records(sae_id=sae_id):
+            for _, record in store.records(sae_id=sae_id, settings_hash=settings):
                 yield record
 
 
@@ -615,13 +656,25 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     if bool(args.results) == bool(args.store):
         raise SelfExplainError("pass exactly one of --results FILE.jsonl or --store FILE.db.")
+    if args.format == "jsonl":
+        check_writable(args.out, "--out", {"--results": args.results, "--store": args.store})
     if args.format == "neuronpedia":
-        examples = _examples(args.examples, args.results, None)
+        records = list(_records(args))
+        _check_one_run(records, args.results or args.store)
+        examples = _examples(args.examples, args.results, records)  # as upload: beside the results, or the demo's
         summary = export.export_neuronpedia(
-            _records(args), args.out, author_id=args.author_id or "", model_layers=args.model_layers,
-            model_id=args.model_id, source_id=args.source_id, type_name=args.type_name,
-            explanation_model_name=args.explanation_model_name, examples=examples,
+            records, args.out, author_id=args.author_id or "",
+            model_layers=args.model_layers or _model_blocks(records), model_id=args.model_id,
+            source_id=args.source_id, type_name=args.type_name, explanation_model_name=args.explanation_model_name,
+            examples=examples, visibility=args.visibility,
         )  # fmt: skip
+        if summary.written:
+            Console(soft_wrap=True).print(
+                f"{'with' if examples else 'without'} activation examples; visibility {args.visibility.upper()}. "
+                f"Before importing (docs/pipeline.md), create the author's User row once: psql "
+                f'"$POSTGRES_URL_NON_POOLING" -f {Path(args.out) / export.AUTHOR_SQL}',
+                markup=False, highlight=False,
+            )  # fmt: skip
     elif args.format == "neuron-explainer":
         if args.layer_index is None:
             raise SelfExplainError("--format neuron-explainer needs --layer-index (the SAE's layer).")
@@ -637,17 +690,58 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_blocks(records: list[FeatureExplanations]) -> int | None:
+    """The number of blocks of the records' model (the SAE's `model_name`, else the explaining model), when known
+    offline: from a checkpoint folder's config.json, an embedded model's, or a Hugging Face cache entry's; else
+    None (export then asks for --model-layers)."""
+    from sae_selfexplain_plugin.results import short_model_name
+
+    names = [str(n) for n in (records[0].sae.get("model_name"), records[0].model_id) if n] if records else []
+    for name in names:
+        if not Path(name).is_dir():
+            embedded = [
+                s for s in EMBEDDED_MODELS.values() if short_model_name(name) in {s.name, short_model_name(s.hf_id)}
+            ]
+            if embedded:
+                return embedded[0].n_layers
+        try:
+            from transformers import AutoConfig
+
+            config = AutoConfig.from_pretrained(name, local_files_only=True)
+        except Exception:  # a probe: neither a checkpoint folder nor in the local cache
+            continue
+        config = getattr(config, "text_config", None) or config
+        blocks = getattr(config, "num_hidden_layers", None)
+        if isinstance(blocks, int) and blocks > 0:
+            return blocks
+    return None
+
+
+def _timeout(text: str) -> float:
+    """An argparse type: seconds above 0 and at most MAX_TIMEOUT_S (so never NaN or inf)."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = float("nan")
+    if not 0 < seconds <= MAX_TIMEOUT_S:
+        raise argparse.ArgumentTypeError(f"expected seconds above 0 and at most {MAX_TIMEOUT_S:g}, got {text!r}")
+    return seconds
+
+
 def cmd_upload(args: argparse.Namespace) -> int:
+    import os
+
     from sae_selfexplain_plugin.formats import neuronpedia_ids
     from sae_selfexplain_plugin.store import ResultsStore
 
-    from .neuronpedia import MODEL_NAME_REFUSED, check_host, upload
+    from .neuronpedia import API_KEY_ENV, MODEL_NAME_REFUSED, api_key_from_env, check_host, upload
 
     if bool(args.results) == bool(args.store):
         raise SelfExplainError("pass exactly one of --results FILE.jsonl or --store FILE.db.")
     records = list(_records(args))
     if not records:
         raise SelfExplainError("no results to upload.")
+    _check_one_run(records, args.results or args.store)  # before --create-source: all would go to one source
     host = check_host(args.host, args.allow_http)
     if args.model_name:
         raise InputError(MODEL_NAME_REFUSED)
@@ -657,6 +751,8 @@ def cmd_upload(args: argparse.Namespace) -> int:
             "6-selfexplain-demo), since Neuronpedia accepts uploads only to your own source sets; create one with "
             "POST /api/model/new (your model) and POST /api/source-set/new (docs/pipeline.md)."
         )
+    if not args.dry_run and os.environ.get(API_KEY_ENV, "").strip():
+        api_key_from_env()  # a key that cannot be a header fails here, before any work (a missing one when needed)
     model_id, source = neuronpedia_ids(records[0], args.model_id, args.source)
     examples = _examples(args.examples, args.results, records)
     if examples is None:
@@ -674,12 +770,12 @@ def cmd_upload(args: argparse.Namespace) -> int:
         if args.dry_run:
             console.print(f"dry run: would create the source set of {source} on {model_id}", markup=False)
         else:
-            created = create_source_set(model_id, source, host=host, allow_http=args.allow_http)
+            created = create_source_set(model_id, source, host=host, allow_http=args.allow_http, timeout_s=args.timeout)
             console.print(f"{'created' if created else 'found'} the source set of {source} on {model_id}", markup=False)
     with ResultsStore(ledger_at, read_only=args.dry_run and ledger_at != Path(":memory:")) as ledger:
         summary = upload(
             records, model_id=model_id, source=source, ledger=ledger, host=host, allow_http=args.allow_http,
-            method_name=args.method_name, examples=examples, dry_run=args.dry_run,
+            method_name=args.method_name, examples=examples, dry_run=args.dry_run, timeout_s=args.timeout,
             log=lambda m: console.print(m, soft_wrap=True, markup=False, highlight=False),
         )  # fmt: skip
     verb = "would send" if args.dry_run else "sent"
@@ -696,6 +792,7 @@ def _add_results_source(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--results", help="a results JSONL written by `explain`")
     parser.add_argument("--store", help="a results store (.db)")
     parser.add_argument("--sae-id", help="with --store: only this SAE (its neuronpedia_id or path)")
+    parser.add_argument("--settings", help="with --store: only the run with this settings hash")
 
 
 def _add_policy_options(
@@ -864,7 +961,7 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     tr.add_argument("--layer", type=int, default=SelfExplainConfig().layer, help="injection block")
     tr.add_argument("--template", help="prompt template (default: from the tokenizer)")
-    tr.add_argument("--words", type=int, default=DEFAULT_WORDS, help="vocabulary words to train on (%(default)s)")
+    tr.add_argument("--words", type=_positive, default=DEFAULT_WORDS, help="vocabulary words to train on (%(default)s)")
     tr.add_argument(
         "--latent-labels", choices=LATENT_LABELS, default=LATENT_LABELS[0],
         help="label each training latent with its top peak tokens, or train only on token features with their word",
@@ -886,6 +983,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--examples", help="activation examples file, for top contexts (default: the demo SAE's if it is that SAE)"
     )
     da.add_argument("--sae-id", help="with a .db: only this SAE (its neuronpedia_id or path)")
+    da.add_argument("--settings", help="with a .db: only the run with this settings hash")
     da.add_argument("--title", help="page title")
     da.set_defaults(func=cmd_dashboard)
 
@@ -901,8 +999,16 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--model-id", help="Neuronpedia model id (default: from the SAE's neuronpedia_id)")
     exp.add_argument("--source-id", help="Neuronpedia source id, e.g. 6-res-jb (default: from neuronpedia_id)")
     exp.add_argument("--author-id", help="neuronpedia: the Neuronpedia user id the explanations belong to (required)")
-    exp.add_argument("--model-layers", type=_positive, help="neuronpedia: the explained model's number of blocks")
-    exp.add_argument("--examples", help="neuronpedia: activation examples for density and max activation")
+    exp.add_argument(
+        "--model-layers", type=_positive, help="neuronpedia: the SAE's model's number of blocks (default: when known)"
+    )
+    exp.add_argument(
+        "--visibility", choices=["public", "unlisted", "private"], default="public",
+        help="neuronpedia: of the model, source set and source rows (default: %(default)s)",
+    )  # fmt: skip
+    exp.add_argument(
+        "--examples", help="neuronpedia: activation examples (top contexts, density; default: as upload finds them)"
+    )
     exp.add_argument("--type-name", help="neuronpedia: an explanation type Neuronpedia knows (default: none)")
     exp.add_argument("--explanation-model-name", help="neuronpedia: an explanation model it knows (default: none)")
     exp.add_argument("--layer-index", type=int, help="neuron-explainer layer_index")
@@ -924,6 +1030,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--examples", help="activation examples (top contexts, density) to upload (default: beside --results)"
     )
     up.add_argument("--dry-run", action="store_true", help="print what would be sent; send nothing")
+    up.add_argument(
+        "--timeout", type=_timeout, default=DEFAULT_TIMEOUT_S,
+        help="seconds to wait for each answer; a server silent twice is given up on (default: %(default)g)",
+    )  # fmt: skip
     up.set_defaults(func=cmd_upload)
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
@@ -970,27 +1080,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
+    # Every message below passes through redact_api_key: an exception may quote NEURONPEDIA_API_KEY's value.
     except Interrupted as e:
-        console.print(f"[bold yellow]{escape(str(e))}[/bold yellow]", soft_wrap=True, highlight=False)
+        console.print(f"[bold yellow]{escape(redact_api_key(str(e)))}[/bold yellow]", soft_wrap=True, highlight=False)
         return 130
     except KeyboardInterrupt:
         console.print("[bold yellow]interrupted[/bold yellow]", highlight=False)
         return 130
     except SelfExplainError as e:  # bad input, or a service that refused: one line, naming the fix
         if args.debug:
-            console.print_exception()
-        console.print(f"[bold red]error:[/bold red] {escape(str(e))}", soft_wrap=True, highlight=False)
+            _print_traceback(e)
+        console.print(f"[bold red]error:[/bold red] {escape(redact_api_key(str(e)))}", soft_wrap=True, highlight=False)
         return 2
     except Exception as e:  # a bug: say so in one line; --debug shows where
         if args.debug:
-            raise
+            _print_traceback(e)
+            return 1
         console.print(
-            f"[bold red]internal error:[/bold red] {escape(type(e).__name__)}: {escape(str(e)[:300])}. "
+            f"[bold red]internal error:[/bold red] {escape(type(e).__name__)}: {escape(redact_api_key(str(e))[:300])}. "
             "This is a bug in sae-selfexplain: rerun with --debug and report the traceback.",
             soft_wrap=True,
             highlight=False,
         )
         return 1
+
+
+def _print_traceback(error: BaseException) -> None:
+    """--debug's traceback, plain (a pretty one wraps long lines, which could split a key past redaction)."""
+    import sys
+    import traceback
+
+    sys.stderr.write(redact_api_key("".join(traceback.format_exception(error))))
 
 
 if __name__ == "__main__":

@@ -4,12 +4,14 @@ keep each feature's strongest contexts, random non-activating ones and its firin
 
 The corpus is a text file (documents separated by blank lines), a folder of such files, or a JSONL file
 of texts (`"text"` fields, or bare strings). The run is resumable: every `checkpoint_rows` rows the
-collector's state and the number of rows done are saved beside the output (`OUT.partial`); `resume=True`
-continues from there, skipping the rows already seen.
+collector's state and the number of rows done are saved beside the output (`OUT.partial`, safetensors with
+JSON: the SAE, settings and a hash of the rows read, all checked); `resume=True` continues from there,
+skipping the rows already seen.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,8 +20,10 @@ import torch
 
 from sae_selfexplain_plugin.activation_examples import ActivationExamples, ExampleCollector
 from sae_selfexplain_plugin.backend import Backend
+from sae_selfexplain_plugin.checkpoint import check_fields, load_checkpoint, save_checkpoint
 from sae_selfexplain_plugin.errors import InputError
-from sae_selfexplain_plugin.files import atomic_writer, parse_json
+from sae_selfexplain_plugin.files import capped_lines, parse_json
+from sae_selfexplain_plugin.identity import sae_name
 
 if TYPE_CHECKING:  # sae_lens is slow to import: only the collecting itself needs it
     from sae_lens import SAE
@@ -43,7 +47,7 @@ def corpus_texts(spec: str | Path) -> Iterator[str]:
     try:
         with path.open(encoding="utf-8") as f:
             if path.suffix == ".jsonl":
-                for n, line in enumerate(f, start=1):
+                for n, line in capped_lines(f, f"--corpus {path}"):
                     if line.strip():
                         doc = parse_json(line, f"{path} line {n}")
                         text = doc.get("text") if isinstance(doc, dict) else doc
@@ -82,7 +86,7 @@ def collect_contexts(
     progress: Callable[[int], None] | None = None,
 ) -> ActivationExamples:
     """Stream `texts` (up to `max_tokens` tokens) and save each feature's activation examples to `out`."""
-    from .sae_lens import readable_input_layer, sae_prepends_bos
+    from .sae_lens import readable_input_layer, sae_identity, sae_prepends_bos
 
     layer = readable_input_layer(sae, backend, "collecting activation examples")
     tok = backend.tokenizer
@@ -90,56 +94,125 @@ def collect_contexts(
     skip = 1 if bos is not None else 0
     partial = Path(f"{out}.partial")
     collector = ExampleCollector(sae.cfg.d_sae)
-    done = 0
-    if resume and partial.exists():
-        state = torch.load(partial, weights_only=False)
-        collector.__dict__.update(state["collector"])
-        collector._g.set_state(state["generator"])
-        done = int(state["rows"])
-    rows = token_rows(texts, tok, context, bos)
     wanted = max(1, max_tokens // context)
-    seen, batch = 0, []
-    for row in rows:
+    # what a checkpoint must have been made from to be continued (the corpus is checked by its rows, below)
+    run = {
+        "sae": sae_identity(sae),
+        "settings": {"model": backend.model_id, "context": context, "bos": bos, "collector": collector.settings()},
+    }
+    done, corpus_hash = _resume(partial, collector, run, wanted, context) if resume and partial.exists() else (0, "")
+    corpus = hashlib.sha256()  # of every row read, so that a resume can check it reads the same corpus
+    seen, batch, before, previous = 0, [], [], torch.zeros(0, dtype=torch.long)
+    for row in token_rows(texts, tok, context, bos):
         if seen >= wanted:
             break
         seen += 1
+        corpus.update(row.to(torch.int64).numpy().tobytes())
+        body_before, previous = previous[-collector.left :], row[skip:]
         if seen <= done:  # resuming: these rows are in the checkpoint
+            if seen == done and corpus.hexdigest() != corpus_hash:
+                raise InputError(
+                    f"{partial}: field 'corpus_rows_sha256' does not match the first {done} rows of this corpus: "
+                    f"the checkpoint was made from other text; {_fix(partial)}"
+                )
             continue
         batch.append(row)
+        before.append(body_before)
         if len(batch) == batch_size or seen == wanted:
-            _add(collector, sae, backend, torch.stack(batch), layer, skip)
+            _add(collector, sae, backend, torch.stack(batch), _left_padded(before, collector.left), layer, skip)
             if progress is not None:
                 progress(len(batch) * context)
-            batch = []
+            batch, before = [], []
             if seen // checkpoint_rows > (seen - batch_size) // checkpoint_rows:
-                _checkpoint(partial, collector, seen)
+                _checkpoint(partial, collector, {**run, "rows": seen, "corpus_rows_sha256": corpus.hexdigest()})
     if batch:
-        _add(collector, sae, backend, torch.stack(batch), layer, skip)
+        _add(collector, sae, backend, torch.stack(batch), _left_padded(before, collector.left), layer, skip)
         if progress is not None:
             progress(len(batch) * context)
+    if seen < done:
+        raise InputError(
+            f"{partial}: field 'rows' is {done} (rows of {context} tokens already read), but this corpus gives only "
+            f"{seen}: the checkpoint was made from other text; {_fix(partial)}"
+        )
     if seen == 0 or not collector.pool_tokens:
         raise InputError(f"the corpus has fewer than {context} tokens: too short for one row of context.")
-    examples = collector.finish(lambda i: tok.decode([i]))
+    examples = finished_examples(collector, tok, run["sae"])
     examples.save(out)
     partial.unlink(missing_ok=True)
     return examples
 
 
+def finished_examples(collector: ExampleCollector, tokenizer: Any, sae: dict[str, Any]) -> ActivationExamples:
+    """The collected examples of the SAE `sae` (an identity, `sae_lens.sae_identity`), with each window's
+    tokens decoded as the text they cover (multi-byte characters whole)."""
+    return collector.finish(
+        lambda i: tokenizer.decode([i], clean_up_tokenization_spaces=False),
+        lambda ids: tokenizer.decode(ids, clean_up_tokenization_spaces=False),
+    ).with_sae(sae)
+
+
+def _fix(partial: Path) -> str:
+    return f"delete {partial} or rerun without --resume to start over."
+
+
+def _resume(
+    partial: Path, collector: ExampleCollector, run: dict[str, Any], wanted: int, context: int
+) -> tuple[int, str]:
+    """Load checkpoint `partial` into `collector` after checking it was made by this run: (rows done, hash of
+    their tokens)."""
+    fix = _fix(partial)
+    tensors, info = load_checkpoint(partial, "contexts", fix)
+    saved_sae = info.get("sae")
+    if not isinstance(saved_sae, dict) or saved_sae.get("fingerprint") != run["sae"]["fingerprint"]:
+        name = sae_name(saved_sae) if isinstance(saved_sae, dict) else repr(saved_sae)
+        raise InputError(f"{partial}: field 'sae' is {name}, not this run's {sae_name(run['sae'])}; {fix}")
+    check_fields(partial, "sae.d_sae", saved_sae.get("d_sae"), run["sae"]["d_sae"], fix)
+    check_fields(partial, "settings", info.get("settings"), run["settings"], fix)
+    rows, n_tokens, corpus_hash = info.get("rows"), info.get("n_tokens"), info.get("corpus_rows_sha256")
+    for field, value in (("rows", rows), ("n_tokens", n_tokens)):
+        if type(value) is not int or value < 0:
+            raise InputError(f"{partial}: field {field!r} must be a whole number, got {value!r}; {fix}")
+    if not isinstance(corpus_hash, str):
+        raise InputError(f"{partial}: field 'corpus_rows_sha256' is missing; {fix}")
+    assert isinstance(rows, int) and isinstance(n_tokens, int)
+    if rows > wanted:
+        raise InputError(
+            f"{partial}: field 'rows' is {rows}: the checkpoint has read {rows * context:,} tokens, more than this "
+            f"run's {wanted * context:,} (--tokens); pass --tokens {rows * context} or more to continue it, or "
+            f"{fix}"
+        )
+    collector.restore(tensors, n_tokens, partial, fix)
+    return rows, corpus_hash
+
+
+def _left_padded(before: list[torch.Tensor], n: int) -> torch.Tensor:
+    """[B, n] ids of the tokens before each row, -1 where the text has none."""
+    out = torch.full((len(before), n), -1, dtype=torch.long)
+    for r, ids in enumerate(before):
+        if len(ids):
+            out[r, n - len(ids) :] = ids
+    return out
+
+
 @torch.no_grad()
 def _add(
-    collector: ExampleCollector, sae: SAE[Any], backend: Backend, ids: torch.Tensor, layer: int, skip: int
+    collector: ExampleCollector,
+    sae: SAE[Any],
+    backend: Backend,
+    ids: torch.Tensor,
+    before: torch.Tensor,
+    layer: int,
+    skip: int,
 ) -> None:
     from .sae_lens import encode_residual
 
     resid = backend.residual(ids, torch.ones_like(ids), layer)[:, skip:]
     acts = encode_residual(sae, resid).float().cpu()
-    collector.add(ids[:, skip:], acts)
+    collector.add(ids[:, skip:], acts, before)
 
 
-def _checkpoint(partial: Path, collector: ExampleCollector, rows: int) -> None:
-    state = {k: v for k, v in collector.__dict__.items() if k != "_g"}
-    with atomic_writer(partial, "wb") as f:
-        torch.save({"collector": state, "generator": collector._g.get_state(), "rows": rows}, f)
+def _checkpoint(partial: Path, collector: ExampleCollector, info: dict[str, Any]) -> None:
+    save_checkpoint(partial, "contexts", collector.state(), {**info, "n_tokens": collector.n_tokens})
 
 
 def examples_beside(results: str | Path) -> Path:

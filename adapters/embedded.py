@@ -54,6 +54,7 @@ class EmbeddedModel:
     chat: bool
     locate_gguf: Callable[[Path], Path]
     cache_key: str
+    n_layers: int  # blocks (num_hidden_layers): known before the weights are built, e.g. for an export
 
     def convert(self, workdir: Path, out: Path) -> None:
         """Dequantize the GGUF into an fp32 transformers checkpoint at `out`."""
@@ -101,6 +102,7 @@ GEMMA = EmbeddedModel(
     chat=False,
     locate_gguf=_gemma_gguf,
     cache_key="gemma-3-270m-q4_k_m-a5fd3b62",
+    n_layers=18,
 )
 SMOLLM2 = EmbeddedModel(
     name="smollm2-135m-instruct",
@@ -110,6 +112,7 @@ SMOLLM2 = EmbeddedModel(
     chat=True,
     locate_gguf=_smollm_gguf,
     cache_key="smollm2-135m-instruct-q4_1-0.1.2",
+    n_layers=30,
 )
 EMBEDDED_MODELS: dict[str, EmbeddedModel] = {m.name: m for m in (GEMMA, SMOLLM2)}
 DEFAULT_MODEL = SMOLLM2.name  # better on the word-recovery benchmark's cross-layer case; docs/models.md

@@ -10,10 +10,13 @@ remembers what was sent. The API key is read from NEURONPEDIA_API_KEY and never 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import http.client
 import json
 import os
 import re
+import ssl
 import time
 import urllib.error
 import urllib.parse
@@ -26,6 +29,7 @@ from sae_selfexplain_plugin.activation_examples import ActivationExamples, Featu
 from sae_selfexplain_plugin.errors import SelfExplainError
 from sae_selfexplain_plugin.files import to_json
 from sae_selfexplain_plugin.formats import cut_utf16, validate
+from sae_selfexplain_plugin.identity import check_one_sae
 from sae_selfexplain_plugin.results import FeatureExplanations
 from sae_selfexplain_plugin.store import ResultsStore
 
@@ -35,6 +39,13 @@ MAX_BATCH = 128
 # Answers a retry can fix. Not 500: Neuronpedia answers a bare 500 to requests that can never succeed (a
 # source set that is not yours, an unknown method name: route.tsx throws, api-error.ts hides why).
 _RETRY_STATUS = {429, 502, 503, 504}
+DEFAULT_TIMEOUT_S = 60.0  # per request: connecting, and each wait for the answer's bytes
+MAX_TIMEOUT_S = 600.0
+# A server that lets --timeout pass this many times is given up on (more tries only multiply the wait), and
+# a Retry-After above MAX_WAIT_S is reported rather than slept: a batch's total time stays bounded.
+_SILENT_TRIES = 2
+MAX_WAIT_S = 120.0
+_MAX_ANSWER = 1 << 20
 _CAUSES_OF_500 = (
     "Neuronpedia answered 500 (it does not say why). Its upload route fails this way when the source set does not "
     "exist or was not created by you (create one: POST /api/source-set/new, then pass --source), when --method-name "
@@ -99,7 +110,45 @@ def api_key_from_env() -> str:
     key = os.environ.get(API_KEY_ENV, "").strip()
     if not key:
         raise UploadError(f"no API key: set {API_KEY_ENV} (Neuronpedia > account > API key).")
+    return check_api_key(key)
+
+
+def check_api_key(key: str) -> str:
+    """The key, if it can travel in a header: printable ASCII, no spaces. Checked before any use, since
+    http.client's own refusal of a line break quotes the whole value, and the error never shows the key."""
+    for position, char in enumerate(key, 1):
+        if not "!" <= char <= "~":
+            kind = (
+                "a line break" if char in "\r\n"
+                else "a space or control character" if char.isascii()
+                else "a non-ASCII character"
+            )  # fmt: skip
+            raise UploadError(
+                f"the API key ({API_KEY_ENV}) holds {kind} at position {position}; a key is printable ASCII with "
+                "no spaces: copy it again from Neuronpedia > Settings, with nothing around it."
+            )
     return key
+
+
+def secret_forms(secret: str) -> list[str]:
+    """Every way `secret` can show up in a message, longest first: as is, stripped, escaped as in a str,
+    bytes or JSON repr (http.client quotes a header as bytes), and each piece between its whitespace or
+    control characters (a message may split the value there). Not forms under 4 characters: replacing
+    every "k" of a message garbles it and hides nothing."""
+    forms = {secret, secret.strip(), repr(secret)[1:-1], json.dumps(secret)[1:-1]}
+    for encoding in ("utf-8", "latin-1"):
+        with contextlib.suppress(UnicodeEncodeError):  # a lone surrogate, or beyond latin-1
+            forms.add(repr(secret.encode(encoding))[2:-1])
+    forms.update(re.split(r"[\s\x00-\x1f\x7f]+", secret))
+    return sorted((f for f in forms if len(f) >= 4), key=len, reverse=True)
+
+
+def redact_api_key(text: str, key: str | None = None) -> str:
+    """`text` with every form of the API key (`key`, else NEURONPEDIA_API_KEY's raw value) replaced by ***.
+    Redact before cutting a message short, or a cut key's prefix survives."""
+    for form in secret_forms(os.environ.get(API_KEY_ENV, "") if key is None else key):
+        text = text.replace(form, "***")
+    return text
 
 
 def _text_sha(text: str) -> str:
@@ -144,7 +193,7 @@ class _Redactor:
         self.secret = secret
 
     def __call__(self, text: str) -> str:
-        return text.replace(self.secret, "***") if self.secret else text
+        return redact_api_key(text, self.secret)
 
 
 def upload(
@@ -161,14 +210,21 @@ def upload(
     dry_run: bool = False,
     max_retries: int = 5,
     backoff_s: float = 1.0,
-    timeout_s: float = 60.0,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
     log: Callable[[str], None] = print,
     sleep: Callable[[float], None] = time.sleep,
 ) -> UploadSummary:
     """Upload every record not yet in the ledger, in batches of at most 128 features. A batch counts as
     uploaded (and enters the ledger) only when the server answers with the JSON Neuronpedia sends on
-    success. `host` must be https (see check_host); redirects are never followed."""
+    success. `host` must be https (see check_host); redirects are never followed. Records of more than one
+    SAE or run are refused before anything is sent: they would all land in one source."""
     host = check_host(host, allow_http)
+    if not 0 < timeout_s <= MAX_TIMEOUT_S:  # also refuses NaN
+        raise UploadError(f"timeout {timeout_s!r} s: pass seconds above 0 and at most {MAX_TIMEOUT_S:g}.")
+    if max_retries < 0:  # no try at all would mark every batch as uploaded
+        raise UploadError(f"max_retries {max_retries}: pass 0 or more.")
+    records = list(records)
+    check_one_sae(((r.sae, r.model_id, r.settings_hash) for r in records), "the results to upload")
     model_id, source = model_id.lower(), source.lower()  # Neuronpedia lowercases both
     done = ledger.uploaded(host, model_id, source)
     summary = UploadSummary()
@@ -183,7 +239,7 @@ def upload(
             summary.already += 1
             continue
         pending.append((payload, sha))
-    key = "" if dry_run or not pending else (api_key or api_key_from_env())
+    key = "" if dry_run or not pending else check_api_key(api_key or api_key_from_env())
     redact = _Redactor(key)
     for start in range(0, len(pending), MAX_BATCH):
         batch = pending[start : start + MAX_BATCH]
@@ -216,19 +272,20 @@ def _post(
 ) -> None:
     first = body["features"][0]["index"]
     request = _json_request(host, "/api/feature/upload-batch", body, key)  # serialized once, sent per try
+    silent = 0
     for attempt in range(max_retries + 1):
         try:
             with _OPENER.open(request, timeout=timeout_s) as response:
-                answer = response.read(1 << 20)
+                answer = response.read(_MAX_ANSWER)
                 if _accepted(response.status, answer):
                     return
                 raise UploadError(
                     f"unexpected answer to the batch starting at feature {first} (HTTP {response.status}: "
-                    f"{redact(answer[:200].decode('utf-8', 'replace'))!r}); is --host a Neuronpedia server? "
+                    f"{redact(answer.decode('utf-8', 'replace'))[:200]!r}); is --host a Neuronpedia server? "
                     "Nothing of this batch was marked as uploaded."
                 )
         except urllib.error.HTTPError as e:
-            message = redact(e.read().decode("utf-8", "replace")[:300])
+            message = redact(e.read(_MAX_ANSWER).decode("utf-8", "replace"))[:300]
             if e.code == 500:
                 raise UploadError(f"the batch starting at feature {first} failed: {_CAUSES_OF_500}") from None
             if 300 <= e.code < 400:
@@ -245,12 +302,43 @@ def _post(
                     f"upload of the batch starting at feature {first} failed: HTTP {e.code} {message}"
                 ) from None
             wait = _retry_after(e.headers.get("Retry-After"), backoff_s * 2**attempt)
-        except (urllib.error.URLError, TimeoutError) as e:
-            if attempt == max_retries:
-                raise UploadError(f"cannot reach {host} ({redact(str(e))}) after {max_retries + 1} tries.") from None
+            if wait > MAX_WAIT_S:
+                raise UploadError(
+                    f"{host} asks to wait {wait:.0f} s (HTTP {e.code}, Retry-After) before the batch starting at "
+                    f"feature {first}; rerun later: the ledger skips the batches already sent."
+                ) from None
+        except (OSError, http.client.HTTPException) as e:
+            # refused, reset or closed before an answer, a timeout, a malformed answer: a retry may succeed (as
+            # after a 502-504, the server may have stored the batch already; the ledger cannot know)
+            reason = e.reason if isinstance(e, urllib.error.URLError) else e
+            if isinstance(reason, ssl.SSLCertVerificationError):
+                raise UploadError(
+                    f"{host}'s TLS certificate is not valid ({redact(str(reason))}); check --host."
+                ) from None
+            silent += isinstance(reason, TimeoutError)
+            if attempt == max_retries or silent == _SILENT_TRIES:
+                what, fix = _unreachable(reason, timeout_s, redact)
+                tries = f"{attempt + 1} {'try' if attempt == 0 else 'tries'}"
+                raise UploadError(
+                    f"{host} {what} ({tries}): nothing of the batch starting at feature {first} was marked as "
+                    f"uploaded. Fix: {fix}; a rerun skips the batches already sent."
+                ) from None
             wait = backoff_s * 2**attempt
         log(f"batch starting at feature {first}: retrying in {wait:.1f}s (try {attempt + 2} of {max_retries + 1})")
         sleep(wait)
+
+
+def _unreachable(reason: object, timeout_s: float, redact: _Redactor) -> tuple[str, str]:
+    """What the network did to a request that got no answer, and the fix."""
+    if isinstance(reason, TimeoutError):
+        return f"did not answer within {timeout_s:g} s (--timeout)", "check that it is up, or raise --timeout"
+    if isinstance(reason, http.client.RemoteDisconnected):
+        return "closed the connection without answering", "check that it is up, then rerun"
+    if isinstance(reason, ConnectionResetError):
+        return "reset the connection", "check that it is up, then rerun"
+    if isinstance(reason, http.client.HTTPException):
+        return f"sent a malformed answer ({type(reason).__name__})", "check that --host is a Neuronpedia server"
+    return f"cannot be reached ({redact(str(reason))[:200]})", "check --host and your network, then rerun"
 
 
 def _json_request(host: str, path: str, body: dict[str, Any], key: str) -> urllib.request.Request:
@@ -263,9 +351,10 @@ def _json_request(host: str, path: str, body: dict[str, Any], key: str) -> urlli
 
 def _retry_after(header: str | None, default: float) -> float:
     try:
-        return max(0.0, float(header)) if header is not None else default
+        wait = float(header) if header is not None else default
     except ValueError:
         return default
+    return max(0.0, wait) if wait == wait else default  # NaN: the default; inf: above MAX_WAIT_S, reported
 
 
 SET_NAME = re.compile(r"^[a-z][a-z0-9-]*[a-z0-9]$|^[a-z0-9]$")  # source-set/new/route.tsx's rule
@@ -279,7 +368,7 @@ def create_source_set(
     host: str = DEFAULT_HOST,
     allow_http: bool = False,
     description: str = "self-explanations (sae-selfexplain)",
-    timeout_s: float = 60.0,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
 ) -> bool:
     """Create the source set that `source` ("15-my-set") belongs to, through `POST /api/source-set/new`;
     Neuronpedia then has one source per layer, `{layer}-{set}`. True if created, False if it existed."""
@@ -290,15 +379,16 @@ def create_source_set(
             f"--source {source!r} is not LAYER-SETNAME with a set name Neuronpedia accepts (lower-case letters, "
             "digits and single hyphens, e.g. 15-selfexplain-res-4k)."
         )
-    key = api_key or api_key_from_env()
+    key = check_api_key(api_key or api_key_from_env())
+    redact = _Redactor(key)
     body = {"modelId": model_id.lower(), "name": name, "description": description[:128]}
     request = _json_request(host, "/api/source-set/new", body, key)
     try:
         with _OPENER.open(request, timeout=timeout_s) as response:
-            response.read()
+            response.read(_MAX_ANSWER)
             return True
     except urllib.error.HTTPError as e:
-        message = _Redactor(key)(e.read().decode("utf-8", "replace")[:300])
+        message = redact(e.read(_MAX_ANSWER).decode("utf-8", "replace"))[:300]
         if e.code == 400 and "already exists" in message:
             return False
         if e.code == 400 and "Model not found" in message:
@@ -309,5 +399,7 @@ def create_source_set(
         if e.code in (401, 403):
             raise UploadError(f"Neuronpedia refused the API key ({e.code}); check {API_KEY_ENV}.") from None
         raise UploadError(f"creating the source set {name!r} failed: HTTP {e.code} {message}") from None
-    except (urllib.error.URLError, TimeoutError) as e:
-        raise UploadError(f"cannot reach {host} ({e}).") from None
+    except (OSError, http.client.HTTPException) as e:  # one try: a rerun finds a set that was created
+        reason = e.reason if isinstance(e, urllib.error.URLError) else e
+        what, fix = _unreachable(reason, timeout_s, redact)
+        raise UploadError(f"creating the source set {name!r} failed: {host} {what}. Fix: {fix}.") from None

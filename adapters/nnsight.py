@@ -32,7 +32,7 @@ from sae_selfexplain_plugin.decoding import finish_rows, word_tokens
 from sae_selfexplain_plugin.errors import InputError, SelfExplainError
 from sae_selfexplain_plugin.ops import ban_generated, mark_generated, patch_residual
 
-from .transformers import attribute_path, decoder_layers_path, eos_token_ids
+from .transformers import attribute_path, config_context_length, decoder_layers_path, eos_token_ids
 
 nnsight.register(trace_ops)  # NDIF has no copy of our package: ship this module's source by value
 
@@ -151,6 +151,10 @@ class NNsightBackend:
     @property
     def d_model(self) -> int:
         return self._d_model
+
+    @property
+    def context_length(self) -> int | None:
+        return config_context_length(self.model._module.config)
 
     @property
     def device(self) -> torch.device:

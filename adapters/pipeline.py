@@ -16,6 +16,7 @@ from sae_lens import SAE
 from sae_selfexplain_plugin import Backend, SelfExplainConfig, SelfExplainer
 from sae_selfexplain_plugin.engine import bad_directions
 from sae_selfexplain_plugin.errors import InputError
+from sae_selfexplain_plugin.identity import decoder_fingerprint
 from sae_selfexplain_plugin.results import FeatureExplanations
 from sae_selfexplain_plugin.store import ResultsStore
 
@@ -66,8 +67,13 @@ def load_sae(spec: str, device: str = "cpu") -> tuple[SAE[Any], str]:
         sae = _load_from_registry(release, sae_id, device)
     else:
         raise InputError(f"--sae {spec!r} is neither an existing folder nor RELEASE:SAE_ID.")
-    key = sae.cfg.metadata.neuronpedia_id or str(path.resolve() if path.exists() else spec)
-    return sae, key
+    return sae, store_key(sae, str(path.resolve() if path.exists() else spec))
+
+
+def store_key(sae: SAE[Any], where: str) -> str:
+    """The SAE's key in a results store: its name (neuronpedia_id, else `where` it was loaded from) and the
+    fingerprint of its weights, so that another SAE saved under the same name never resumes this one's work."""
+    return f"{sae.cfg.metadata.neuronpedia_id or where}@{decoder_fingerprint(sae.W_dec)}"
 
 
 def _load_from_registry(release: str, sae_id: str, device: str) -> SAE[Any]:
@@ -124,14 +130,32 @@ def load_model(spec: str | None, sae: SAE[Any] | None = None, device: str | None
                 "saved with model.save_pretrained() and tokenizer.save_pretrained(), or an embedded model: "
                 f"{sorted(EMBEDDED_MODELS)}."
             )
+        _refuse_pickle_weights(Path(spec))
         try:
-            model: Any = AutoModelForCausalLM.from_pretrained(spec)  # TransformersBackend puts it in eval mode
+            # safetensors only: pickle weights (.bin, .pt) can run code when loaded
+            model: Any = AutoModelForCausalLM.from_pretrained(spec, use_safetensors=True)
             tokenizer = AutoTokenizer.from_pretrained(spec)
         except (OSError, ValueError, KeyError) as e:
             raise InputError(f"cannot load the checkpoint in {spec} ({type(e).__name__}: {str(e)[:200]}).") from None
         return TransformersBackend(model.to(device or "cpu"), tokenizer)
     raise InputError(
         f"--model {spec!r} is neither an embedded model ({sorted(EMBEDDED_MODELS)}) nor a local checkpoint folder."
+    )
+
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def _refuse_pickle_weights(folder: Path) -> None:
+    """Raise InputError for a checkpoint folder whose weights are pickle files only (unpickling a planted
+    file runs its code); nothing in the folder is opened."""
+    if any(p.suffix == ".safetensors" for p in folder.iterdir()):
+        return
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    found = f"; its weights are pickle files {pickles[:5]}, refused because loading one can run code" if pickles else ""
+    raise InputError(
+        f"--model {folder}: no safetensors weights{found}. Re-save the model as safetensors where you trust it: "
+        "AutoModelForCausalLM.from_pretrained(FOLDER).save_pretrained(NEW_FOLDER) (safe_serialization, the default)."
     )
 
 

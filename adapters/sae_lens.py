@@ -23,6 +23,7 @@ from sae_selfexplain_plugin import Backend, FeatureExplanations, SelfExplainConf
 from sae_selfexplain_plugin.direction_adapter import shipped_adapter
 from sae_selfexplain_plugin.errors import InputError
 from sae_selfexplain_plugin.files import parse_json
+from sae_selfexplain_plugin.identity import decoder_fingerprint
 from sae_selfexplain_plugin.templates import default_template_name
 from sae_selfexplain_plugin.vocabulary import (
     centred_vocabulary,
@@ -230,6 +231,7 @@ def sae_identity(sae: SAE[Any]) -> dict[str, Any]:
     keys = ("model_name", "hook_name", "hf_hook_name", "neuronpedia_id", "prepend_bos", "sae_lens_version")
     ident = {k: meta[k] for k in keys if meta[k] is not None}
     ident.update(architecture=sae.cfg.architecture(), d_in=sae.cfg.d_in, d_sae=sae.cfg.d_sae)
+    ident["fingerprint"] = decoder_fingerprint(sae.W_dec)
     return ident
 
 
@@ -283,16 +285,14 @@ def sae_lens_version() -> str:
 
 def load_sae_folder(path: str | Path, device: str = "cpu") -> SAE[Any]:
     """`SAE.load_from_disk`, with errors that say what is wrong with the folder: no cfg.json, an unreadable
-    cfg, a corrupt or truncated weights file, or weights whose shapes disagree with the cfg."""
+    cfg or a field of the wrong type, no weights file, a corrupt or truncated one, or weights whose shapes
+    disagree with the cfg (checked before anything is allocated)."""
     path = Path(path)
     cfg_path = path / "cfg.json"
     if not cfg_path.is_file():
         raise InputError(f"{path} is not a SAELens SAE folder (no cfg.json); save one with sae.save_model().")
-    try:
-        cfg = parse_json(cfg_path.read_text(), str(cfg_path))
-        d_in, d_sae = int(cfg["d_in"]), int(cfg["d_sae"])
-    except (ValueError, KeyError, TypeError) as e:
-        raise InputError(f"{cfg_path} is not a valid SAE config ({e!r}); it needs d_in and d_sae.") from e
+    cfg = _read_sae_cfg(cfg_path)
+    d_in, d_sae = _size_field(cfg, "d_in", cfg_path), _size_field(cfg, "d_sae", cfg_path)
     from sae_lens.registry import SAE_CLASS_REGISTRY
 
     architecture = cfg.get("architecture", "standard")
@@ -301,26 +301,61 @@ def load_sae_folder(path: str | Path, device: str = "cpu") -> SAE[Any]:
             f"{cfg_path}: architecture {architecture!r} is not one this SAELens ({sae_lens_version()}) knows "
             f"({', '.join(sorted(SAE_CLASS_REGISTRY))}); upgrade sae-lens, or check the cfg."
         )
-    weights = path / "sae_weights.safetensors"
+    weights = path / SAE_WEIGHTS_FILE
+    if not weights.is_file():
+        others = sorted(p.name for p in path.iterdir() if p.suffix in (".safetensors", ".pt", ".pth", ".bin", ".npz"))
+        raise InputError(
+            f"{path} has cfg.json but no weights file {SAE_WEIGHTS_FILE}, where SAELens expects the SAE's weights"
+            + (f" (the folder holds {others[:5]} instead)" if others else "")
+            + "; copy the SAE's weights there, or re-save the SAE with sae.save_model()."
+        )
     try:
         with safe_open(str(weights), framework="pt") as f:
             shapes = {name: tuple(f.get_slice(name).get_shape()) for name in ("W_enc", "W_dec") if name in f.keys()}  # noqa: SIM118
-        sae = (
-            SAE.load_from_disk(path, device=device)
-            if shapes == {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_in)}
-            else None
-        )
-    except Exception as e:  # safetensors and torch raise assorted types for damaged files
+    except Exception as e:  # safetensors raises assorted types for damaged files
         raise InputError(
-            f"cannot load the SAE weights in {weights} ({type(e).__name__}: {e}); the file is corrupt or truncated. "
+            f"cannot read the SAE weights in {weights} ({type(e).__name__}: {e}); the file is corrupt or truncated. "
             "Re-save or re-download it."
         ) from e
-    if sae is None:
+    if shapes != {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_in)}:
         raise InputError(
             f"the weights in {weights} have shapes {shapes}, but cfg.json says d_in={d_in}, d_sae={d_sae} "
             f"(W_enc ({d_in}, {d_sae}), W_dec ({d_sae}, {d_in})); the cfg and the weights belong to different SAEs."
         )
-    return sae
+    try:
+        return SAE.load_from_disk(path, device=device)
+    except Exception as e:  # the weights file read above; what is left is the cfg's other fields
+        raise InputError(
+            f"SAELens ({sae_lens_version()}) cannot build an SAE from {cfg_path} ({type(e).__name__}: "
+            f"{str(e)[:300]}); check the cfg's fields against one written by sae.save_model()."
+        ) from e
+
+
+SAE_WEIGHTS_FILE = "sae_weights.safetensors"  # the name SAE.save_model writes and load_from_disk reads
+
+
+def _read_sae_cfg(cfg_path: Path) -> dict[str, Any]:
+    try:
+        text = cfg_path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"{cfg_path}: cannot read it as UTF-8 text ({e}); it is not a valid SAE config.") from e
+    cfg = parse_json(text, f"{cfg_path} (not a valid SAE config)")
+    if not isinstance(cfg, dict):
+        raise InputError(f"{cfg_path} is not a valid SAE config: a JSON object is expected, got {type(cfg).__name__}.")
+    return cfg
+
+
+def _size_field(cfg: dict[str, Any], name: str, cfg_path: Path) -> int:
+    """A width from the cfg: a whole number >= 1 (576.9, "576" or true are refused, not truncated)."""
+    if name not in cfg:
+        raise InputError(f"{cfg_path} is not a valid SAE config: it lacks the field {name!r} (an integer width).")
+    value = cfg[name]
+    if type(value) is not int or value < 1:
+        raise InputError(
+            f"{cfg_path}: field {name!r} must be a whole number >= 1 (a width), got {repr(value)[:80]} "
+            f"({type(value).__name__}); correct it to the SAE's {name}."
+        )
+    return value
 
 
 def check_compatible(sae: SAE[Any], backend: Backend, *, check_model: bool = True, check_hook: bool = True) -> None:

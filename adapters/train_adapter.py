@@ -40,7 +40,7 @@ from sae_selfexplain_plugin.errors import InputError
 from sae_selfexplain_plugin.word_recovery import CARRIER, load_words, single_token_words, word_vectors
 
 from .evaluation import token_latents
-from .sae_lens import check_compatible, decoder_rows, sae_layer
+from .sae_lens import check_compatible, decoder_rows, sae_identity, sae_layer
 
 LATENT_MIN_PEAKS = 5  # a "word" training latent: >= 5 of its 10 top contexts peak on one word
 LATENT_LABEL_TOKENS = 5  # a "tokens" label names up to 5 peak tokens (as many as the top-tokens baseline)
@@ -182,6 +182,8 @@ def train_for_sae(
 ) -> tuple[DirectionAdapter, TrainingReport]:
     """Build the training data, train an adapter (`untrained_adapter`) on the frozen model, save it to `out`."""
     check_latent_labels(latent_labels)  # before the word data is built
+    if n_words < 1:  # 0 would never reach `len(words) == n` and read the whole vocabulary
+        raise InputError(f"n_words (--words) must be >= 1, got {n_words}; pass e.g. --words {DEFAULT_WORDS}.")
     settings = settings or TrainingSettings()
     adapter, explainer = untrained_adapter(sae, backend, config, architecture, rank, slots, settings.seed)
     source = sae_layer(sae)
@@ -198,8 +200,9 @@ def train_for_sae(
         described += f"; {n_latents} latents >= {held_out} labelled {LATENT_LABEL_MEANING[latent_labels]}"
     adapter.metadata.trained_on = described + "; 10% of each held out for validation"
     report = train_adapter(
-        adapter, backend, explainer.prompt, train, validation, settings, checkpoint=checkpoint, progress=progress
-    )
+        adapter, backend, explainer.prompt, train, validation, settings, checkpoint=checkpoint, progress=progress,
+        identity={"sae": sae_identity(sae)},
+    )  # fmt: skip
     adapter.metadata.validation = {
         "initial_loss": round(report.initial_validation_loss, 4),
         "best_loss": round(report.best_validation_loss, 4),

@@ -105,6 +105,10 @@ class TransformerLensBackend:
         return int(self.model.cfg.d_model)
 
     @property
+    def context_length(self) -> int | None:
+        return int(self.model.cfg.n_ctx)
+
+    @property
     def device(self) -> torch.device:
         return torch.device(self.model.cfg.device or "cpu")
 

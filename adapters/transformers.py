@@ -90,6 +90,14 @@ def _expanded(prefix: Any, batch: int) -> Any:
     return cache
 
 
+def config_context_length(config: Any) -> int | None:
+    """The longest sequence a transformers config admits (max_position_embeddings; GPT-2 maps its n_positions
+    there), from the text model's config for a multimodal one; None where it states none."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    n = getattr(text, "max_position_embeddings", None)
+    return n if isinstance(n, int) and n > 0 else None
+
+
 class TransformersBackend:
     """Runs self-explanation on a `transformers` causal LM (Gemma, Llama, GPT-2, ...)."""
 
@@ -117,6 +125,10 @@ class TransformersBackend:
     @property
     def d_model(self) -> int:
         return self._d_model
+
+    @property
+    def context_length(self) -> int | None:
+        return config_context_length(self.model.config)
 
     @property
     def device(self) -> torch.device:

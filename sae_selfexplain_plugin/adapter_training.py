@@ -4,23 +4,27 @@ placeholder. Only the adapter's parameters learn; the model's are frozen for the
 
     report = train_adapter(adapter, backend, prompt, train, validation, TrainingSettings(), checkpoint=path)
 
-Checkpoints (adapter, optimiser, step, best validation loss) are written atomically after every evaluation,
-and a run given the same checkpoint path resumes from it. Training stops early when the validation loss
-has not improved for `patience` evaluations, and the best adapter is kept.
+Checkpoints (adapter, optimiser, step, best validation loss; safetensors with JSON, never pickle) are written
+atomically after every evaluation, and a run given the same checkpoint path resumes from it, once it has
+checked that the checkpoint was made with the same adapter, settings, data and identity. Training stops
+early when the validation loss has not improved for `patience` evaluations, and the best adapter is kept.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 
 from .backend import Backend, Injection
+from .checkpoint import check_fields, load_checkpoint, restore_generator, save_checkpoint, take
 from .direction_adapter import DirectionAdapter
 from .errors import InputError
 from .templates import RenderedPrompt
@@ -149,20 +153,24 @@ def train_adapter(
     *,
     checkpoint: Path | None = None,
     progress: Callable[[int, float], None] | None = None,
+    identity: dict[str, Any] | None = None,
 ) -> TrainingReport:
-    """Train `adapter` in place (see the module docstring); returns the loss history."""
+    """Train `adapter` in place (see the module docstring); returns the loss history. `identity` (e.g. the
+    SAE's) is stored in the checkpoint and must match on resume, as must the adapter, settings and data."""
     layer = adapter.metadata.layer
     adapter.check_slots(len(prompt.placeholder_positions))
     optimizer = torch.optim.Adam(_param_groups(adapter, settings.lr))
     generator = torch.Generator().manual_seed(settings.seed)
     state = _State()
     best = {k: v.detach().clone() for k, v in adapter.state_dict().items()}
+    run = {
+        "identity": identity or {},
+        "adapter": {k: v for k, v in adapter.metadata.to_dict().items() if k != "validation"},
+        "settings": {k: v for k, v in asdict(settings).items() if k != "steps"},  # more steps continue a run
+        "data_sha256": _data_hash(train, validation),
+    }
     if checkpoint is not None and checkpoint.is_file():
-        saved = torch.load(checkpoint, weights_only=False)
-        adapter.load_state_dict(saved["adapter"])
-        optimizer.load_state_dict(saved["optimizer"])
-        generator.set_state(saved["generator"])
-        state, best = _State(**saved["state"]), saved["best_adapter"]
+        state, best = _load_checkpoint(checkpoint, run, adapter, optimizer, generator, settings)
 
     def evaluate() -> float:
         with torch.no_grad():
@@ -196,7 +204,7 @@ def train_adapter(
             else:
                 state.bad += 1
             if checkpoint is not None:
-                _save_checkpoint(checkpoint, adapter, optimizer, generator, state, best)
+                _save_checkpoint(checkpoint, run, adapter, optimizer, generator, state, best)
             if state.bad >= settings.patience:
                 stopped_early = True
                 break
@@ -240,24 +248,96 @@ def _frozen(model: Backend) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
+_CHECKPOINT = "adapter-training"
+_OPTIMIZER_KEYS = ("step", "exp_avg", "exp_avg_sq")  # Adam's state per parameter
+
+
+def _data_hash(train: LabelledDirections, validation: LabelledDirections) -> str:
+    """sha256 of the training and validation data (directions and labels): what a resume must train on."""
+    digest = hashlib.sha256()
+    for part in (train, validation):
+        digest.update(part.directions.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        digest.update(json.dumps(part.labels).encode())
+    return digest.hexdigest()
+
+
 def _save_checkpoint(
     path: Path,
+    run: dict[str, Any],
     adapter: DirectionAdapter,
     optimizer: torch.optim.Optimizer,
     generator: torch.Generator,
     state: _State,
     best: dict[str, torch.Tensor],
 ) -> None:
-    from .files import atomic_writer
-
-    with atomic_writer(path, "wb") as f:
-        torch.save(
-            {
-                "adapter": adapter.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "generator": generator.get_state(),
-                "state": asdict(state),
-                "best_adapter": best,
-            },
-            f,
+    tensors = {f"adapter.{k}": v for k, v in adapter.state_dict().items()}
+    tensors.update({f"best.{k}": v for k, v in best.items()})
+    for index, values in optimizer.state_dict()["state"].items():
+        tensors.update(
+            {f"optimizer.{index}.{k}": torch.as_tensor(values[k], dtype=torch.float32) for k in _OPTIMIZER_KEYS}
         )
+    tensors["generator"] = generator.get_state()
+    save_checkpoint(path, _CHECKPOINT, tensors, {**run, "state": asdict(state)})
+
+
+def _load_checkpoint(
+    path: Path,
+    run: dict[str, Any],
+    adapter: DirectionAdapter,
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+    settings: TrainingSettings,
+) -> tuple[_State, dict[str, torch.Tensor]]:
+    """Continue from checkpoint `path` after checking it was made by this run (same identity, adapter,
+    settings and data): InputError naming the field or tensor otherwise."""
+    fix = f"delete {path} to start over."
+    tensors, info = load_checkpoint(path, _CHECKPOINT, fix)
+    for name, value in run.items():
+        check_fields(path, name, info.get(name), value, fix)
+    shapes = {k: (tuple(v.shape), v.dtype) for k, v in adapter.state_dict().items()}
+    weights = {k: take(path, tensors, f"adapter.{k}", *shape, fix) for k, shape in shapes.items()}
+    best = {k: take(path, tensors, f"best.{k}", *shape, fix) for k, shape in shapes.items()}
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    names = {k for k in tensors if k.startswith("optimizer.")}
+    moments: dict[int, dict[str, torch.Tensor]] = {}
+    for index, param in enumerate(params):
+        if f"optimizer.{index}.step" not in names:
+            continue
+        moments[index] = {
+            k: take(
+                path, tensors, f"optimizer.{index}.{k}", () if k == "step" else tuple(param.shape), torch.float32, fix
+            )
+            for k in _OPTIMIZER_KEYS
+        }
+    unknown = sorted(names - {f"optimizer.{i}.{k}" for i in moments for k in _OPTIMIZER_KEYS})
+    if unknown:
+        raise InputError(f"{path}: tensor {unknown[0]!r} is not part of this run's optimiser state; {fix}")
+    state = _checked_state(path, info.get("state"), settings, fix)
+    adapter.load_state_dict(weights)
+    optimizer.load_state_dict({"state": moments, "param_groups": optimizer.state_dict()["param_groups"]})
+    restore_generator(path, generator, take(path, tensors, "generator", (-1,), torch.uint8, fix), fix)
+    return state, best
+
+
+def _checked_state(path: Path, raw: Any, settings: TrainingSettings, fix: str) -> _State:
+    """The training progress of a checkpoint, every field of its type."""
+    if not isinstance(raw, dict) or set(raw) != {f.name for f in fields(_State)}:
+        raise InputError(f"{path}: field 'state' must hold {[f.name for f in fields(_State)]}; {fix}")
+    number = (int, float)
+    if type(raw["step"]) is int and raw["step"] > settings.steps:
+        raise InputError(
+            f"{path}: field 'state.step' is {raw['step']}: the checkpoint has trained more steps than this run's "
+            f"{settings.steps}; pass --steps {raw['step']} or more to continue it, or {fix}"
+        )
+    ok = {
+        "step": type(raw["step"]) is int and raw["step"] >= 0,
+        "bad": type(raw["bad"]) is int and raw["bad"] >= 0,
+        "best": type(raw["best"]) in number,
+        "initial": type(raw["initial"]) in number,
+        "history": isinstance(raw["history"], list)
+        and all(isinstance(h, dict) and all(type(v) in number for v in h.values()) for h in raw["history"]),
+    }
+    for name, good in ok.items():
+        if not good:
+            raise InputError(f"{path}: field 'state.{name}' is {raw[name]!r}, not a valid value; {fix}")
+    return _State(**raw)

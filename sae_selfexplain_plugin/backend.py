@@ -131,6 +131,13 @@ class ProbeModel(Protocol):
         """Teacher-forced: log P(input_ids[:, t + 1] | input_ids[:, :t + 1]) with the injection, [B, T - 1]."""
 
 
+def context_length(backend: Backend) -> int | None:
+    """The most tokens (prompt plus generated) the backend's model takes: its optional `context_length`
+    property (not in `Backend`, so that backends written before it still qualify); None where unknown."""
+    n = getattr(backend, "context_length", None)
+    return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None
+
+
 def check_layer(layer: int, n_layers: int) -> None:
     """Raise InputError unless `layer` names a block of a model with `n_layers` blocks."""
     if not 0 <= layer < n_layers:

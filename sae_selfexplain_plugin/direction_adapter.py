@@ -54,12 +54,46 @@ class AdapterMetadata:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> AdapterMetadata:
-        names = set(cls.__dataclass_fields__)
+    def from_dict(cls, d: Any, where: str = "adapter metadata") -> AdapterMetadata:
+        """Metadata read from a file (`where` names it in errors): every field of its type and range."""
+        if not isinstance(d, dict):
+            raise InputError(f"{where}: expected a JSON object, got {type(d).__name__}; re-save the adapter.")
         missing = sorted({"model_id", "d_model", "source", "layer", "template"} - set(d))
         if missing:
-            raise InputError(f"adapter metadata lacks {missing}; the file was not written by DirectionAdapter.save.")
-        return cls(**{k: v for k, v in d.items() if k in names})
+            raise InputError(f"{where} lacks {missing}; the file was not written by DirectionAdapter.save.")
+        kept = {k: v for k, v in d.items() if k in _FIELD_RULES}
+        for name, value in kept.items():
+            kind, low = _FIELD_RULES[name]
+            # bool is an int to Python, and "576" or 576.0 would be coerced elsewhere: exact types only
+            exact = type(value) is kind
+            ok = exact and (low is None or value >= low)
+            if name == "validation" and ok:
+                ok = all(type(v) in (int, float) for v in value.values())
+            if not ok:
+                want = {int: "an integer", str: "a string", dict: "an object of numbers"}[kind]
+                want += f" >= {low}" if low is not None else ""
+                raise InputError(
+                    f"{where}: field {name!r} must be {want}, got {repr(value)[:80]} ({type(value).__name__}); "
+                    "correct the field or re-save the adapter with DirectionAdapter.save."
+                )
+        return cls(**kept)
+
+    def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The shape of each weight a DirectionAdapter with this metadata holds (computed, nothing allocated)."""
+        arch, d, rank, slots = self.architecture, self.d_model, self.rank, self.slots
+        if arch not in ARCHITECTURES:
+            raise InputError(f"unknown adapter architecture {arch!r}; choose one of {list(ARCHITECTURES)}.")
+        if (arch == "scalar-affine-low-rank") != (rank > 0):
+            raise InputError(f"rank must be > 0 exactly for 'scalar-affine-low-rank', got {arch!r} with rank {rank}.")
+        if slots < 1 or (slots > 1 and arch == "scale"):
+            raise InputError(f"slots must be >= 1, and 1 for 'scale' (nothing differs between slots), got {slots}.")
+        per_slot = (slots,) if slots > 1 else ()
+        shapes: dict[str, tuple[int, ...]] = {"scale": ()}
+        if arch != "scale":
+            shapes["bias"] = (*per_slot, d)
+        if rank:
+            shapes.update(U=(d, rank), V=(*per_slot, d, rank))
+        return shapes
 
 
 class DirectionAdapter(nn.Module):
@@ -68,12 +102,7 @@ class DirectionAdapter(nn.Module):
     def __init__(self, metadata: AdapterMetadata, init_scale: float = 1.0, seed: int = 0) -> None:
         super().__init__()
         arch, d, rank, slots = metadata.architecture, metadata.d_model, metadata.rank, metadata.slots
-        if arch not in ARCHITECTURES:
-            raise InputError(f"unknown adapter architecture {arch!r}; choose one of {list(ARCHITECTURES)}.")
-        if (arch == "scalar-affine-low-rank") != (rank > 0):
-            raise InputError(f"rank must be > 0 exactly for 'scalar-affine-low-rank', got {arch!r} with rank {rank}.")
-        if slots < 1 or (slots > 1 and arch == "scale"):
-            raise InputError(f"slots must be >= 1, and 1 for 'scale' (nothing differs between slots), got {slots}.")
+        metadata.tensor_shapes()  # checks the architecture, rank and slots
         self.metadata = metadata
         self.scale = nn.Parameter(torch.tensor(float(init_scale)))
         per_slot = (slots,) if slots > 1 else ()  # one bias and one V per slot; U (what is read) is shared
@@ -123,9 +152,12 @@ class DirectionAdapter(nn.Module):
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> DirectionAdapter:
-        """Read a file written by `save`; a missing, foreign or damaged file is a clear error."""
+    def load(cls, path: str | Path, d_model: int | None = None) -> DirectionAdapter:
+        """Read a file written by `save`; a missing, foreign or damaged file is a clear error. With `d_model`
+        (the model's), an adapter for another width is refused before anything is allocated."""
         from safetensors import safe_open
+
+        from .files import parse_json
 
         path = Path(path)
         if not path.is_file():
@@ -133,16 +165,42 @@ class DirectionAdapter(nn.Module):
         try:
             with safe_open(str(path), framework="pt") as f:
                 header = f.metadata() or {}
-                tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
+                shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (not iterable)
         except Exception as e:  # safetensors raises its own error types for damaged files
             raise InputError(f"{path} is not a readable safetensors file ({e}); re-save or re-train it.") from None
         if METADATA_KEY not in header:
             raise InputError(f"{path} holds no adapter metadata; it was not written by DirectionAdapter.save.")
-        adapter = cls(AdapterMetadata.from_dict(json.loads(header[METADATA_KEY])))
+        where = f"{path}: adapter metadata"
+        metadata = AdapterMetadata.from_dict(parse_json(header[METADATA_KEY], where), where)
         try:
-            adapter.load_state_dict(tensors)
-        except RuntimeError as e:
-            raise InputError(f"{path}: weights do not match its metadata ({e}).") from None
+            expected = metadata.tensor_shapes()
+        except InputError as e:
+            raise InputError(f"{where}: {e}") from None
+        if d_model is not None and metadata.d_model != d_model:
+            raise InputError(
+                f"{where}: field 'd_model' is {metadata.d_model}, but the model's d_model is {d_model}; "
+                "use an adapter trained for this model, or train one with `sae-selfexplain train-adapter`."
+            )
+        # the file's own tensors bound every size the metadata claims, so a forged d_model allocates nothing
+        if shapes != expected:
+            differ = [
+                f"{k} {shapes.get(k, 'absent')} (needs {expected.get(k, 'none')})"
+                for k in sorted(set(shapes) | set(expected))
+                if shapes.get(k) != expected.get(k)
+            ]
+            raise InputError(
+                f"{path}: weights do not match its metadata: architecture {metadata.architecture!r} with "
+                f"d_model={metadata.d_model}, rank={metadata.rank}, slots={metadata.slots}, but the file holds "
+                f"{', '.join(differ[:5])}; re-save the adapter with DirectionAdapter.save."
+            )
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                tensors = {k: f.get_tensor(k) for k in shapes}
+        except Exception as e:
+            raise InputError(f"{path} is not a readable safetensors file ({e}); re-save or re-train it.") from None
+        _check_weights(tensors, str(path))
+        adapter = cls(metadata)
+        adapter.load_state_dict(tensors)
         return adapter.eval()
 
     def mismatches(self, model_id: str, d_model: int, layer: int, template: str) -> list[str]:
@@ -175,10 +233,39 @@ class DirectionAdapter(nn.Module):
         """Raise InputError unless this adapter was trained for this model, injection layer and template."""
         m = self.metadata
         problems = self.mismatches(model_id, d_model, layer, template)
+        _check_weights(self.state_dict(), "the adapter")
         if problems:
             raise InputError(
                 f"the adapter does not fit these settings: {'; '.join(problems)}. Use the adapter's own settings "
                 f"(layer={m.layer}, template={m.template!r}), train one for yours, or pass adapter=None."
+            )
+
+
+_FIELD_RULES: dict[str, tuple[type, int | None]] = {  # AdapterMetadata's fields: (type, least value)
+    "model_id": (str, None),
+    "d_model": (int, 1),
+    "source": (str, None),
+    "layer": (int, 0),
+    "template": (str, None),
+    "architecture": (str, None),
+    "rank": (int, 0),
+    "slots": (int, 1),
+    "trained_on": (str, None),
+    "validation": (dict, None),
+}
+
+
+def _check_weights(tensors: dict[str, torch.Tensor], where: str) -> None:
+    """Raise InputError naming the first weight that is not floating point or holds NaN or inf: such an
+    adapter injects NaN, and the model answers every feature with nothing."""
+    for name, tensor in tensors.items():
+        if not tensor.is_floating_point():
+            raise InputError(f"{where}: tensor {name!r} has dtype {tensor.dtype}, not floating point; re-save it.")
+        bad = int((~torch.isfinite(tensor)).sum())
+        if bad:
+            raise InputError(
+                f"{where}: tensor {name!r} holds {bad} NaN or infinite values of {tensor.numel()}; "
+                "its training diverged or the file was altered: re-train the adapter."
             )
 
 

@@ -17,7 +17,16 @@ from typing import cast
 
 import torch
 
-from .backend import Backend, GenerationRequest, GenerationResult, Injection, ProbeModel, check_layer, left_pad
+from .backend import (
+    Backend,
+    GenerationRequest,
+    GenerationResult,
+    Injection,
+    ProbeModel,
+    check_layer,
+    context_length,
+    left_pad,
+)
 from .config import SelfExplainConfig
 from .direction_adapter import DirectionAdapter
 from .errors import InputError
@@ -39,7 +48,7 @@ class SelfExplainer:
         self.backend = backend
         config = config or SelfExplainConfig()
         check_layer(config.layer, backend.n_layers)
-        self.adapter = _load_adapter(config.adapter)
+        self.adapter = _load_adapter(config.adapter, backend.d_model)
         if self.adapter is not None:
             # the sweep becomes multiples of the adapter's vector (1.0: as trained)
             self.adapter.check(backend.model_id, backend.d_model, config.layer, render_name(config, backend))
@@ -66,8 +75,18 @@ class SelfExplainer:
 
     @cached_property
     def prompt(self) -> RenderedPrompt:
-        """The rendered template with its placeholder positions."""
-        return render(self.template_name, self.backend.tokenizer)
+        """The rendered template with its placeholder positions; it and the generation budget must fit the
+        model's context (past it, position embeddings run out or attention silently degrades)."""
+        prompt = render(self.template_name, self.backend.tokenizer)
+        limit = context_length(self.backend)
+        need = len(prompt.input_ids) + self.config.max_new_tokens
+        if limit is not None and need > limit:
+            raise InputError(
+                f"template {prompt.template!r} renders to {len(prompt.input_ids)} tokens, which with "
+                f"max_new_tokens={self.config.max_new_tokens} makes {need}, past the {limit}-token context of "
+                f"{self.backend.model_id}; shorten the template or lower max_new_tokens."
+            )
+        return prompt
 
     @cached_property
     def reference_norm(self) -> float:
@@ -386,9 +405,9 @@ def render_name(config: SelfExplainConfig, backend: Backend) -> str:
     return config.template or default_template_name(backend.tokenizer)
 
 
-def _load_adapter(adapter: DirectionAdapter | str | Path | None) -> DirectionAdapter | None:
-    """The config's adapter (its type is checked there), loaded if it is a path."""
-    return DirectionAdapter.load(adapter) if isinstance(adapter, (str, Path)) else adapter
+def _load_adapter(adapter: DirectionAdapter | str | Path | None, d_model: int) -> DirectionAdapter | None:
+    """The config's adapter (its type is checked there), loaded if it is a path (for a model of `d_model`)."""
+    return DirectionAdapter.load(adapter, d_model) if isinstance(adapter, (str, Path)) else adapter
 
 
 class _SweepTable:

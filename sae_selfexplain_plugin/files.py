@@ -1,6 +1,6 @@
 """Files: atomic output (write a temporary file beside the target, then rename it into place: a crash or
-a full disk mid-write leaves the previous file, or none, never a truncated one), output paths that stay
-inside their folder, and strict JSON reading.
+a full disk mid-write leaves the previous file, or none, never a truncated one), outputs that never replace
+an input, output paths that stay inside their folder, and strict JSON reading with a cap on line length.
 """
 
 from __future__ import annotations
@@ -8,8 +8,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 import tempfile
-from collections.abc import Iterator
+import threading
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
@@ -23,11 +25,18 @@ class OutputError(SelfExplainError, OSError):
 
 @contextmanager
 def atomic_writer(path: str | Path, mode: str = "w") -> Iterator[IO[Any]]:
-    """Open a temporary file for writing; on success it replaces `path`, on error it is removed."""
+    """Open a temporary file for writing; on success it replaces `path`, on error it is removed.
+
+    As a shell redirection would: a symlink at `path` is written through (the link stays, its target gets the
+    new content), an existing file keeps its permission bits, and a new file gets the umask's."""
     path = Path(path)
+    if path.is_symlink():
+        path = Path(os.path.realpath(path))
     try:
+        mode_bits = stat.S_IMODE(path.stat().st_mode) if path.is_file() else 0o666 & ~_umask()
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.fchmod(fd, mode_bits)  # mkstemp makes 0600
     except OSError as e:
         raise OutputError(f"cannot write {path} ({e}); choose a writable output path.") from e
     try:
@@ -43,6 +52,17 @@ def atomic_writer(path: str | Path, mode: str = "w") -> Iterator[IO[Any]]:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+_UMASK_LOCK = threading.Lock()
+
+
+def _umask() -> int:
+    """The process's umask (Python can only read it by setting it, so set it back at once, under a lock)."""
+    with _UMASK_LOCK:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
 
 
 def _no_constant(name: str) -> Any:
@@ -85,17 +105,29 @@ def safe_component(name: str, what: str) -> str:
 
 
 def inside(root: str | Path, *parts: str) -> Path:
-    """root/parts..., refusing any result that is not inside `root` (a last check behind safe_component)."""
+    """root/parts..., refusing a result outside `root` and a symbolic link at any component below `root`, the
+    final file included (checked with lstat, never followed: a link planted inside the output folder would carry
+    the write elsewhere). `root` itself may be a link the user chose. Call it for every final path."""
     base = Path(root).resolve()
-    path = base.joinpath(*parts).resolve()
-    if path != base and base not in path.parents:
-        raise InputError(f"refusing to write {path}: it is outside the output folder {base}.")
-    return path
+    path = base
+    for part in Path(*parts).parts if parts else ():
+        path = path / part
+        if path.is_symlink():
+            raise InputError(
+                f"refusing to write through the symbolic link {path} inside the output folder {base} (it could "
+                "send the files elsewhere); remove the link or choose another --out."
+            )
+    resolved = path.resolve()  # with no link below `base`, only '..' can still move it
+    if resolved != base and base not in resolved.parents:
+        raise InputError(f"refusing to write {resolved}: it is outside the output folder {base}.")
+    return resolved
 
 
-def check_writable(path: str | Path, flag: str) -> Path:
-    """Fail now, before a long run, if `path` cannot be written (the run's results would be lost)."""
+def check_writable(path: str | Path, flag: str, inputs: dict[str, str | Path | None] | None = None) -> Path:
+    """Fail now, before a long run, if `path` cannot be written (the run's results would be lost), or if it
+    is one of the command's `inputs` ({what: path}; see `refuse_input`)."""
     path = Path(path)
+    refuse_input(path, flag, inputs or {})
     parent = path.parent
     while not parent.exists():
         parent = parent.parent
@@ -107,3 +139,52 @@ def check_writable(path: str | Path, flag: str) -> Path:
     ):
         raise OutputError(f"{flag} {path} cannot be written; choose a writable file path before the run starts.")
     return path
+
+
+def refuse_input(out: str | Path, flag: str, inputs: dict[str, str | Path | None]) -> None:
+    """InputError when the output `out` is the same file as an input ({what: path}; a folder input stands
+    for the files directly in it): writing it would destroy what the command reads. Compares the files
+    themselves (os.path.samefile: hard links and symlinks included), or the resolved paths of a file that does
+    not exist yet."""
+    target = Path(out)
+    for what, given in inputs.items():
+        if given is None:
+            continue
+        for candidate in _files_of(Path(given)):
+            if _same_file(target, candidate):
+                raise InputError(
+                    f"{flag} {out} is the same file as {what} {candidate}: writing it would destroy that input; "
+                    f"choose another {flag}."
+                )
+
+
+def _files_of(path: Path) -> Iterable[Path]:
+    if path.is_dir():
+        return [p for p in path.iterdir() if p.is_file()]
+    return [path]
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        if a.exists() and b.exists():
+            return os.path.samefile(a, b)
+        return Path(os.path.realpath(a)) == Path(os.path.realpath(b))
+    except OSError:
+        return False
+
+
+MAX_LINE_CHARS = 32 * 1024 * 1024  # a results record with activations is kilobytes; a line past this is not ours
+
+
+def capped_lines(f: IO[str], where: str) -> Iterator[tuple[int, str]]:
+    """(line number, text) of a text file, refusing a line longer than MAX_LINE_CHARS before it is in memory
+    whole (a file of one 3 GB line would otherwise exhaust memory)."""
+    n = 0
+    while text := f.readline(MAX_LINE_CHARS + 1):
+        n += 1
+        if len(text.rstrip("\r\n")) > MAX_LINE_CHARS:
+            raise InputError(
+                f"{where} line {n} is longer than {MAX_LINE_CHARS:,} characters, the most a line may hold; "
+                "this is not a file we wrote (one JSON document a line)."
+            )
+        yield n, text

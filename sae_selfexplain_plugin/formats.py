@@ -22,7 +22,7 @@ from typing import Any
 from jsonschema import Draft202012Validator, FormatChecker
 
 from .errors import InputError
-from .files import parse_json
+from .files import MAX_LINE_CHARS, capped_lines, parse_json
 from .results import FeatureExplanations
 
 SCHEMA_NAMES = ("explanation-record", "neuronpedia-explanation", "neuronpedia-upload-batch", "neuron-explainer")
@@ -160,11 +160,17 @@ def read_documents(path: str | Path) -> Iterator[tuple[int | None, Any]]:
     try:
         with opener(path, "rt", encoding="utf-8") as f:
             if path.name.endswith((".jsonl", ".jsonl.gz")):
-                for n, text in enumerate(f, start=1):
+                for n, text in capped_lines(f, str(path)):
                     if text.strip():
                         yield n, _parse(text, path, n)
             else:
-                yield None, _parse(f.read(), path, None)
+                text = f.read(MAX_LINE_CHARS + 1)
+                if len(text) > MAX_LINE_CHARS:
+                    raise InputError(
+                        f"{path} is longer than {MAX_LINE_CHARS:,} characters, the most one JSON document may "
+                        "hold; write large results as JSONL, one record a line."
+                    )
+                yield None, _parse(text, path, None)
     except (OSError, EOFError, UnicodeDecodeError) as e:
         raise InputError(f"cannot read {path} ({e}); is it complete and of the right kind?") from e
 

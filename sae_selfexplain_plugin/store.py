@@ -212,10 +212,12 @@ class ResultsStore:
     def records(
         self, model_id: str | None = None, sae_id: str | None = None, settings_hash: str | None = None
     ) -> Iterator[tuple[str, FeatureExplanations]]:
-        """(sae_id, record) pairs, ordered by SAE then feature index; None matches anything."""
+        """(sae_id, record) pairs, ordered by SAE then feature index; None matches anything. An `sae_id`
+        without a fingerprint (`name`, not `name@fingerprint`) matches every SAE stored under that name."""
         cur = self._db.execute(
             "SELECT sae_id, record FROM explanations WHERE (?1 IS NULL OR model_id = ?1) AND "
-            "(?2 IS NULL OR sae_id = ?2) AND (?3 IS NULL OR settings_hash = ?3) ORDER BY sae_id, feature",
+            "(?2 IS NULL OR sae_id = ?2 OR substr(sae_id, 1, length(?2) + 1) = ?2 || '@') AND "
+            "(?3 IS NULL OR settings_hash = ?3) ORDER BY sae_id, feature",
             (model_id, sae_id, settings_hash),
         )
         for sae, record in cur:

@@ -29,8 +29,10 @@ from sae_lens.saes.sae import SAEMetadata
 from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
 from sae_lens.training.sae_trainer import SAETrainer
 from sae_selfexplain_plugin.adapters import pipeline
+from sae_selfexplain_plugin.adapters.contexts import finished_examples
 from sae_selfexplain_plugin.adapters.demo_sae import DEMO_SAE_DIR
 from sae_selfexplain_plugin.adapters.embedded import EMBEDDED_MODELS
+from sae_selfexplain_plugin.adapters.sae_lens import sae_identity
 from sae_selfexplain_plugin.adapters.transformers import TransformersBackend
 from safetensors.torch import load_file, save_file
 
@@ -253,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     held = residuals(backend, split["eval"], block)
     metrics = evaluate(shipped, backend, split["eval"], held, block)
     metrics["dead_fraction"] = examples.dead_fraction()
-    examples.finish(lambda i: backend.tokenizer.decode([i])).save(out / EXAMPLES_FILE)
+    finished_examples(examples, backend.tokenizer, sae_identity(shipped)).save(out / EXAMPLES_FILE)
     report = {
         **metrics,
         "train_tokens": int(split["train"][:, 1:].numel()),

@@ -27,7 +27,7 @@ class CountingModel(EmbeddedModel):
 def fake_spec(log: Path) -> CountingModel:
     return CountingModel(
         name="fake", hf_id="fake/tiny", package="none", install_hint=str(log), chat=False,
-        locate_gguf=lambda d: d, cache_key="fake-tiny",
+        locate_gguf=lambda d: d, cache_key="fake-tiny", n_layers=2,
     )  # fmt: skip
 
 

@@ -13,7 +13,12 @@ from sae_selfexplain_plugin.adapters.cli import main
 from sae_selfexplain_plugin.adapters.evaluation import token_latents
 from sae_selfexplain_plugin.adapters.pipeline import load_model, load_sae
 from sae_selfexplain_plugin.adapters.sae_lens import decoder_rows, load_sae_folder, with_adapter
-from sae_selfexplain_plugin.adapters.train_adapter import LATENT_LABEL_TOKENS, latent_directions, peak_label
+from sae_selfexplain_plugin.adapters.train_adapter import (
+    LATENT_LABEL_TOKENS,
+    latent_directions,
+    peak_label,
+    train_for_sae,
+)
 
 from sae_selfexplain_plugin import AdapterMetadata, DirectionAdapter, SelfExplainConfig, SelfExplainer
 from sae_selfexplain_plugin.activation_examples import EXAMPLES_FILE, ActivationExamples
@@ -40,6 +45,22 @@ def test_train_adapter_command(tiny_sae, tmp_path):
     # an interrupted run's checkpoint is never overwritten silently
     out.with_suffix(".safetensors.ckpt").write_bytes(b"earlier run")
     assert main(args) == 2
+
+
+def test_train_adapter_needs_at_least_one_word(tiny_sae, tmp_path, capsys):
+    """--words 0 once meant the whole vocabulary (a run of more than 600 s): refused by the CLI and the library."""
+    out = tmp_path / "adapter.safetensors"
+    args = ["train-adapter", *_tiny(tiny_sae), "--out", str(out), "--template", "test-open", "--layer", "1"]
+    for words in ("0", "-3"):
+        with pytest.raises(SystemExit) as exit_:
+            main([*args, "--words", words])
+        assert exit_.value.code == 2 and "--words: expected a whole number >= 1" in capsys.readouterr().err
+    sae, _ = load_sae(str(tiny_sae))
+    backend = load_model(str(tiny_sae.parent / "tiny-model"), sae)
+    config = SelfExplainConfig(template="test-open", layer=1)
+    with pytest.raises(InputError, match=r"n_words \(--words\) must be >= 1, got 0"):
+        train_for_sae(sae, backend, None, out, config=config, n_words=0)
+    assert not out.exists()
 
 
 def test_train_adapter_with_one_vector_per_placeholder(tiny_sae, tmp_path, capsys):

@@ -152,17 +152,72 @@ def test_damaged_and_foreign_files(tmp_path, gemma_backend):
     with pytest.raises(InputError, match="no adapter metadata"):
         DirectionAdapter.load(foreign)
     path = make_adapter(gemma_backend).save(tmp_path / "a.safetensors")
-    blob = path.read_bytes()
-    header = json.loads(blob[8 : 8 + int.from_bytes(blob[:8], "little")])
-    meta = json.loads(header["__metadata__"]["sae_selfexplain_adapter"])
-    meta["d_model"] = 7  # metadata no longer matches the weights
-    header["__metadata__"]["sae_selfexplain_adapter"] = json.dumps(meta)
-    new_header = json.dumps(header).encode()
-    path.write_bytes(
-        len(new_header).to_bytes(8, "little") + new_header + blob[8 + int.from_bytes(blob[:8], "little") :]
-    )
+    rewrite_metadata(path, d_model=7)  # metadata no longer matches the weights
     with pytest.raises(InputError, match="do not match its metadata"):
         DirectionAdapter.load(path)
+
+
+def rewrite_metadata(path, text=None, **changes):
+    """Replace the adapter metadata in a saved file's header: with `text`, or the stored fields plus `changes`."""
+    blob = path.read_bytes()
+    end = 8 + int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8:end])
+    meta = json.loads(header["__metadata__"]["sae_selfexplain_adapter"])
+    header["__metadata__"]["sae_selfexplain_adapter"] = text if text is not None else json.dumps({**meta, **changes})
+    new_header = json.dumps(header).encode()
+    path.write_bytes(len(new_header).to_bytes(8, "little") + new_header + blob[end:])
+
+
+@pytest.mark.parametrize(
+    ("text", "changes", "match"),
+    [
+        ("{not json", {}, "adapter metadata: malformed or truncated JSON"),
+        ("[1]", {}, "adapter metadata: expected a JSON object, got list"),
+        (None, {"d_model": "576"}, "field 'd_model' must be an integer >= 1, got '576' \\(str\\)"),
+        (None, {"rank": "64"}, "field 'rank' must be an integer >= 0, got '64'"),
+        (None, {"d_model": 1e11}, "field 'd_model' must be an integer >= 1, got 100000000000.0"),
+        (None, {"layer": True}, "field 'layer' must be an integer >= 0, got True"),
+        (None, {"template": 3}, "field 'template' must be a string"),
+        (None, {"validation": {"loss": "low"}}, "field 'validation' must be an object of numbers"),
+        (None, {"architecture": "mystery"}, "adapter metadata: unknown adapter architecture 'mystery'"),
+        # sizes the file's tensors do not hold: refused before anything is allocated
+        (None, {"d_model": 10**11}, r"d_model=100000000000, .* holds U \(64, 3\) \(needs \(100000000000, 3\)\)"),
+        (None, {"rank": 10**9}, "do not match its metadata"),
+        (None, {"slots": 10**9}, "do not match its metadata"),
+    ],
+)
+def test_bad_adapter_metadata_names_the_file_and_field(tmp_path, gemma_backend, text, changes, match):
+    path = make_adapter(gemma_backend, "scalar-affine-low-rank", 3).save(tmp_path / "a.safetensors")
+    rewrite_metadata(path, text, **changes)
+    with pytest.raises(InputError, match=match) as caught:
+        DirectionAdapter.load(path)
+    assert str(path) in str(caught.value)
+
+
+def test_adapter_for_another_width_is_refused_before_it_is_built(tmp_path, gemma_backend):
+    path = make_adapter(gemma_backend).save(tmp_path / "a.safetensors")
+    with pytest.raises(InputError, match="field 'd_model' is 64, but the model's d_model is 32"):
+        DirectionAdapter.load(path, d_model=32)
+    config = SelfExplainConfig(template="test-open", layer=1, adapter=str(path))
+    assert SelfExplainer(gemma_backend, config).adapter is not None  # the right width loads
+
+
+def test_adapter_with_a_nan_weight_is_refused(tmp_path, gemma_backend):
+    adapter = make_adapter(gemma_backend, "scalar-affine-low-rank", 3)
+    with torch.no_grad():
+        adapter.bias[5] = float("nan")
+    path = adapter.save(tmp_path / "a.safetensors")
+    with pytest.raises(InputError, match=f"{path}: tensor 'bias' holds 1 NaN or infinite values of 64"):
+        DirectionAdapter.load(path)
+    # in memory too: the engine refuses it rather than generating empty texts
+    config = SelfExplainConfig(template="test-open", layer=1, adapter=adapter)
+    with pytest.raises(InputError, match="the adapter: tensor 'bias' holds 1 NaN"):
+        SelfExplainer(gemma_backend, config)
+    with torch.no_grad():
+        adapter.bias.zero_()
+        adapter.U.fill_(float("inf"))
+    with pytest.raises(InputError, match="tensor 'U' holds 192 NaN or infinite"):
+        DirectionAdapter.load(adapter.save(path))
 
 
 @pytest.mark.parametrize(

@@ -67,7 +67,7 @@ def test_failed_build_leaves_no_partial_cache(tmp_path):
             (out / "half.bin").write_bytes(b"x")
             raise RuntimeError("disk full")
 
-    spec = Broken("b", "b/b", "none", "", False, lambda d: d, "broken")
+    spec = Broken("b", "b/b", "none", "", False, lambda d: d, "broken", n_layers=1)
     with pytest.raises(RuntimeError, match="disk full"):
         ensure_cached(spec, tmp_path)
     assert [p.name for p in (tmp_path / "models").iterdir()] == ["broken.lock"]
@@ -77,7 +77,7 @@ def test_missing_package_names_the_install_command(tmp_path):
     def locate(workdir: Path) -> Path:
         return embedded._package_dir("not_a_pkg_zz", "pip install zz")
 
-    spec = EmbeddedModel("x", "x/x", "not-a-pkg", "pip install zz", False, locate, "x")
+    spec = EmbeddedModel("x", "x/x", "not-a-pkg", "pip install zz", False, locate, "x", n_layers=1)
     with pytest.raises(ModelCacheError, match="pip install zz"):
         ensure_cached(spec, tmp_path)
 

@@ -15,6 +15,7 @@ from sae_selfexplain_plugin import (
     SelfExplainConfig,
     SelfExplainer,
     TemplateError,
+    register_template,
     render,
 )
 from sae_selfexplain_plugin.backend import left_pad, position_ids
@@ -216,6 +217,37 @@ def test_feature_ids_must_match(gemma_backend):
 def test_layer_out_of_range(gemma_backend):
     with pytest.raises(InputError, match=r"layer 4 is out of range.*0\.\.3"):
         SelfExplainer(gemma_backend, CFG.replace(layer=4))
+
+
+def test_a_prompt_past_the_model_context_is_an_error(tokenizer):
+    from conftest import tiny_gemma
+    from sae_selfexplain_plugin.adapters.transformers import TransformersBackend
+
+    model = tiny_gemma(len(tokenizer))
+    model.config.max_position_embeddings = 64
+    backend = TransformersBackend(model, tokenizer, model_id="tiny-64")
+    register_template(
+        PromptTemplate(name="test-long", description="tests only", text="cat " * 57 + "X"), overwrite=True
+    )
+    n = len(render("test-long", tokenizer).input_ids)
+    assert n < 64 < n + CFG.max_new_tokens  # the prompt alone fits; with its budget it does not
+    with pytest.raises(
+        InputError,
+        match=rf"template 'test-long' renders to {n} tokens, which with max_new_tokens=6 makes {n + 6}, past the "
+        "64-token context of tiny-64; shorten the template or lower max_new_tokens",
+    ):
+        SelfExplainer(backend, CFG.replace(template="test-long")).explain(directions(backend, 1))
+    # exactly the context runs, to the last generated token
+    fits = 64 - len(render("test-open", tokenizer).input_ids)
+    config = CFG.replace(max_new_tokens=fits, scales=(1.0,))
+    (record,) = SelfExplainer(backend, config).explain(directions(backend, 1))
+    assert record.candidates[0].stop_reason == "length"
+
+
+def test_generation_budget_past_the_context_is_an_error(backend):
+    limit = backend.model.config.max_position_embeddings  # GPT-2's n_positions
+    with pytest.raises(InputError, match=rf"max_new_tokens=1000 makes \d+, past the {limit}-token context"):
+        SelfExplainer(backend, CFG.replace(max_new_tokens=1000)).explain(directions(backend, 1))
 
 
 def test_unknown_template(gemma_backend):

@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
+import re
+from pathlib import Path
 
 import pytest
+import torch
 from sae_selfexplain_plugin.adapters.cli import main
 
 from sae_selfexplain_plugin import Explanation, FeatureExplanations, InputError
+from sae_selfexplain_plugin.activation_examples import ActivationExamples
 from sae_selfexplain_plugin.export import export_jsonl, export_neuron_explainer, export_neuronpedia
 from sae_selfexplain_plugin.files import OutputError
 from sae_selfexplain_plugin.formats import detect, read_documents, schema, validate, validate_file
@@ -153,6 +158,26 @@ def test_chosen_index_out_of_range_is_a_violation():
     ]
 
 
+def examples_for(d_sae: int, sae: dict | None = None) -> ActivationExamples:
+    """Feature f fires once, at 0.5 * (f + 1) on token "b" of the window ["a", "b", "c"]; feature 2 never."""
+    top_values = torch.zeros(d_sae, 2, 3)
+    for f in range(d_sae):
+        if f != 2:
+            top_values[f, 0] = torch.tensor([0.0, 0.5 * (f + 1), 0.25])
+    tensors = {
+        "top_tokens": torch.tensor([0, 1, 2]).repeat(d_sae, 2, 1),
+        "top_values": top_values,
+        "frequency": torch.tensor([0.0 if f == 2 else 0.01 * (f + 1) for f in range(d_sae)]),
+        "pool_tokens": torch.zeros(1, 3, dtype=torch.long),
+        "random_index": torch.full((d_sae, 1), -1),
+    }
+    return ActivationExamples(tensors, {0: "a", 1: "b", 2: "c"}, sae)
+
+
+def source_folder(root):
+    return root / "v1" / "gemma-3-270m" / "6-res-test"
+
+
 def test_the_export_imports_into_neuronpedias_tables_twice_without_change(tmp_path):
     import sqlite3
 
@@ -160,11 +185,11 @@ def test_the_export_imports_into_neuronpedias_tables_twice_without_change(tmp_pa
 
     records = [record(i) for i in (3, 1, 2)]
     export_neuronpedia(records, tmp_path, **NP)
-    folder = tmp_path / "v1" / "gemma-3-270m" / "6-res-test"
+    folder = source_folder(tmp_path)
     db = database()
     import_dataset(db, folder)
     once = counts(db)
-    assert once == {"Model": 1, "SourceSet": 1, "Source": 1, "Neuron": 3, "Explanation": 3}
+    assert once == {"Model": 1, "SourceSet": 1, "Source": 1, "Neuron": 3, "Activation": 0, "Explanation": 3}
     import_dataset(db, folder)  # a re-import is a no-op: deterministic ids, ON CONFLICT DO NOTHING
     assert counts(db) == once
     row = db.execute('SELECT description, "authorId", "typeName" FROM "Explanation" WHERE "index" = \'1\'').fetchone()
@@ -172,7 +197,7 @@ def test_the_export_imports_into_neuronpedias_tables_twice_without_change(tmp_pa
     # the constraints are real: an author Neuronpedia does not know, or a row without an id, fails the import
     export_neuronpedia(records, tmp_path / "x", author_id="nobody", model_layers=18)
     with pytest.raises(sqlite3.IntegrityError):
-        import_dataset(database(), tmp_path / "x" / "v1" / "gemma-3-270m" / "6-res-test")
+        import_dataset(database(), source_folder(tmp_path / "x"))
     without_id = folder / "explanations" / "batch-0.jsonl.gz"
     lines = [json.loads(x) for x in gzip.decompress(without_id.read_bytes()).splitlines()]
     without_id.write_bytes(gzip.compress("".join(json.dumps({k: v for k, v in x.items() if k != "id"}) + "\n"
@@ -181,8 +206,143 @@ def test_the_export_imports_into_neuronpedias_tables_twice_without_change(tmp_pa
         import_dataset(database(), folder)
 
 
+def test_a_clean_database_imports_the_export_with_its_top_contexts_public(tmp_path):
+    """Neuronpedia's import route (mirrored: tests/neuronpedia_db.py) on a database with no user and no config,
+    given only the export: create_author.sql, then the route."""
+    import sqlite3
+
+    from neuronpedia_db import NoSuchKey, counts, database, import_dataset
+
+    records = [record(i) for i in (0, 1, 2, 3)]
+    options = {**NP, "author_id": "cmauthor0000", "type_name": "np_self-explain", "explanation_model_name": "gemma"}
+    summary = export_neuronpedia(records, tmp_path, examples=examples_for(4), **options)
+    folder = source_folder(tmp_path)
+    db = database(users=(), types=())
+    with pytest.raises(sqlite3.IntegrityError, match="FOREIGN KEY"):  # without the author's User row
+        import_dataset(db, folder)
+    db = database(users=(), types=())
+    db.executescript((tmp_path / "create_author.sql").read_text())
+    import_dataset(db, folder)
+    once = counts(db)
+    assert once == {"Model": 1, "SourceSet": 1, "Source": 1, "Neuron": 4, "Activation": 3, "Explanation": 4}
+    for table in ("Model", "SourceSet", "Source"):
+        assert db.execute(f'SELECT visibility FROM "{table}"').fetchall() == [("PUBLIC",)]
+    top = db.execute('SELECT tokens, "values", "maxValue", "maxValueTokenIndex", "minValue", "creatorId" '
+                     'FROM "Activation" WHERE "index" = \'1\'').fetchone()  # fmt: skip
+    assert (json.loads(top[0]), json.loads(top[1]), *top[2:]) == (["a", "b", "c"], [0.0, 1.0, 0.25], 1.0, 1, 0.0,
+                                                                   "cmauthor0000")  # fmt: skip
+    assert db.execute('SELECT frac_nonzero, "maxActApprox" FROM "Neuron" WHERE "index" = \'3\'').fetchone() == (
+        0.04, 2.0)  # fmt: skip
+    assert db.execute('SELECT DISTINCT "typeName", "explanationModelName" FROM "Explanation"').fetchall() == [
+        ("np_self-explain", "gemma")]  # fmt: skip
+    db.executescript((tmp_path / "create_author.sql").read_text())  # both steps can be run again: no change
+    import_dataset(db, folder)
+    assert counts(db) == once
+    assert {p.name for p in summary.files} >= {"create_author.sql", "eval_type.jsonl", "batch-0.jsonl.gz"}
+    (tmp_path / "v1" / "config" / "eval_type.jsonl").unlink()  # the route's first step reads every config file
+    with pytest.raises(NoSuchKey, match="eval_type"):
+        import_dataset(database(users=("cmauthor0000",)), folder)
+
+
+def test_visibility_is_neuronpedias_and_applies_to_model_source_set_and_source(tmp_path):
+    from neuronpedia_db import database, import_dataset
+
+    export_neuronpedia([record(1)], tmp_path, visibility="unlisted", **NP)
+    db = database()
+    import_dataset(db, source_folder(tmp_path))
+    for table in ("Model", "SourceSet", "Source"):
+        assert db.execute(f'SELECT visibility FROM "{table}"').fetchall() == [("UNLISTED",)]
+    with pytest.raises(InputError, match="'secret' is not one of Neuronpedia's: public, unlisted, private"):
+        export_neuronpedia([record(1)], tmp_path / "x", visibility="secret", **NP)
+
+
+def test_the_export_refuses_mixed_saes_and_foreign_examples_before_writing(tmp_path):
+    other = record(2, np_id="gemma-3-270m/7-res-test")
+    with pytest.raises(InputError, match="mixes SAEs"):
+        export_neuronpedia([record(1), other], tmp_path / "a", **NP)
+    rerun = record(2)
+    rerun.settings_hash = "other"
+    with pytest.raises(InputError, match="mixes runs with different settings"):
+        export_neuronpedia([record(1), rerun], tmp_path / "a", **NP)
+    with pytest.raises(InputError, match=r"cover features 0\.\.3, but the results have feature 9"):
+        export_neuronpedia([record(1), record(9)], tmp_path / "b", examples=examples_for(4), **NP)
+    theirs = {"neuronpedia_id": "gemma-3-270m/6-res-test", "fingerprint": "f" * 16}
+    mine = FeatureExplanations(1, record(1).candidates, 1, model_id="google/gemma-3-270m", settings_hash="abc",
+                               sae={"neuronpedia_id": "gemma-3-270m/6-res-test", "fingerprint": "0" * 16})  # fmt: skip
+    with pytest.raises(InputError, match=r"belong to .*weights f{16}.*not to .*weights 0{16}"):
+        export_neuronpedia([mine], tmp_path / "c", examples=examples_for(4, theirs), **NP)
+    assert not any(tmp_path.iterdir())  # nothing written
+
+
+@pytest.mark.parametrize(
+    "at", ["features", "explanations/batch-0.jsonl.gz", "../../config", "../../../create_author.sql"]
+)
+def test_the_export_never_writes_through_a_link_planted_in_its_folder(tmp_path, at):
+    out, outside = tmp_path / "out", tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep").write_text("mine")
+    link = Path(os.path.normpath(source_folder(out) / at))
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(outside if "." not in link.name else outside / "keep")
+    with pytest.raises(InputError, match=f"symbolic link {re.escape(str(link))} inside the output folder"):
+        export_neuronpedia([record(1), record(2)], out, examples=examples_for(4), **NP)
+    assert [p.name for p in outside.iterdir()] == ["keep"] and (outside / "keep").read_text() == "mine"
+    assert [p for p in out.rglob("*") if p.is_file() and not p.is_symlink()] == []  # nothing written at all
+
+
 def test_the_export_needs_an_author_and_the_model_size(tmp_path):
     with pytest.raises(InputError, match="--author-id"):
         export_neuronpedia([record(1)], tmp_path, author_id="")
     with pytest.raises(InputError, match="--model-layers"):
         export_neuronpedia([record(1)], tmp_path, author_id="u1")
+
+
+def test_export_of_demo_results_finds_their_examples_and_model_size_as_upload_does(tmp_path, capsys):
+    from neuronpedia_db import counts, database, import_dataset
+    from sae_selfexplain_plugin.adapters.demo_sae import demo_examples, load_demo_sae
+    from sae_selfexplain_plugin.adapters.sae_lens import sae_identity
+
+    sae = load_demo_sae()
+    identity = sae_identity(sae)
+    records = [
+        FeatureExplanations(
+            f,
+            [Explanation(f, f"label {f}", 1.0, 2, "chat-meaning")],
+            0,
+            settings_hash="h",
+            model_id="HuggingFaceTB/SmolLM2-135M-Instruct",
+            sae=identity,
+        )
+        for f in range(4)
+    ]
+    results, out = tmp_path / "r.jsonl", tmp_path / "np"
+    export_jsonl(records, results)
+    argv = ["export", "--results", str(results), "--format", "neuronpedia", "--out", str(out), "--author-id", "me"]
+    assert main(argv) == 0  # no --examples, no --model-layers
+    printed = capsys.readouterr().out
+    assert "with activation examples; visibility PUBLIC" in printed and "create_author.sql" in printed
+    model, source = sae.cfg.metadata.neuronpedia_id.split("/")
+    folder = out / "v1" / model / source
+    assert json.loads((folder / "model.jsonl").read_text())["layers"] == 30  # SmolLM2-135M's blocks
+    db = database(users=(), types=())
+    db.executescript((out / "create_author.sql").read_text())
+    import_dataset(db, folder)
+    examples = demo_examples()
+    assert counts(db)["Activation"] == sum(len(examples[f].top) for f in range(4)) > 0
+    density = dict(db.execute('SELECT "index", frac_nonzero FROM "Neuron"').fetchall())
+    assert density == {str(f): pytest.approx(examples[f].frequency, abs=1e-8) for f in range(4)}
+    assert all(d > 0 for d in density.values())
+
+
+def test_export_takes_the_model_size_from_a_checkpoint_or_an_embedded_model(tmp_path):
+    from sae_selfexplain_plugin.adapters.cli import _model_blocks
+
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 7}))
+
+    def size(model_name, model_id="x/y"):
+        return _model_blocks([FeatureExplanations(1, [], model_id=model_id, sae={"model_name": model_name})])
+
+    assert size("google/gemma-3-270m") == 18 and size("SmolLM2-135M-Instruct") == 30
+    assert size("nobody/unknown", model_id=str(tmp_path / "ckpt")) == 7  # the explaining model's checkpoint
+    assert size("nobody/unknown") is None

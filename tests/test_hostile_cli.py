@@ -9,6 +9,7 @@ import gzip
 import hashlib
 import json
 import os
+import pickle
 import re
 import shutil
 import signal
@@ -25,13 +26,21 @@ from typing import Any
 import pytest
 import torch
 from conftest import build_tokenizer, tiny_gemma
+from fake_neuronpedia import FakeNeuronpedia
 from loopback import LoopbackServer, send_json
 from sae_lens import StandardSAE, StandardSAEConfig
 from sae_lens.saes.sae import SAEMetadata
 from sae_selfexplain_plugin.adapters.cli import main
+from sae_selfexplain_plugin.adapters.demo_sae import DEMO_SAE_DIR
 from test_dashboard import page  # noqa: F401 (the Chromium page fixture)
+from test_direction_adapter import rewrite_metadata
+from test_upload import Flaky, Silent, leaks
+
+from sae_selfexplain_plugin import AdapterMetadata, DirectionAdapter
+from sae_selfexplain_plugin.activation_examples import EXAMPLES_FILE
 
 KEY = "hostile-test-key-0123"
+DEMO_EXAMPLES = DEMO_SAE_DIR / EXAMPLES_FILE
 FAST = ["--template", "test-open", "--scales", "1,4", "--max-new-tokens", "3", "--batch-size", "4"]
 
 
@@ -101,6 +110,35 @@ def foreign_db(case: Path, assets: Path) -> None:
     _sqlite(case / "in.db", "CREATE TABLE users (name TEXT)", "INSERT INTO users VALUES ('alice')")
 
 
+def plant_link(at: str, folder: bool = True) -> Callable[[Path, Path], None]:
+    """A real symbolic link at {c}/out/v1/tiny-gemma3/2-test/`at`, to a folder or a file outside --out."""
+
+    def setup(case: Path, assets: Path) -> None:
+        link = case / "out" / "v1" / "tiny-gemma3" / "2-test" / at
+        link.parent.mkdir(parents=True)
+        target = case / "elsewhere"
+        if folder:
+            target.mkdir()
+        else:
+            target.write_bytes(b"not yours")
+        link.symlink_to(target, target_is_directory=folder)
+
+    return setup
+
+
+def with_model(name: str) -> Callable[[Path, Path], None]:
+    """Every record's model (the SAE's and the explaining one) renamed to `name`."""
+
+    def setup(case: Path, assets: Path) -> None:
+        docs = record_lines(assets)
+        for d in docs:
+            d["model_id"] = name
+            d["sae"]["model_name"] = name
+        write_records(case / "in.jsonl", docs)
+
+    return setup
+
+
 @dataclass
 class Case:
     name: str
@@ -116,6 +154,8 @@ def explain(*extra: str, sae: str = "{a}/sae") -> list[str]:
 
 
 NP_FLAGS = ["--author-id", "u1", "--model-layers", "4"]
+# an upload refused before it connects: a closed loopback port, the ledger under --out (outside the snapshot)
+UPLOAD_NOWHERE = ["--host", "http://127.0.0.1:9", "--allow-http", "--source", "2-test", "--ledger", "{c}/out/l.db"]
 
 
 def export_neuronpedia(*extra: str, results: str = "{a}/results.jsonl") -> list[str]:
@@ -276,6 +316,35 @@ CASES = [
         setup=with_record_change(lambda d: d["sae"].update(neuronpedia_id="../x")),
     ),
     Case(
+        "export-through-a-planted-folder-link",
+        export_neuronpedia(),
+        r"refusing to write through the symbolic link .*2-test/features inside the output folder",
+        setup=plant_link("features"),
+    ),
+    Case(
+        "export-through-a-planted-file-link",
+        export_neuronpedia(),
+        r"symbolic link .*2-test/explanations/batch-0\.jsonl\.gz inside the output folder",
+        setup=plant_link("explanations/batch-0.jsonl.gz", folder=False),
+    ),
+    Case(
+        "export-mixes-two-saes",
+        export_neuronpedia(results="{c}/in.jsonl"),
+        r"mixes SAEs: other/2-test \(weights 0{16}\) and tiny-gemma3/2-test",
+        setup=with_record_change(lambda d: d["sae"].update(neuronpedia_id="other/2-test", fingerprint="0" * 16)),
+    ),
+    Case(
+        "export-model-of-unknown-size",
+        ["export", "--results", "{c}/in.jsonl", "--format", "neuronpedia", "--out", "{c}/out", "--author-id", "u1"],
+        r"number of blocks of tiny-gemma3.*pass --model-layers",
+        setup=with_model("nobody/unknown-model"),
+    ),
+    Case(
+        "export-author-id-with-sql",
+        export_neuronpedia("--author-id", "u1'); DROP TABLE x; --"),
+        r"needs --author-id \(got .*letters, digits and \. _ -",
+    ),
+    Case(
         "export-duplicates",
         [
             "export",
@@ -306,6 +375,221 @@ CASES = [
         ["upload", "--results", "{a}/results.jsonl", "--host", "http://example.com"],
         r"plain http: the API key would travel unencrypted",
     ),
+    # issue 37: outputs never eat inputs; results and examples of one SAE, one run
+    Case(
+        "explain-out-is-its-store",
+        ["explain", "--sae", "{a}/sae", "--model", "{a}/tiny-gemma3", "--out", "{c}/out/r.db", *FAST],
+        r"--out .*r\.db is the same file as the results store",
+    ),
+    Case(
+        "dashboard-out-is-its-results",
+        ["dashboard", "{c}/in.jsonl", "--out", "{c}/in.jsonl"],
+        r"--out .*in\.jsonl is the same file as the results .*choose another --out",
+        setup=lambda c, a: shutil.copy(a / "results.jsonl", c / "in.jsonl"),
+    ),
+    Case(
+        "dashboard-out-is-a-hard-link-to-its-results",
+        ["dashboard", "{c}/in.jsonl", "--out", "{c}/link.html"],
+        r"--out .*link\.html is the same file as the results",
+        setup=lambda c, a: (shutil.copy(a / "results.jsonl", c / "in.jsonl"), os.link(c / "in.jsonl", c / "link.html")),
+    ),
+    Case(
+        "export-jsonl-out-is-its-store",
+        ["export", "--store", "{c}/in.db", "--format", "jsonl", "--out", "{c}/in.db"],
+        r"--out .*in\.db is the same file as --store",
+        setup=copy_store(),
+    ),
+    Case(
+        "train-adapter-out-is-its-examples",
+        ["train-adapter", "--sae", "{a}/sae", "--examples", "{c}/e.safetensors", "--out", "{c}/e.safetensors"],
+        r"--out .*e\.safetensors is the same file as --examples",
+        setup=lambda c, a: (c / "e.safetensors").write_bytes(b"examples"),
+    ),
+    Case(
+        "dashboard-mixes-two-saes",
+        ["dashboard", "{c}/in.jsonl", "--out", "{c}/out/d.html"],
+        r"mixes SAEs: other/2-test \(weights 0{16}\) and tiny-gemma3/2-test \(weights [0-9a-f]{16}\)",
+        setup=with_record_change(lambda d: d["sae"].update(neuronpedia_id="other/2-test", fingerprint="0" * 16)),
+    ),
+    Case(
+        "dashboard-mixes-two-runs",
+        ["dashboard", "{c}/in.jsonl", "--out", "{c}/out/d.html"],
+        r"mixes runs with different settings .*'f{16}'.*--settings picks one",
+        setup=with_record_change(lambda d: d.update(settings_hash="f" * 16)),
+    ),
+    Case(
+        "eval-examples-of-another-sae",
+        ["eval", "--sae", "{a}/sae", "--examples", str(DEMO_EXAMPLES), "--out", "{c}/out/e.json"],
+        r"activation examples .* (belong to .*, not to tiny-gemma3/2-test|cover 4096 features, but the SAE has 12)",
+    ),
+    Case(
+        "dashboard-examples-of-another-sae",
+        ["dashboard", "{a}/results.jsonl", "--out", "{c}/out/d.html", "--examples", str(DEMO_EXAMPLES)],
+        r"activation examples .* (belong to .*, not to tiny-gemma3/2-test|cover 4096 features, but the SAE has 12)",
+    ),
+    Case(
+        "validate-a-line-past-the-cap",
+        ["validate", "{c}/in.jsonl"],
+        r"line 1 is longer than 33,554,432 characters",
+        setup=lambda c, a: (c / "in.jsonl").write_text('"' + "x" * (32 * 1024 * 1024) + '"\n'),
+    ),
+    Case(
+        "dashboard-a-json-past-the-cap",
+        ["dashboard", "{c}/in.json", "--out", "{c}/out/d.html"],
+        r"longer than 33,554,432 characters, the most one JSON document",
+        setup=lambda c, a: (c / "in.json").write_text('"' + "x" * (32 * 1024 * 1024) + '"'),
+    ),
+    Case(
+        "contexts-corpus-line-past-the-cap",
+        [
+            "contexts",
+            "--sae",
+            "{a}/sae",
+            "--model",
+            "{a}/tiny-gemma3",
+            "--corpus",
+            "{c}/in.jsonl",
+            "--out",
+            "{c}/out/e",
+        ],
+        r"--corpus .*in\.jsonl line 2 is longer than 33,554,432 characters",
+        setup=lambda c, a: (c / "in.jsonl").write_text('"short"\n"' + "x" * (32 * 1024 * 1024) + '"\n'),
+    ),
+    # issue 37: adapters, SAE folders, prompts
+    Case(
+        "adapter-metadata-not-json",
+        explain("--adapter", "{c}/a.safetensors"),
+        r"a\.safetensors: adapter metadata: malformed or truncated JSON",
+        setup=lambda c, a: _adapter_file(c, text="{"),
+    ),
+    Case(
+        "adapter-d_model-a-string",
+        explain("--adapter", "{c}/a.safetensors"),
+        r"a\.safetensors: adapter metadata: field 'd_model' must be an integer >= 1, got '576'",
+        setup=lambda c, a: _adapter_file(c, d_model="576"),
+    ),
+    Case(
+        "adapter-rank-a-string",
+        explain("--adapter", "{c}/a.safetensors"),
+        r"a\.safetensors: adapter metadata: field 'rank' must be an integer >= 0, got '64'",
+        setup=lambda c, a: _adapter_file(c, rank="64"),
+    ),
+    Case(
+        "adapter-d_model-huge",  # once tried to allocate 800 GB
+        explain("--adapter", "{c}/a.safetensors"),
+        r"field 'd_model' is 100000000000, but the model's d_model is 64",
+        setup=lambda c, a: _adapter_file(c, d_model=10**11),
+    ),
+    Case(
+        "adapter-nan-bias",  # once gave empty texts and exit 0
+        explain("--adapter", "{c}/a.safetensors"),
+        r"a\.safetensors: tensor 'bias' holds 1 NaN or infinite values of 64",
+        setup=lambda c, a: _adapter_file(c, nan=True),
+    ),
+    Case(
+        "sae-weights-missing",  # once reported as "corrupt or truncated"
+        explain(sae="{c}/sae"),
+        r"has cfg\.json but no weights file sae_weights\.safetensors",
+        setup=lambda c, a: (_sae_with_cfg(c, a), (c / "sae" / "sae_weights.safetensors").unlink()),
+    ),
+    Case(
+        "sae-d_in-not-whole",  # once reported as "corrupt or truncated"
+        explain(sae="{c}/sae"),
+        r"cfg\.json: field 'd_in' must be a whole number >= 1 \(a width\), got 576\.9 \(float\)",
+        setup=lambda c, a: _sae_with_cfg(c, a, d_in=576.9),
+    ),
+    Case(
+        "model-pickle-weights",  # unpickled, the planted .bin would create {c}/pwned: the snapshot check sees it
+        ["explain", "--sae", "{a}/sae", "--model", "{c}/model", "--out", "{c}/out/r.jsonl", *FAST],
+        r"no safetensors weights; its weights are pickle files \['pytorch_model\.bin'\], refused .*save_pretrained",
+        setup=lambda c, a: _pickle_checkpoint(c, a),
+    ),
+    Case(
+        "prompt-past-the-context",  # the tiny model's context is 512 tokens
+        explain("--template", "identity", "--max-new-tokens", "600"),
+        r"template 'identity' renders to \d+ tokens, which with max_new_tokens=600 makes \d+, past the 512-token",
+    ),
+    Case(
+        "upload-timeout-nan",
+        ["upload", "--results", "{a}/results.jsonl", "--source", "2-test", "--timeout", "nan"],
+        r"--timeout: expected seconds above 0 and at most 600, got 'nan'",
+    ),
+    Case(
+        "upload-key-crlf",  # once "internal error: ValueError: Invalid header value b'<the key>...'"
+        ["upload", "--results", "{a}/results.jsonl", *UPLOAD_NOWHERE],
+        r"API key \(NEURONPEDIA_API_KEY\) holds a line break at position 11; .*copy it again",
+        env={"NEURONPEDIA_API_KEY": "SECRET-k3y\r\nX-Injected: 1"},
+    ),
+    Case(
+        "upload-key-not-latin-1",  # once UnicodeEncodeError
+        ["upload", "--results", "{a}/results.jsonl", *UPLOAD_NOWHERE],
+        r"API key \(NEURONPEDIA_API_KEY\) holds a non-ASCII character at position 8",
+        env={"NEURONPEDIA_API_KEY": "SECRET-ключ"},
+    ),
+    Case(
+        "upload-mixed-saes",  # once all sent to the first record's source, and recorded in the ledger
+        ["upload", "--results", "{c}/in.jsonl", *UPLOAD_NOWHERE],
+        r"mixes SAEs: .*2-other.* and .*2-test",
+        setup=with_record_change(lambda d: d["sae"].update(neuronpedia_id="tiny-gemma3/2-other", fingerprint="0" * 16)),
+    ),
+    # issue 37: resume checkpoints are never unpickled; examples files are checked field by field
+    Case(
+        "contexts-resume-planted-pickle",  # once torch.load(weights_only=False): the pickle ran
+        [
+            "contexts",
+            "--sae",
+            "{a}/sae",
+            "--model",
+            "{a}/tiny-gemma3",
+            "--corpus",
+            "{c}/corpus.txt",
+            "--out",
+            "{c}/e.safetensors",
+            "--resume",
+        ],
+        r"e\.safetensors\.partial is not a readable resume checkpoint .*rerun without --resume",
+        setup=lambda c, a: _planted_resume(c, "e.safetensors.partial"),
+    ),
+    Case(
+        "train-adapter-resume-planted-pickle",  # once torch.load(weights_only=False): the pickle ran
+        [
+            "train-adapter",
+            "--sae",
+            "{a}/sae",
+            "--model",
+            "{a}/tiny-gemma3",
+            "--examples",
+            "{c}/none.safetensors",
+            "--out",
+            "{c}/a.safetensors",
+            "--template",
+            "identity",
+            "--steps",
+            "2",
+            "--words",
+            "4",
+            "--resume",
+        ],
+        r"a\.safetensors\.ckpt is not a readable resume checkpoint .*delete .* to start over",
+        setup=lambda c, a: _planted_resume(c, "a.safetensors.ckpt", corpus=False),
+    ),
+    Case(
+        "train-adapter-words-zero",  # once the whole vocabulary: more than 600 s
+        ["train-adapter", "--sae", "{a}/sae", "--out", "{c}/out/a.safetensors", "--words", "0"],
+        r"--words: expected a whole number >= 1, got '0'",
+    ),
+    Case(
+        "examples-vocabulary-empty",
+        ["eval", "--sae", "{a}/sae", "--examples", "{c}/e.safetensors"],
+        r"e\.safetensors: field 'vocab' must be a non-empty JSON object .*rebuild the file",
+        setup=lambda c, a: _examples_file(c, "{}"),
+    ),
+    Case(
+        "examples-tensor-missing",
+        ["eval", "--sae", "{a}/sae", "--examples", "{c}/e.safetensors"],
+        r"e\.safetensors: tensor 'top_tokens' is missing; rebuild the file",
+        setup=lambda c, a: _examples_file(c, '{"0": "a"}'),
+    ),
 ]
 
 
@@ -315,12 +599,57 @@ def _sae_with_cfg(case: Path, assets: Path, **changes: Any) -> None:
     (case / "sae" / "cfg.json").write_text(json.dumps({**cfg, **changes}))
 
 
+def _adapter_file(case: Path, text: str | None = None, nan: bool = False, **changes: Any) -> None:
+    """{c}/a.safetensors: an adapter for the tiny model, with a NaN in its bias, or its metadata replaced by
+    `text` or changed by `changes`."""
+    adapter = DirectionAdapter(AdapterMetadata("tiny-gemma3", 64, "blocks.2.hook_resid_pre", 2, "test-open"))
+    if nan:
+        with torch.no_grad():
+            adapter.bias[0] = float("nan")
+    rewrite_metadata(adapter.save(case / "a.safetensors"), text, **changes)
+
+
+class _Planted:
+    """Unpickled, it opens (creates) the file at `marker`."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (open, (str(self.marker), "w"))
+
+
+def _pickle_checkpoint(case: Path, assets: Path) -> None:
+    """{c}/model: the tiny checkpoint with its safetensors weights replaced by a planted pickle .bin."""
+    shutil.copytree(assets / "tiny-gemma3", case / "model")
+    (case / "model" / "model.safetensors").unlink()
+    (case / "model" / "pytorch_model.bin").write_bytes(pickle.dumps(_Planted(case / "pwned")))
+
+
+def _planted_resume(case: Path, checkpoint: str, corpus: bool = True) -> None:
+    """{c}/`checkpoint`: a torch.save pickle that would create {c}/pwned if loaded (the snapshot check sees
+    it); with a small corpus at {c}/corpus.txt."""
+    (case / checkpoint).parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"collector": _Planted(case / "pwned"), "rows": 1}, case / checkpoint)
+    if corpus:
+        (case / "corpus.txt").write_text(" ".join(["the cat sat on the mat"] * 200))
+
+
+def _examples_file(case: Path, vocab: str, **tensors: torch.Tensor) -> None:
+    """{c}/e.safetensors: an activation-examples file with this vocabulary JSON and these tensors."""
+    from safetensors.torch import save_file
+
+    meta = {"format": "sae-selfexplain-activation-examples/2", "vocab": vocab}
+    save_file(tensors or {"frequency": torch.zeros(12)}, case / "e.safetensors", metadata=meta)
+
+
 def snapshot(*roots: Path, skip: Path | None = None) -> dict[str, str]:
-    """sha256 of every file under `roots` (except under `skip`)."""
+    """sha256 of every file under `roots` (except under `skip`); a symbolic link is not a file of its own (its
+    target, when under `roots`, is hashed where it lies)."""
     out = {}
     for root in roots:
         for p in sorted(root.rglob("*")):
-            if p.is_file() and not (skip and (p == skip or skip in p.parents)):
+            if p.is_file() and not p.is_symlink() and not (skip and (p == skip or skip in p.parents)):
                 out[str(p)] = hashlib.sha256(p.read_bytes()).hexdigest()
     return out
 
@@ -431,6 +760,50 @@ def test_upload_marks_nothing_on_a_bad_answer(assets: Path, tmp_path: Path, answ
         done = run_cli(argv, tmp_path)
     assert done.returncode == 2 and "unexpected answer" in error_lines(done)[-1], error_lines(done)
     assert _uploads(ledger) == 0
+
+
+def _upload_to(url: str, tmp_path: Path, *extra: str) -> list[str]:
+    return ["upload", "--results", "{a}/results.jsonl", "--host", url, "--allow-http", "--source", "2-test",
+            "--ledger", str(tmp_path / "ledger.db"), *extra]  # fmt: skip
+
+
+def test_upload_gives_up_on_a_silent_server_promptly(assets: Path, tmp_path: Path) -> None:
+    # once about 6.5 minutes (six tries of 60 s and 31 s of backoff), and no --timeout
+    with Silent() as silent:
+        argv = [a.format(a=assets) for a in _upload_to(silent.url, tmp_path, "--timeout", "0.5")]
+        done = run_cli(argv, tmp_path)
+    lines = error_lines(done)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, lines
+    said = r"^error: http://127\.0\.0\.1:\d+ did not answer within 0\.5 s \(--timeout\) \(2 tries\).*raise --timeout"
+    assert re.search(said, lines[-1]) and len(silent.held) == 2, lines
+    assert _uploads(tmp_path / "ledger.db") == 0
+
+
+def test_upload_retries_dropped_connections(assets: Path, tmp_path: Path) -> None:
+    # a reset, then a close before any answer (once RemoteDisconnected, not retried), then the server
+    with FakeNeuronpedia(KEY, "tiny-gemma3", ("2-test",)) as server, Flaky(server, ["reset", "close"]) as front:
+        done = run_cli([a.format(a=assets) for a in _upload_to(front.url, tmp_path)], tmp_path)
+    assert done.returncode == 0, error_lines(done)
+    assert front.seen == 3 and len(server.received) == 1
+    assert _uploads(tmp_path / "ledger.db") == len(server.received[0]["features"]) > 0
+
+
+def test_upload_never_prints_the_key(assets: Path, tmp_path: Path) -> None:
+    """The key planted where it leaked or could: a header it breaks (with --debug's traceback), and a server
+    quoting it in its error. All output is searched for any 6-character piece of it."""
+    crlf = "SECRET-k3y-9d8e\r\nSECRET-more-7c6b"
+    argv = ["--debug", *(a.format(a=assets) for a in _upload_to("http://127.0.0.1:9", tmp_path))]
+    done = run_cli(argv, tmp_path, {NEURONPEDIA_KEY_ENV: crlf})
+    assert done.returncode == 2 and leaks(crlf, done.stdout + done.stderr) == [], done.stdout + done.stderr
+    assert "holds a line break" in error_lines(done)[-1]
+    echoed = "SECRET-echoed-5a4b3c"
+    quoting = _Server(lambda h: send_json(h, 400, {"error": f"bad key {h.headers['x-api-key']} " + "x" * 300}))
+    with quoting:
+        done = run_cli([a.format(a=assets) for a in _upload_to(quoting.url, tmp_path)], tmp_path,
+                       {NEURONPEDIA_KEY_ENV: echoed})  # fmt: skip
+    assert quoting.seen[0]["x-api-key"] == echoed  # it was sent, and quoted back
+    assert done.returncode == 2 and leaks(echoed, done.stdout + done.stderr) == [], done.stdout + done.stderr
+    assert "HTTP 400" in error_lines(done)[-1] and "bad key ***" in error_lines(done)[-1]
 
 
 def test_bad_decoder_rows_are_skipped_and_recorded(assets: Path, tmp_path: Path, capsys: Any) -> None:

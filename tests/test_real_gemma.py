@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 from sae_selfexplain_plugin.adapters.cli import main
+from sae_selfexplain_plugin.adapters.embedded import EMBEDDED_MODELS
 
 from sae_selfexplain_plugin import SelfExplainConfig, SelfExplainer
 from sae_selfexplain_plugin.word_recovery import recovered, run_word_recovery, word_vectors
@@ -14,6 +15,7 @@ WORDS = ["Paris", "banana", "dog", "music", "winter", "king"]
 
 def test_model_shape_and_default_template(real_backend):
     assert (real_backend.n_layers, real_backend.d_model) == (18, 640)
+    assert EMBEDDED_MODELS["gemma-3-270m"].n_layers == real_backend.n_layers  # the registry's, used by export
     assert real_backend.model_id == "google/gemma-3-270m"
     assert SelfExplainer(real_backend).template_name == "identity"  # base model: no chat template
 

@@ -7,7 +7,7 @@ import json
 import pytest
 from sae_selfexplain_plugin.adapters.cli import main
 from sae_selfexplain_plugin.adapters.demo_sae import demo_examples, load_demo_sae
-from sae_selfexplain_plugin.adapters.embedded import DEFAULT_MODEL, load_backend
+from sae_selfexplain_plugin.adapters.embedded import DEFAULT_MODEL, EMBEDDED_MODELS, load_backend
 
 from sae_selfexplain_plugin import SelfExplainConfig, SelfExplainer, render
 from sae_selfexplain_plugin.word_recovery import recovered, word_vectors
@@ -24,6 +24,7 @@ def smol():
 def test_it_is_the_default_and_a_chat_model(smol):
     assert DEFAULT_MODEL == "smollm2-135m-instruct"
     assert (smol.n_layers, smol.d_model) == (30, 576)
+    assert EMBEDDED_MODELS["smollm2-135m-instruct"].n_layers == smol.n_layers  # the registry's, used by export
     assert SelfExplainer(smol).template_name == "chat-meaning"
     prompt = render("chat-meaning", smol.tokenizer)
     assert prompt.text.count("<|im_start|>") == 3 and len(prompt.placeholder_positions) == 2

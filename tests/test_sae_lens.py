@@ -218,6 +218,58 @@ def test_d_in_mismatch(hooked):
         make_sae(d_in=48).self_explain(0, model=hooked, config=CFG)
 
 
+@pytest.mark.parametrize(
+    ("cfg_changes", "weights_as", "match"),
+    [  # weights_as: the weights file's new name, None to delete it, "" to leave it
+        ({}, None, r"has cfg\.json but no weights file sae_weights\.safetensors, where SAELens expects"),
+        ({}, "weights.pt", r"no weights file sae_weights\.safetensors, .*the folder holds \['weights\.pt'\] instead"),
+        ({"d_in": 576.9}, "", r"cfg\.json: field 'd_in' must be a whole number >= 1 \(a width\), got 576\.9 \(float\)"),
+        ({"d_in": "64"}, "", r"field 'd_in' must be a whole number .* got '64' \(str\)"),
+        ({"d_sae": True}, "", r"field 'd_sae' must be a whole number .* got True \(bool\)"),
+        ({"d_sae": 0}, "", r"field 'd_sae' must be a whole number >= 1 .* got 0 \(int\)"),
+        ({"d_in": None}, "", r"field 'd_in' must be a whole number"),
+        ({"dtype": "float99"}, "", r"cannot build an SAE from .*cfg\.json \(ValueError: Invalid dtype: float99"),
+    ],
+)
+def test_a_broken_sae_folder_is_reported_by_its_true_cause(tmp_path, cfg_changes, weights_as, match):
+    import json
+
+    folder = tmp_path / "sae"
+    make_sae().save_model(folder)
+    cfg = json.loads((folder / "cfg.json").read_text())
+    (folder / "cfg.json").write_text(json.dumps({**cfg, **cfg_changes}))
+    weights = folder / "sae_weights.safetensors"
+    if weights_as is None:
+        weights.unlink()
+    elif weights_as:
+        weights.rename(folder / weights_as)
+    with pytest.raises(InputError, match=match) as caught:
+        adapter.load_sae_folder(folder)
+    assert "corrupt or truncated" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("cfg_text", "match"),
+    [
+        ("[1, 2]", r"not a valid SAE config: a JSON object is expected, got list"),
+        ('{"d_sae": 32}', r"not a valid SAE config: it lacks the field 'd_in'"),
+        ("\udcff", r"cannot read it as UTF-8 text"),
+    ],
+)
+def test_a_cfg_that_is_no_sae_config(tmp_path, cfg_text, match):
+    folder = tmp_path / "sae"
+    make_sae().save_model(folder)
+    (folder / "cfg.json").write_bytes(cfg_text.encode("utf-8", "surrogateescape"))
+    with pytest.raises(InputError, match=match):
+        adapter.load_sae_folder(folder)
+
+
+def test_tl_context_bounds_the_prompt_and_its_budget(hooked):
+    assert TransformerLensBackend(hooked).context_length == 256  # cfg.n_ctx
+    with pytest.raises(InputError, match=r"max_new_tokens=300 makes \d+, past the 256-token context of tiny-tl"):
+        make_sae().self_explain(0, model=hooked, config=CFG.replace(max_new_tokens=300))
+
+
 def test_sae_from_another_model(hooked):
     sae = make_sae(model="gpt2-small")
     with pytest.raises(InputError, match=r"trained on 'gpt2-small'.*check_model=False"):

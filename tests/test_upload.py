@@ -2,8 +2,21 @@
 
 from __future__ import annotations
 
+import functools
+import json
+import socket
+import struct
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler
+from typing import Any
+
 import pytest
 from fake_neuronpedia import FakeNeuronpedia
+from loopback import LoopbackServer, send_json
 from sae_selfexplain_plugin.adapters.cli import main
 from sae_selfexplain_plugin.adapters.neuronpedia import UploadError, upload
 
@@ -258,3 +271,292 @@ def test_create_source_errors(server, monkeypatch):
         create_source_set("nope", "6-mine", host=server.url, allow_http=True)
     with pytest.raises(UploadError, match="not LAYER-SETNAME"):
         create_source_set("gemma-3-270m", "6-Bad--Name", host=server.url, allow_http=True)
+
+
+# --- the network policy: drops, silence, long waits; the key's format and redaction; one SAE a source ---
+
+
+class Flaky(LoopbackServer):
+    """In front of the double: each request first meets the next of `faults` ("close": the connection closed
+    before any answer, http.client's RemoteDisconnected; "reset": a TCP reset, ConnectionResetError); once
+    they are used up, requests pass through to `target` unchanged."""
+
+    def __init__(self, target: FakeNeuronpedia | None, faults: list[str]) -> None:
+        self.faults, self.seen = list(faults), 0
+        flaky = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                flaky.seen += 1
+                if flaky.faults or target is None:
+                    if (flaky.faults.pop(0) if flaky.faults else "close") == "reset":
+                        self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                        self.connection.close()  # linger 0: close sends RST, not FIN
+                    self.close_connection = True
+                    return
+                assert target is not None
+                forward = urllib.request.Request(target.url + self.path, data=body, method="POST",
+                                                 headers=dict(self.headers.items()))  # fmt: skip
+                try:
+                    with urllib.request.urlopen(forward, timeout=10) as r:
+                        status, answer = r.status, r.read()
+                except urllib.error.HTTPError as e:
+                    status, answer = e.code, e.read()
+                send_json(self, status, json.loads(answer))
+
+        super().__init__(Handler)
+
+
+class Silent:
+    """A loopback server that accepts connections (counted) and never answers: a server that hangs."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.held: list[socket.socket] = []
+
+    def _accept(self) -> None:
+        for _ in range(64):  # bounded; ends when the listening socket is closed
+            try:
+                self.held.append(self.sock.accept()[0])
+            except OSError:
+                return
+
+    def __enter__(self) -> Silent:
+        threading.Thread(target=self._accept, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.sock.close()
+        for conn in self.held:
+            conn.close()
+
+
+class Answering(LoopbackServer):
+    """Answers every POST with `answer(handler)`."""
+
+    def __init__(self, answer: Callable[[BaseHTTPRequestHandler], None]) -> None:
+        self.seen = 0
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                outer.seen += 1
+                answer(self)
+
+        super().__init__(Handler)
+
+
+@pytest.mark.parametrize("fault", ["close", "reset"])
+def test_connection_drops_are_retried_like_a_503(server, ledger, fault):
+    logs = []
+    with Flaky(server, [fault, fault]) as front:
+        summary = go([record(1)], front, ledger, logs)
+    assert summary.sent == 1 and front.seen == 3 and len(server.received) == 1
+    assert len(logs) == 2 and "retrying" in logs[0]
+    assert len(ledger.uploaded(front.url, "gemma-3-270m", "6-test")) == 1
+
+
+@pytest.mark.parametrize(("fault", "said"), [("close", "closed the connection without answering"),
+                                             ("reset", "reset the connection")])  # fmt: skip
+def test_persistent_drops_fail_naming_the_host_and_the_fix(server, ledger, fault, said):
+    records = [record(i) for i in range(200)]
+    with Flaky(server, []) as front:
+        go(records[:128], front, ledger)  # the first batch gets through
+        front.faults = [fault] * 10
+        with pytest.raises(UploadError) as err:
+            go(records, front, ledger, max_retries=2)
+    message = str(err.value)
+    assert f"{front.url} {said} (3 tries)" in message and "batch starting at feature 128" in message
+    assert "Fix: check that it is up, then rerun" in message and front.seen == 1 + 3
+    assert len(ledger.uploaded(front.url, "gemma-3-270m", "6-test")) == 128  # the first batch is kept
+
+
+def test_a_silent_server_is_given_up_on_promptly(ledger):
+    logs: list[str] = []
+    with Silent() as silent:
+        start = time.monotonic()
+        with pytest.raises(UploadError, match=r"did not answer within 0\.3 s \(--timeout\) \(2 tries\)") as err:
+            upload([record(1)], model_id="m", source="6-test", ledger=ledger, api_key=KEY, host=silent.url,
+                   allow_http=True, timeout_s=0.3, backoff_s=0.0, log=logs.append)  # fmt: skip
+        took = time.monotonic() - start
+    # two tries of 0.3 s; before, six tries of the timeout plus 31 s of backoff (6.5 min at 60 s)
+    assert took < 3 and len(silent.held) == 2, (took, len(silent.held))
+    assert "raise --timeout" in str(err.value) and len(logs) == 1
+    assert ledger.uploaded(silent.url, "m", "6-test") == set()
+
+
+@pytest.mark.parametrize("bad", ["0", "-1", "nan", "inf", "601", "soon"])
+def test_cli_timeout_must_be_sane_seconds(bad, tmp_path, capsys):
+    results = tmp_path / "r.jsonl"
+    export_jsonl([record(1)], results)
+    with pytest.raises(SystemExit) as exit_:
+        main(["upload", "--results", str(results), "--source", "6-test", "--timeout", bad])
+    assert exit_.value.code == 2
+    assert "--timeout: expected seconds above 0 and at most 600" in " ".join(capsys.readouterr().err.split())
+
+
+@pytest.mark.parametrize("header", ["99999", "inf"])
+def test_a_retry_after_beyond_the_cap_is_reported_not_slept(ledger, header):
+    slept: list[float] = []
+    busy = Answering(lambda h: send_json(h, 429, {"error": "slow down"}, {"Retry-After": header}))
+    with busy, pytest.raises(UploadError, match=r"asks to wait .* \(HTTP 429, Retry-After\).*rerun later"):
+        go([record(1)], busy, ledger, sleep=slept.append)
+    assert slept == [] and busy.seen == 1
+
+
+def test_a_retry_after_of_nan_waits_the_backoff(ledger):
+    slept: list[float] = []
+    busy = Answering(lambda h: send_json(h, 503, {"error": "busy"}, {"Retry-After": "nan"}))
+    with busy, pytest.raises(UploadError, match="HTTP 503"):
+        go([record(1)], busy, ledger, sleep=slept.append, backoff_s=0.5, max_retries=2)
+    assert slept == [0.5, 1.0]
+
+
+BAD_KEYS = [("SECRET-a1b2\r\nX-Injected: 1", "a line break at position 12"),
+            ("SECRET-a1b2\nSECRET-c3d4", "a line break at position 12"),
+            ("SECRET-клю-ч", "a non-ASCII character at position 8"),  # not latin-1: UnicodeEncodeError before
+            ("SECRET-é-a1b2", "a non-ASCII character at position 8"),  # latin-1: would have been sent as is
+            ("SECRET a1b2", "a space or control character at position 7")]  # fmt: skip
+
+
+@pytest.mark.parametrize(("key", "said"), BAD_KEYS, ids=["crlf", "lf", "cyrillic", "latin-1", "space"])
+def test_a_key_that_cannot_be_a_header_is_refused_before_use(server, ledger, tmp_path, monkeypatch, capsys, key,
+                                                             said):  # fmt: skip
+    with pytest.raises(UploadError, match=said) as err:
+        go([record(1)], server, ledger, api_key=key)
+    assert "SECRET" not in str(err.value) and server.requests == 0
+    results = tmp_path / "r.jsonl"
+    export_jsonl([record(1)], results)
+    monkeypatch.setenv("NEURONPEDIA_API_KEY", key)
+    base = ["upload", "--results", str(results), "--host", server.url, "--allow-http", "--source", "6-mine"]
+    for argv in (base, [*base, "--create-source"], ["--debug", *base]):
+        assert main(argv) == 2
+        out = capsys.readouterr()
+        assert "SECRET" not in out.out + out.err and said in " ".join(out.err.split())
+    assert server.requests == 0
+
+
+def leaks(key: str, said: str) -> list[str]:
+    """Every 6-character piece of `key` (of each of its lines) found in `said`."""
+    return [p for part in key.splitlines() for i in range(len(part) - 5) if (p := part[i : i + 6]) in said]
+
+
+def test_the_key_is_redacted_in_every_error_path(server, tmp_path, monkeypatch, capsys):
+    """The key planted in each failure; all output is searched for any piece of it."""
+    from sae_selfexplain_plugin.adapters import neuronpedia
+
+    key = "SECRET-planted-4f2a9c"
+    results = tmp_path / "r.jsonl"
+    export_jsonl([record(1)], results)
+    monkeypatch.setenv("NEURONPEDIA_API_KEY", key)
+    monkeypatch.setattr(neuronpedia, "upload", functools.partial(neuronpedia.upload, backoff_s=0.0))  # no waits
+
+    def run(url, *extra, debug=False, key=key):
+        flags = ["--allow-http", "--source", "6-test", "--ledger", str(tmp_path / "ledger.db"), *extra]
+        code = main([*(["--debug"] if debug else []), "upload", "--results", str(results), "--host", url, *flags])
+        out = capsys.readouterr()
+        said = out.out + out.err
+        assert leaks(key, said) == [], said
+        return code, " ".join(said.split())
+
+    # the key at the start, and across the 200th and 300th characters of the body (where messages are cut)
+    quoted = (key + "x" * 200)[: 190 - len('{"error": "')] + (key + "x" * 100)[:100] + key
+    echo = lambda status: lambda h: send_json(h, status, {"error": quoted})  # noqa: E731
+    for status, verdict in ((400, "HTTP 400 "), (503, "HTTP 503 "), (200, "unexpected answer")):
+        with Answering(echo(status)) as echoing:  # a server quoting the key
+            code, said = run(echoing.url, "--timeout", "5")
+        assert code == 2 and verdict in said and "***" in said
+    with Flaky(None, []) as dropping:  # every try dropped: the last error names the host
+        code, said = run(dropping.url)
+    assert code == 2 and "closed the connection without answering (6 tries)" in said
+
+    class Opener:  # an exception whose message quotes the key: the generic handler, and --debug's traceback
+        def __init__(self, error: Exception) -> None:
+            self.error = error
+
+        def open(self, *args: Any, **kwargs: Any) -> None:
+            raise self.error
+
+    for error, code in ((ValueError("Invalid header value " + repr(key.encode())), 1),
+                        (ValueError("y" * 290 + key), 1),  # the key across the 300-character cut
+                        (OSError(f"socket says {key}"), 2)):  # fmt: skip
+        monkeypatch.setattr(neuronpedia, "_OPENER", Opener(error))
+        assert run(server.url, "--timeout", "1")[0] == code
+        assert run(server.url, "--timeout", "1", debug=True)[0] == code
+
+    # a key holding a line break, quoted by a bug as http.client would (bytes repr), as JSON, or one line of it
+    crlf = "SECRET-a1b2c3\r\nSECRET-d4e5f6"
+    monkeypatch.setenv("NEURONPEDIA_API_KEY", crlf)
+    for message in (f"Invalid header value {crlf.encode()!r}", json.dumps(crlf), f"first line {crlf.split()[0]}"):
+
+        def bug(*args: Any, message: str = message, **kwargs: Any) -> None:
+            raise ValueError(message)
+
+        monkeypatch.setattr(neuronpedia, "check_host", bug)
+        for debug in (False, True):
+            code, said = run(server.url, debug=debug, key=crlf)
+            assert code == 1 and "***" in said
+
+
+def test_an_upload_mixing_saes_or_settings_sends_nothing(server, ledger, tmp_path, monkeypatch, capsys):
+    from sae_selfexplain_plugin import InputError
+
+    other = record(2)
+    other.sae = {"neuronpedia_id": "gemma-3-270m/6-test", "fingerprint": "0123456789abcdef"}
+    mine = record(1)
+    mine.sae = {**mine.sae, "fingerprint": "fedcba9876543210"}
+    rerun = record(3)
+    rerun.settings_hash = "other-settings"
+    both = "mixes SAEs: gemma-3-270m/6-test (weights fedcba9876543210) and gemma-3-270m/6-test (weights 0123"
+    for mixed, said in (([mine, other], both), ([record(1), rerun], "mixes runs with different settings")):
+        with pytest.raises(InputError) as err:
+            go(mixed, server, ledger)
+        assert said in str(err.value)
+        results = tmp_path / "mixed.jsonl"
+        export_jsonl(mixed, results)
+        monkeypatch.setenv("NEURONPEDIA_API_KEY", KEY)
+        ledger_file = tmp_path / "cli-ledger.db"
+        argv = ["upload", "--results", str(results), "--host", server.url, "--allow-http", "--source", "6-new",
+                "--create-source", "--ledger", str(ledger_file)]  # fmt: skip
+        assert main(argv) == 2
+        assert said in " ".join(capsys.readouterr().err.split())
+        assert not ledger_file.exists()
+    assert server.requests == 0 and ("gemma-3-270m", "new") not in server.source_sets
+    assert ledger.uploaded(server.url, "gemma-3-270m", "6-test") == set()
+
+
+def test_create_source_set_fails_clearly_on_a_dropped_or_silent_server(monkeypatch):
+    from sae_selfexplain_plugin.adapters.neuronpedia import create_source_set
+
+    monkeypatch.setenv("NEURONPEDIA_API_KEY", KEY)
+    with Flaky(None, []) as dropping, pytest.raises(UploadError) as err:
+        create_source_set("gemma-3-270m", "6-mine", host=dropping.url, allow_http=True)
+    assert f"creating the source set 'mine' failed: {dropping.url} closed the connection without answering" in str(
+        err.value
+    )
+    with Silent() as silent, pytest.raises(UploadError, match=r"did not answer within 0\.3 s .*raise --timeout"):
+        create_source_set("gemma-3-270m", "6-mine", host=silent.url, allow_http=True, timeout_s=0.3)
+
+
+def test_redaction_leaves_short_pieces_alone():
+    from sae_selfexplain_plugin.adapters.neuronpedia import redact_api_key
+
+    assert redact_api_key("marked as uploaded", "k") == "marked as uploaded"  # a 1-character "key" hides nothing
+    assert redact_api_key("a b'SECRET-1\\r\\nSECRET-2' c SECRET-2", "SECRET-1\r\nSECRET-2") == "a b'***' c ***"
+
+
+@pytest.mark.parametrize(("kw", "said"), [({"timeout_s": 0.0}, "timeout 0.0 s"), ({"timeout_s": float("nan")}, "nan"),
+                                          ({"max_retries": -1}, "max_retries -1")])  # fmt: skip
+def test_library_limits_are_checked(server, ledger, kw, said):
+    with pytest.raises(UploadError, match=said):
+        go([record(1)], server, ledger, **kw)
+    assert server.requests == 0 and ledger.uploaded(server.url, "gemma-3-270m", "6-test") == set()
