@@ -26,8 +26,8 @@ demo: $(STAMP)
 	$(BIN)/sae-selfexplain demo
 
 lint: $(STAMP)
-	$(BIN)/ruff check sae_selfexplain_plugin adapters tests scripts benchmarks
-	$(BIN)/ruff format --check sae_selfexplain_plugin adapters tests scripts benchmarks
+	$(BIN)/ruff check sae_selfexplain_plugin adapters tests scripts research benchmarks
+	$(BIN)/ruff format --check sae_selfexplain_plugin adapters tests scripts research benchmarks
 
 typecheck: $(STAMP)
 	$(BIN)/mypy sae_selfexplain_plugin adapters

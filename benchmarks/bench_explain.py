@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 from machine import matmul_gflops
-from sae_selfexplain_plugin.adapters.embedded import DEFAULT_MODEL, load_backend
+from sae_selfexplain_plugin.adapters.backends.embedded import DEFAULT_MODEL, load_backend
 
 from sae_selfexplain_plugin import SelfExplainConfig, SelfExplainer
 from sae_selfexplain_plugin.word_recovery import load_words, single_token_words, word_vectors

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 from sae_lens.saes.topk_sae import TopKSAE, TopKSAEConfig
-from sae_selfexplain_plugin.adapters.embedded import EMBEDDED_MODELS, ensure_cached
+from sae_selfexplain_plugin.adapters.backends.embedded import EMBEDDED_MODELS, ensure_cached
 
 # The CLI in a child process that reports its own peak RSS as its last stderr line.
 CHILD = (

@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 from bench_whole_sae import run
 from machine import matmul_gflops
-from sae_selfexplain_plugin.adapters.demo_sae import load_demo_sae
-from sae_selfexplain_plugin.adapters.embedded import load_backend
+from sae_selfexplain_plugin.adapters.apps.demo_sae import load_demo_sae
+from sae_selfexplain_plugin.adapters.backends.embedded import load_backend
 from sae_selfexplain_plugin.adapters.sae_lens import AUTO, vocabulary_labels, with_adapter
 
 from sae_selfexplain_plugin.config import WHOLE_SAE_CONFIG

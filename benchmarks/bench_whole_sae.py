@@ -23,9 +23,9 @@ from typing import Any
 
 import torch
 from machine import matmul_gflops
-from sae_selfexplain_plugin.adapters.demo_sae import load_demo_sae
-from sae_selfexplain_plugin.adapters.embedded import load_backend
-from sae_selfexplain_plugin.adapters.pipeline import explain_sae, stored_records
+from sae_selfexplain_plugin.adapters.apps.demo_sae import load_demo_sae
+from sae_selfexplain_plugin.adapters.apps.whole_sae import explain_sae, stored_records
+from sae_selfexplain_plugin.adapters.backends.embedded import load_backend
 
 from sae_selfexplain_plugin import SelfExplainConfig
 from sae_selfexplain_plugin.config import WHOLE_SAE_CONFIG

@@ -11,7 +11,7 @@ from collections import defaultdict
 from typing import Any
 
 import torch
-from sae_selfexplain_plugin.adapters.embedded import load_backend
+from sae_selfexplain_plugin.adapters.backends.embedded import load_backend
 
 from sae_selfexplain_plugin import SelfExplainConfig, SelfExplainer
 from sae_selfexplain_plugin.word_recovery import load_words, single_token_words, word_vectors

@@ -1,4 +1,4 @@
-"""Scores for explanations with no judge model: the arithmetic (adapters/evaluation.py feeds it real data).
+"""Scores for explanations with no judge model: the arithmetic (adapters/apps/evaluation.py feeds it real data).
 
 - activation check: does the explanation text make the feature fire more than the other features'
   explanations do? Score = the fraction of other explanations that evoke the feature less (ties count half):

@@ -28,12 +28,12 @@ from sae_lens.config import SAETrainerConfig
 from sae_lens.saes.sae import SAEMetadata
 from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
 from sae_lens.training.sae_trainer import SAETrainer
-from sae_selfexplain_plugin.adapters import pipeline
-from sae_selfexplain_plugin.adapters.contexts import finished_examples
-from sae_selfexplain_plugin.adapters.demo_sae import DEMO_SAE_DIR
-from sae_selfexplain_plugin.adapters.embedded import EMBEDDED_MODELS
+from sae_selfexplain_plugin.adapters import backends
+from sae_selfexplain_plugin.adapters.apps.contexts import finished_examples
+from sae_selfexplain_plugin.adapters.apps.demo_sae import DEMO_SAE_DIR
+from sae_selfexplain_plugin.adapters.backends.embedded import EMBEDDED_MODELS
+from sae_selfexplain_plugin.adapters.backends.transformers import TransformersBackend
 from sae_selfexplain_plugin.adapters.sae_lens import sae_identity
-from sae_selfexplain_plugin.adapters.transformers import TransformersBackend
 from safetensors.torch import load_file, save_file
 
 from sae_selfexplain_plugin.activation_examples import EXAMPLES_FILE, ExampleCollector
@@ -43,8 +43,8 @@ import demo_corpus
 
 
 def load_model(name: str) -> TransformersBackend:
-    """An embedded model by name, or a transformers checkpoint folder (the pipeline's loader)."""
-    backend = pipeline.load_model(name)
+    """An embedded model by name, or a transformers checkpoint folder (the CLI's `--model` resolver)."""
+    backend = backends.load_model(name)
     if not isinstance(backend, TransformersBackend):
         raise SystemExit(f"{name}: training needs a transformers model")
     return backend

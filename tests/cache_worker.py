@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from sae_selfexplain_plugin.adapters.embedded import EmbeddedModel, ensure_cached
+from sae_selfexplain_plugin.adapters.backends.embedded import EmbeddedModel, ensure_cached
 
 
 class CountingModel(EmbeddedModel):

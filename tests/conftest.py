@@ -9,7 +9,7 @@ from types import ModuleType
 
 import pytest
 import torch
-from sae_selfexplain_plugin.adapters.transformers import TransformersBackend
+from sae_selfexplain_plugin.adapters.backends.transformers import TransformersBackend
 from tokenizers import Tokenizer, decoders, models, processors
 from tokenizers.pre_tokenizers import ByteLevel
 from transformers import (
@@ -133,7 +133,7 @@ def backend(request: pytest.FixtureRequest) -> TransformersBackend:
 @pytest.fixture(scope="session")
 def real_backend() -> TransformersBackend:
     """The embedded Gemma 3 270M (built into the user cache on first use, ~1 min; then ~3 s)."""
-    from sae_selfexplain_plugin.adapters.embedded import load_backend
+    from sae_selfexplain_plugin.adapters.backends.embedded import load_backend
 
     return load_backend("gemma-3-270m")
 
@@ -148,9 +148,9 @@ SCRIPTS = Path(__file__).parent.parent / "scripts"
 CORPUS_WORDS = "cat dog sun tree blue river stone cloud apple house music winter light paper green".split()  # noqa: SIM905
 
 
-def load_script(name: str) -> ModuleType:
-    """scripts/NAME.py as a module (scripts/ is not a package)."""
-    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+def load_script(name: str, folder: str = "scripts") -> ModuleType:
+    """scripts/NAME.py (or research/NAME.py) as a module (neither folder is a package)."""
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS.parent / folder / f"{name}.py")
     assert spec and spec.loader
     script = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = script  # as `import` would: pickling and dataclasses look modules up there

@@ -9,16 +9,16 @@ import re
 import pytest
 import torch
 from conftest import load_script
-from sae_selfexplain_plugin.adapters.cli import main
-from sae_selfexplain_plugin.adapters.evaluation import token_latents
-from sae_selfexplain_plugin.adapters.pipeline import load_model, load_sae
-from sae_selfexplain_plugin.adapters.sae_lens import decoder_rows, load_sae_folder, with_adapter
-from sae_selfexplain_plugin.adapters.train_adapter import (
+from sae_selfexplain_plugin.adapters.apps.evaluation import token_latents
+from sae_selfexplain_plugin.adapters.apps.train_direction_adapter import (
     LATENT_LABEL_TOKENS,
     latent_directions,
     peak_label,
     train_for_sae,
 )
+from sae_selfexplain_plugin.adapters.backends import load_model
+from sae_selfexplain_plugin.adapters.cli import main
+from sae_selfexplain_plugin.adapters.sae_lens import decoder_rows, load_sae, load_sae_folder, with_adapter
 
 from sae_selfexplain_plugin import AdapterMetadata, DirectionAdapter, SelfExplainConfig, SelfExplainer
 from sae_selfexplain_plugin.activation_examples import EXAMPLES_FILE, ActivationExamples
@@ -56,7 +56,7 @@ def test_train_adapter_needs_at_least_one_word(tiny_sae, tmp_path, capsys):
             main([*args, "--words", words])
         assert exit_.value.code == 2 and "--words: expected a whole number >= 1" in capsys.readouterr().err
     sae, _ = load_sae(str(tiny_sae))
-    backend = load_model(str(tiny_sae.parent / "tiny-model"), sae)
+    backend = load_model(str(tiny_sae.parent / "tiny-model"))
     config = SelfExplainConfig(template="test-open", layer=1)
     with pytest.raises(InputError, match=r"n_words \(--words\) must be >= 1, got 0"):
         train_for_sae(sae, backend, None, out, config=config, n_words=0)
@@ -120,7 +120,7 @@ def test_training_latents_and_their_labels(tiny_sae):
 
 def test_adapter_choice(tiny_sae, tmp_path):
     sae, _ = load_sae(str(tiny_sae))
-    backend = load_model(str(tiny_sae.parent / "tiny-model"), sae)
+    backend = load_model(str(tiny_sae.parent / "tiny-model"))
     config = SelfExplainConfig(template="test-open", layer=1)
     assert with_adapter(config, "auto", sae, backend).adapter is None  # nothing shipped for this model
     assert with_adapter(config, "none", sae, backend).adapter is None
@@ -148,7 +148,7 @@ def test_self_explain_takes_an_adapter(tiny_sae):
     import test_direction_adapter
 
     sae, _ = load_sae(str(tiny_sae))
-    backend = load_model(str(tiny_sae.parent / "tiny-model"), sae)
+    backend = load_model(str(tiny_sae.parent / "tiny-model"))
     adapter = test_direction_adapter.make_adapter(backend)
     explained = sae.self_explain([0, 1], model=backend, template="test-open", layer=1, adapter=adapter)
     d = sae.W_dec.detach()[[0, 1]].float()
@@ -165,7 +165,7 @@ def test_explain_repeats_option(tiny_sae, tmp_path):
     import test_direction_adapter
 
     sae, _ = load_sae(str(tiny_sae))
-    backend = load_model(str(tiny_sae.parent / "tiny-model"), sae)
+    backend = load_model(str(tiny_sae.parent / "tiny-model"))
     adapter = test_direction_adapter.make_adapter(backend)
     path = adapter.save(tmp_path / "a.safetensors")
     d = sae.W_dec.detach()[:8].float()
@@ -188,7 +188,7 @@ def test_fit_ceiling_script_fits_the_latents_it_is_then_scored_on(tiny_sae, tmp_
     out = tmp_path / "fit.safetensors"
     args = ["--sae", str(tiny_sae), "--model", str(tiny_sae.parent / "tiny-model"), "--template", "test-open"]
     args += ["--layer", "1", "--limit", "12", "--steps", "12", "--batch-size", "4", "--out", str(out)]
-    assert load_script("fit_ceiling").main(args) == 0
+    assert load_script("fit_ceiling", "research").main(args) == 0
     meta = DirectionAdapter.load(out).metadata
     assert meta.trained_on.startswith("DIAGNOSTIC") and "never ship" in meta.trained_on
     assert meta.validation["steps"] == 12
@@ -199,12 +199,12 @@ def test_lens_anchored_script_scores_each_labeller_on_two_held_out_sets(tiny_sae
     """scripts/lens_anchored.py (a diagnostic, docs/adapters.md): runs end to end on a tiny SAE and adapter and
     prints every labeller (the lens after further contexts too) for both latent sets; its label join keeps
     distinct items in order."""
-    script = load_script("lens_anchored")
+    script = load_script("lens_anchored", "research")
     assert script.joined(["idea, Idea, ideas", "ideas, plan", "x"], 3) == "idea, ideas, plan"
     assert script.joined(["", ","], 3) == ""
     backend_dir = tiny_sae.parent / "tiny-model"
     sae = load_sae_folder(tiny_sae)
-    backend = load_model(str(backend_dir), sae)
+    backend = load_model(str(backend_dir))
     meta = AdapterMetadata(
         backend.model_id, backend.d_model, str(sae.cfg.metadata.hook_name), 1, "test-open", "scalar-affine"
     )

@@ -12,9 +12,9 @@ from conftest import CORPUS_WORDS, build_tokenizer, tiny_gemma
 from fake_neuronpedia import FakeNeuronpedia
 from sae_lens import StandardSAE, StandardSAEConfig
 from sae_lens.saes.sae import SAEMetadata
+from sae_selfexplain_plugin.adapters.apps.contexts import collect_contexts, corpus_texts, examples_beside
+from sae_selfexplain_plugin.adapters.backends.transformers import TransformersBackend
 from sae_selfexplain_plugin.adapters.cli import main
-from sae_selfexplain_plugin.adapters.contexts import collect_contexts, corpus_texts, examples_beside
-from sae_selfexplain_plugin.adapters.transformers import TransformersBackend
 from test_resume_safety import plant_pickle
 
 from sae_selfexplain_plugin import Explanation, FeatureExplanations, InputError
@@ -135,7 +135,7 @@ def test_explain_collects_contexts_beside_its_results_and_the_dashboard_uses_the
 
 
 def test_upload_of_the_demo_features_sends_their_top_contexts_and_density(tmp_path, monkeypatch):
-    from sae_selfexplain_plugin.adapters.demo_sae import demo_examples, load_demo_sae
+    from sae_selfexplain_plugin.adapters.apps.demo_sae import demo_examples, load_demo_sae
 
     np_id = load_demo_sae().cfg.metadata.neuronpedia_id
     records = [
@@ -331,7 +331,7 @@ def test_window_pieces_give_each_character_to_the_token_that_completes_it():
 def test_whole_characters_through_the_real_smollm2_tokenizer():
     """SmolLM2's byte-level BPE: every window of a multilingual text, starting at every token, keeps its text
     whole (tokenizer only: no model is run)."""
-    from sae_selfexplain_plugin.adapters.embedded import ensure_cached
+    from sae_selfexplain_plugin.adapters.backends.embedded import ensure_cached
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(ensure_cached("smollm2-135m-instruct"))
@@ -353,7 +353,7 @@ def test_whole_characters_through_the_real_smollm2_tokenizer():
 
 
 def test_contexts_carry_the_identity_of_their_sae(world, tmp_path):
-    from sae_selfexplain_plugin.adapters.demo_sae import demo_examples
+    from sae_selfexplain_plugin.adapters.apps.demo_sae import demo_examples
     from sae_selfexplain_plugin.adapters.sae_lens import sae_identity
 
     from sae_selfexplain_plugin.identity import decoder_fingerprint
@@ -368,7 +368,7 @@ def test_contexts_carry_the_identity_of_their_sae(world, tmp_path):
     loaded.sae["fingerprint"] = "changed"  # a copy: the examples' identity cannot be altered through it
     assert loaded.sae["fingerprint"] == decoder_fingerprint(sae.W_dec)
     # the shipped demo examples carry the demo SAE's identity
-    from sae_selfexplain_plugin.adapters.demo_sae import load_demo_sae
+    from sae_selfexplain_plugin.adapters.apps.demo_sae import load_demo_sae
 
     assert demo_examples().sae["fingerprint"] == decoder_fingerprint(load_demo_sae().W_dec)
     # files of format /1 (written before identities and whole characters) still load, with no identity

@@ -10,8 +10,8 @@ import pytest
 import torch
 from conftest import build_tokenizer, tiny_gemma
 from sae_lens import SAE
+from sae_selfexplain_plugin.adapters.backends.transformers import TransformersBackend
 from sae_selfexplain_plugin.adapters.sae_lens import check_compatible, load_sae_folder
-from sae_selfexplain_plugin.adapters.transformers import TransformersBackend
 from safetensors.torch import load_file
 
 from sae_selfexplain_plugin.activation_examples import EXAMPLES_FILE, ActivationExamples, ExampleCollector

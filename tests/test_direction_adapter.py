@@ -18,7 +18,7 @@ from sae_selfexplain_plugin import (
     SelfExplainer,
     render,
 )
-from sae_selfexplain_plugin.adapter_training import LabelledDirections, TrainingSettings, train_adapter
+from sae_selfexplain_plugin.direction_adapter.training import LabelledDirections, TrainingSettings, train_adapter
 from sae_selfexplain_plugin.formats import to_neuronpedia_line, validate
 from sae_selfexplain_plugin.ops import patch_residual
 

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 from cache_worker import build_in_child, fake_spec
-from sae_selfexplain_plugin.adapters import embedded
-from sae_selfexplain_plugin.adapters.embedded import (
+from sae_selfexplain_plugin.adapters.backends import embedded
+from sae_selfexplain_plugin.adapters.backends.embedded import (
     EmbeddedModel,
     cache_root,
     default_device_dtype,

@@ -221,7 +221,7 @@ def test_layer_out_of_range(gemma_backend):
 
 def test_a_prompt_past_the_model_context_is_an_error(tokenizer):
     from conftest import tiny_gemma
-    from sae_selfexplain_plugin.adapters.transformers import TransformersBackend
+    from sae_selfexplain_plugin.adapters.backends.transformers import TransformersBackend
 
     model = tiny_gemma(len(tokenizer))
     model.config.max_position_embeddings = 64

@@ -9,10 +9,10 @@ import pytest
 import torch
 from sae_lens import StandardSAE, StandardSAEConfig
 from sae_lens.saes.sae import SAEMetadata
-from sae_selfexplain_plugin.adapters import evaluation
+from sae_selfexplain_plugin.adapters.apps import evaluation
+from sae_selfexplain_plugin.adapters.apps.evaluation import Embedder, evaluate, feature_activations
+from sae_selfexplain_plugin.adapters.backends import load_model
 from sae_selfexplain_plugin.adapters.cli import main
-from sae_selfexplain_plugin.adapters.evaluation import Embedder, evaluate, feature_activations
-from sae_selfexplain_plugin.adapters.pipeline import load_model
 from sae_selfexplain_plugin.adapters.sae_lens import (
     decoder_rows,
     lens_labels,
@@ -70,7 +70,7 @@ def test_a_missing_embedding_model_is_named(monkeypatch):
 @pytest.fixture(scope="module")
 def setup(tiny_sae: Path):
     sae = load_sae_folder(tiny_sae)
-    backend = load_model(str(tiny_sae.parent / "tiny-model"), sae)
+    backend = load_model(str(tiny_sae.parent / "tiny-model"))
     return sae, backend, ActivationExamples.load(tiny_sae / EXAMPLES_FILE)
 
 
@@ -198,7 +198,7 @@ def test_vocabulary_probe_rejects_bad_settings_and_a_misshapen_encoder(setup):
 
 def test_vocabulary_probe_and_lens_need_an_sae_on_a_blocks_input(tiny_sae: Path):
     sae = load_sae_folder(tiny_sae)
-    backend = load_model(str(tiny_sae.parent / "tiny-model"), sae)
+    backend = load_model(str(tiny_sae.parent / "tiny-model"))
     for hook in ("blocks.1.hook_mlp_out", f"blocks.{backend.n_layers - 1}.hook_resid_post"):
         sae.cfg.metadata.hook_name = hook
         with pytest.raises(InputError, match="vocabulary probe reads the residual"):

@@ -299,7 +299,7 @@ def test_the_export_needs_an_author_and_the_model_size(tmp_path):
 
 def test_export_of_demo_results_finds_their_examples_and_model_size_as_upload_does(tmp_path, capsys):
     from neuronpedia_db import counts, database, import_dataset
-    from sae_selfexplain_plugin.adapters.demo_sae import demo_examples, load_demo_sae
+    from sae_selfexplain_plugin.adapters.apps.demo_sae import demo_examples, load_demo_sae
     from sae_selfexplain_plugin.adapters.sae_lens import sae_identity
 
     sae = load_demo_sae()
@@ -335,7 +335,7 @@ def test_export_of_demo_results_finds_their_examples_and_model_size_as_upload_do
 
 
 def test_export_takes_the_model_size_from_a_checkpoint_or_an_embedded_model(tmp_path):
-    from sae_selfexplain_plugin.adapters.cli import _model_blocks
+    from sae_selfexplain_plugin.adapters.cli.results import _model_blocks
 
     (tmp_path / "ckpt").mkdir()
     (tmp_path / "ckpt" / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 7}))

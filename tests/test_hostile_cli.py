@@ -30,8 +30,8 @@ from fake_neuronpedia import FakeNeuronpedia
 from loopback import LoopbackServer, send_json
 from sae_lens import StandardSAE, StandardSAEConfig
 from sae_lens.saes.sae import SAEMetadata
+from sae_selfexplain_plugin.adapters.apps.demo_sae import DEMO_SAE_DIR
 from sae_selfexplain_plugin.adapters.cli import main
-from sae_selfexplain_plugin.adapters.demo_sae import DEMO_SAE_DIR
 from test_dashboard import page  # noqa: F401 (the Chromium page fixture)
 from test_direction_adapter import rewrite_metadata
 from test_upload import Flaky, Silent, leaks

@@ -14,14 +14,14 @@ from nnsight.modeling.huggingface import _ID_CACHE  # read only, to show we neve
 from nnsight.modeling.transformers import TransformersModel
 from sae_lens import StandardSAE, StandardSAEConfig
 from sae_lens.saes.sae import SAEMetadata
-from sae_selfexplain_plugin.adapters import nnsight as nnsight_adapter
-from sae_selfexplain_plugin.adapters.nnsight import (
+from sae_selfexplain_plugin.adapters.backends import nnsight as nnsight_adapter
+from sae_selfexplain_plugin.adapters.backends.nnsight import (
     NNsightBackend,
     RemoteExecutionError,
     RemoteTimeout,
     remote_model_key,
 )
-from sae_selfexplain_plugin.adapters.transformers import TransformersBackend
+from sae_selfexplain_plugin.adapters.backends.transformers import TransformersBackend
 
 from sae_selfexplain_plugin import GenerationRequest, Injection, InputError, SelfExplainConfig, SelfExplainer, render
 from sae_selfexplain_plugin.vocabulary import direction_lens, probe_size, probe_vocabulary

@@ -15,9 +15,10 @@ import torch
 from conftest import build_tokenizer, tiny_gemma
 from sae_lens import StandardSAE, StandardSAEConfig
 from sae_lens.saes.sae import SAEMetadata
+from sae_selfexplain_plugin.adapters.apps.whole_sae import parse_features
+from sae_selfexplain_plugin.adapters.backends import load_model
 from sae_selfexplain_plugin.adapters.cli import main
-from sae_selfexplain_plugin.adapters.pipeline import load_model, load_sae, parse_features
-from sae_selfexplain_plugin.adapters.sae_lens import vocabulary_labels
+from sae_selfexplain_plugin.adapters.sae_lens import load_sae, vocabulary_labels
 
 from sae_selfexplain_plugin import FeatureExplanations, InputError
 from sae_selfexplain_plugin.files import OutputError, atomic_writer
@@ -95,7 +96,7 @@ def test_explain_records_the_vocabulary_probe_when_asked(assets, tmp_path):
     assert [r.text for r in records] == [r.text for r in read_jsonl(plain)]  # the explanations do not change
     model_dir, sae_dir = assets
     sae, _ = load_sae(str(sae_dir))
-    expected = vocabulary_labels(sae, load_model(str(model_dir), sae), list(range(6)))
+    expected = vocabulary_labels(sae, load_model(str(model_dir)), list(range(6)))
     assert any(expected)
     for r, tokens in zip(records, expected):
         assert [v["token"] for v in r.vocabulary] == [t for t, _ in tokens]
@@ -258,8 +259,8 @@ def test_explain_without_sae_lens_names_the_extra(monkeypatch, tmp_path, capsys)
 
     real_import = builtins.__import__
 
-    def no_pipeline(name, *args, **kwargs):
-        if name == "pipeline" or name.endswith(".pipeline"):
+    def no_pipeline(name, *args, **kwargs):  # the whole-SAE application, as if it failed to import sae_lens
+        if name.endswith("whole_sae"):
             raise ImportError("No module named 'sae_lens'")
         return real_import(name, *args, **kwargs)
 

@@ -110,7 +110,7 @@ def test_word_recovery_is_unchanged(gemma_backend):
 
 def test_training_scores_and_gradients_are_the_same_from_the_prefix(gemma_backend):
     from sae_selfexplain_plugin import render
-    from sae_selfexplain_plugin.adapter_training import label_batch
+    from sae_selfexplain_plugin.direction_adapter.training import label_batch
 
     prompt = render("test-long-prefix", gemma_backend.tokenizer)
     results = []

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 from sae_lens import SAE
-from sae_selfexplain_plugin.adapters.demo_sae import DEMO_SAE_DIR, demo_examples, load_demo_sae, training_report
-from sae_selfexplain_plugin.adapters.embedded import DEFAULT_MODEL, EMBEDDED_MODELS, load_backend
+from sae_selfexplain_plugin.adapters.apps.demo_sae import DEMO_SAE_DIR, demo_examples, load_demo_sae, training_report
+from sae_selfexplain_plugin.adapters.backends.embedded import DEFAULT_MODEL, EMBEDDED_MODELS, load_backend
 from sae_selfexplain_plugin.adapters.sae_lens import check_compatible, sae_input_layer
 
 from sae_selfexplain_plugin.vocabulary import word_start_tokens

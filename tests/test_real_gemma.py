@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from sae_selfexplain_plugin.adapters.backends.embedded import EMBEDDED_MODELS
 from sae_selfexplain_plugin.adapters.cli import main
-from sae_selfexplain_plugin.adapters.embedded import EMBEDDED_MODELS
 
 from sae_selfexplain_plugin import SelfExplainConfig, SelfExplainer
 from sae_selfexplain_plugin.word_recovery import recovered, run_word_recovery, word_vectors

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 from nnsight.modeling.transformers import TransformersModel
-from sae_selfexplain_plugin.adapters.embedded import load_embedded
-from sae_selfexplain_plugin.adapters.nnsight import NNsightBackend
+from sae_selfexplain_plugin.adapters.backends.embedded import load_embedded
+from sae_selfexplain_plugin.adapters.backends.nnsight import NNsightBackend
 
 from sae_selfexplain_plugin import SelfExplainConfig, SelfExplainer
 from sae_selfexplain_plugin.word_recovery import word_vectors

@@ -7,7 +7,7 @@ import pytest
 import torch
 from sae_lens import SAE, HookedSAETransformer, StandardSAE, StandardSAEConfig
 from sae_lens.saes.sae import SAEMetadata
-from sae_selfexplain_plugin.adapters.embedded import load_embedded
+from sae_selfexplain_plugin.adapters.backends.embedded import load_embedded
 from transformer_lens.model_bridge import TransformerBridge
 
 from sae_selfexplain_plugin import SelfExplainConfig

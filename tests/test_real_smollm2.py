@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
+from sae_selfexplain_plugin.adapters.apps.demo_sae import demo_examples, load_demo_sae
+from sae_selfexplain_plugin.adapters.backends.embedded import DEFAULT_MODEL, EMBEDDED_MODELS, load_backend
 from sae_selfexplain_plugin.adapters.cli import main
-from sae_selfexplain_plugin.adapters.demo_sae import demo_examples, load_demo_sae
-from sae_selfexplain_plugin.adapters.embedded import DEFAULT_MODEL, EMBEDDED_MODELS, load_backend
 
 from sae_selfexplain_plugin import SelfExplainConfig, SelfExplainer, render
 from sae_selfexplain_plugin.word_recovery import recovered, word_vectors
@@ -99,7 +99,7 @@ def test_the_shipped_adapter_fits_the_demo_sae_and_is_chosen_automatically(smol)
 
 
 def test_the_shipped_adapter_names_held_out_token_latents_more_often(smol):
-    from sae_selfexplain_plugin.adapters.evaluation import latent_recovery, token_latents
+    from sae_selfexplain_plugin.adapters.apps.evaluation import latent_recovery, token_latents
 
     from sae_selfexplain_plugin.direction_adapter import HELD_OUT_LATENTS, SHIPPED_DIR
 

@@ -9,13 +9,14 @@ import shutil
 from pathlib import Path
 
 import torch
+from sae_selfexplain_plugin.adapters.apps.train_direction_adapter import train_for_sae
+from sae_selfexplain_plugin.adapters.backends import load_model
 from sae_selfexplain_plugin.adapters.cli import main
-from sae_selfexplain_plugin.adapters.pipeline import load_model, load_sae
-from sae_selfexplain_plugin.adapters.train_adapter import train_for_sae
+from sae_selfexplain_plugin.adapters.sae_lens import load_sae
 
 from sae_selfexplain_plugin import SelfExplainConfig
 from sae_selfexplain_plugin.activation_examples import EXAMPLES_FILE, ActivationExamples
-from sae_selfexplain_plugin.adapter_training import TrainingSettings
+from sae_selfexplain_plugin.direction_adapter.training import TrainingSettings
 
 PACKAGE_DIRS = ("sae_selfexplain_plugin", "adapters")
 UNPICKLING = re.compile(r"weights_only\s*=\s*False|^\s*import\s+(c?pickle|dill|joblib)\b|\b(c?pickle|dill)\.", re.M)
@@ -70,7 +71,7 @@ def test_a_training_resume_checks_the_checkpoint_was_made_by_this_run(tiny_sae, 
     finished = out.read_bytes()
     # the checkpoint an interrupted run of the same command leaves (the library keeps it; the CLI deletes it)
     sae, _ = load_sae(str(tiny_sae))
-    backend = load_model(str(tiny_sae.parent / "tiny-model"), sae)
+    backend = load_model(str(tiny_sae.parent / "tiny-model"))
     examples = ActivationExamples.load(tiny_sae / EXAMPLES_FILE)
     settings = TrainingSettings(steps=2, batch_size=4, eval_every=2)
     config = SelfExplainConfig(layer=1, template="test-open")

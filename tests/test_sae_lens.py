@@ -20,8 +20,8 @@ from sae_lens import (
 from sae_lens.saes.sae import SAEMetadata
 from sae_lens.saes.transcoder import Transcoder, TranscoderConfig
 from sae_selfexplain_plugin.adapters import sae_lens as adapter
-from sae_selfexplain_plugin.adapters.transformer_lens import TransformerBridgeBackend, TransformerLensBackend
-from sae_selfexplain_plugin.adapters.transformers import TransformersBackend
+from sae_selfexplain_plugin.adapters.backends.transformer_lens import TransformerBridgeBackend, TransformerLensBackend
+from sae_selfexplain_plugin.adapters.backends.transformers import TransformersBackend
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 from transformer_lens.model_bridge import TransformerBridge
 
@@ -450,7 +450,7 @@ def test_a_transcoder_writing_outside_the_residual_stream_is_refused(hooked):
 
 
 def test_check_hook_false_on_a_non_residual_hook_warns_once(hooked):
-    adapter._warned_hooks.clear()
+    adapter.checks._warned_hooks.clear()
     sae = make_sae(hook="blocks.1.attn.hook_z")
     with pytest.warns(UserWarning, match="treats its decoder rows as residual directions"):
         sae.self_explain(0, model=hooked, config=CFG, check_hook=False)

@@ -23,11 +23,11 @@ from typing import Any, Protocol
 
 import torch
 
-from .backend import Backend, Injection
-from .checkpoint import check_fields, load_checkpoint, restore_generator, save_checkpoint, take
-from .direction_adapter import DirectionAdapter
-from .errors import InputError
-from .templates import RenderedPrompt
+from ..backend import Backend, Injection
+from ..checkpoint import check_fields, load_checkpoint, restore_generator, save_checkpoint, take
+from ..errors import InputError
+from ..templates import RenderedPrompt
+from . import DirectionAdapter
 
 # The recipe of the shipped adapter (docs/adapters.md); `train-adapter` uses it by default.
 DEFAULT_ARCHITECTURE = "scalar-affine-low-rank"

@@ -23,7 +23,9 @@ from sae_lens import SAE
 
 from sae_selfexplain_plugin import SelfExplainConfig, SelfExplainer
 from sae_selfexplain_plugin.activation_examples import ActivationExamples
-from sae_selfexplain_plugin.adapter_training import (
+from sae_selfexplain_plugin.config import DEFAULT_SCALE
+from sae_selfexplain_plugin.direction_adapter import HELD_OUT_LATENTS, AdapterMetadata, DirectionAdapter
+from sae_selfexplain_plugin.direction_adapter.training import (
     DEFAULT_ARCHITECTURE,
     DEFAULT_RANK,
     DEFAULT_WORDS,
@@ -34,13 +36,11 @@ from sae_selfexplain_plugin.adapter_training import (
     TrainingSettings,
     train_adapter,
 )
-from sae_selfexplain_plugin.config import DEFAULT_SCALE
-from sae_selfexplain_plugin.direction_adapter import HELD_OUT_LATENTS, AdapterMetadata, DirectionAdapter
 from sae_selfexplain_plugin.errors import InputError
 from sae_selfexplain_plugin.word_recovery import CARRIER, load_words, single_token_words, word_vectors
 
+from ..sae_lens import check_compatible, decoder_rows, sae_identity, sae_layer
 from .evaluation import token_latents
-from .sae_lens import check_compatible, decoder_rows, sae_identity, sae_layer
 
 LATENT_MIN_PEAKS = 5  # a "word" training latent: >= 5 of its 10 top contexts peak on one word
 LATENT_LABEL_TOKENS = 5  # a "tokens" label names up to 5 peak tokens (as many as the top-tokens baseline)

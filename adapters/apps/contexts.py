@@ -86,7 +86,7 @@ def collect_contexts(
     progress: Callable[[int], None] | None = None,
 ) -> ActivationExamples:
     """Stream `texts` (up to `max_tokens` tokens) and save each feature's activation examples to `out`."""
-    from .sae_lens import readable_input_layer, sae_identity, sae_prepends_bos
+    from ..sae_lens import readable_input_layer, sae_identity, sae_prepends_bos
 
     layer = readable_input_layer(sae, backend, "collecting activation examples")
     tok = backend.tokenizer
@@ -204,7 +204,7 @@ def _add(
     layer: int,
     skip: int,
 ) -> None:
-    from .sae_lens import encode_residual
+    from ..sae_lens import encode_residual
 
     resid = backend.residual(ids, torch.ones_like(ids), layer)[:, skip:]
     acts = encode_residual(sae, resid).float().cpu()

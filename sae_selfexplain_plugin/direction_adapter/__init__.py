@@ -3,7 +3,7 @@
     adapter = DirectionAdapter.load("adapter.safetensors")
     SelfExplainer(backend, SelfExplainConfig(adapter=adapter, template=adapter.metadata.template))
 
-The model stays frozen; only the adapter is trained (adapter_training.py), after Pepper et al. 2026,
+The model stays frozen; only the adapter is trained (direction_adapter/training.py), after Pepper et al. 2026,
 "Learning Self-Interpretation from Interpretability Artifacts" (arXiv 2602.10352). For a unit direction x:
 
 | architecture | injected vector | parameters |
@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import InputError
+from ..errors import InputError
 
 ARCHITECTURES = ("scale", "scalar-affine", "scalar-affine-low-rank")
 METADATA_KEY = "sae_selfexplain_adapter"
@@ -142,7 +142,7 @@ class DirectionAdapter(nn.Module):
         """Write one safetensors file (weights, metadata in its header), atomically."""
         from safetensors.torch import save
 
-        from .files import atomic_writer
+        from ..files import atomic_writer
 
         path = Path(path)
         tensors = {k: v.detach().float().cpu().contiguous() for k, v in self.state_dict().items()}
@@ -157,7 +157,7 @@ class DirectionAdapter(nn.Module):
         (the model's), an adapter for another width is refused before anything is allocated."""
         from safetensors import safe_open
 
-        from .files import parse_json
+        from ..files import parse_json
 
         path = Path(path)
         if not path.is_file():
@@ -205,7 +205,7 @@ class DirectionAdapter(nn.Module):
 
     def mismatches(self, model_id: str, d_model: int, layer: int, template: str) -> list[str]:
         """How this adapter differs from the model, injection layer and template it would be used with."""
-        from .results import short_model_name
+        from ..results import short_model_name
 
         m = self.metadata
         problems = []
@@ -269,7 +269,7 @@ def _check_weights(tensors: dict[str, torch.Tensor], where: str) -> None:
             )
 
 
-SHIPPED_DIR = Path(__file__).parent / "data" / "adapters"
+SHIPPED_DIR = Path(__file__).parent.parent / "data" / "adapters"
 # Demo SAE latents below this never train a shipped adapter: `eval`, the sae-latent benchmark and the demo
 # use them, so their figures are on held-out latents.
 HELD_OUT_LATENTS = 1024

@@ -1,6 +1,6 @@
 """Diagnostic, never shipped: an adapter trained ON the latents it is then scored on.
 
-    python scripts/fit_ceiling.py --out out/fit_ceiling.safetensors        # about 18 minutes on 2 CPU cores
+    python research/fit_ceiling.py --out out/fit_ceiling.safetensors        # about 18 minutes on 2 CPU cores
     sae-selfexplain eval --limit 256 --adapter out/fit_ceiling.safetensors --no-vocabulary
 
 It asks whether one injected vector per placeholder can make the frozen model say a latent's label at all.
@@ -16,14 +16,19 @@ import time
 from pathlib import Path
 from typing import cast
 
-from sae_selfexplain_plugin.adapters.demo_sae import DEMO_SAE_DIR
-from sae_selfexplain_plugin.adapters.pipeline import load_model, load_sae
-from sae_selfexplain_plugin.adapters.sae_lens import decoder_rows
-from sae_selfexplain_plugin.adapters.train_adapter import peak_label, untrained_adapter
+from sae_selfexplain_plugin.adapters.apps.demo_sae import DEMO_SAE_DIR
+from sae_selfexplain_plugin.adapters.apps.train_direction_adapter import peak_label, untrained_adapter
+from sae_selfexplain_plugin.adapters.backends import load_model
+from sae_selfexplain_plugin.adapters.sae_lens import decoder_rows, load_sae
 
 from sae_selfexplain_plugin import SelfExplainConfig
 from sae_selfexplain_plugin.activation_examples import EXAMPLES_FILE, ActivationExamples
-from sae_selfexplain_plugin.adapter_training import LabelledDirections, TrainableModel, TrainingSettings, train_adapter
+from sae_selfexplain_plugin.direction_adapter.training import (
+    LabelledDirections,
+    TrainableModel,
+    TrainingSettings,
+    train_adapter,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     examples = ActivationExamples.load(args.sae / EXAMPLES_FILE)
     found = [(f, label) for f in examples.live_features()[: args.limit] if (label := peak_label(examples, f))]
     data = LabelledDirections(decoder_rows(sae, [f for f, _ in found]), [label for _, label in found])
-    backend = cast(TrainableModel, load_model(args.model, sae))
+    backend = cast(TrainableModel, load_model(args.model, model_name=sae.cfg.metadata.model_name))
     config = SelfExplainConfig(layer=args.layer, template=args.template)
     adapter, explainer = untrained_adapter(sae, backend, config)
     adapter.metadata.trained_on = f"DIAGNOSTIC: the eval's first {args.limit} live latents ({len(found)}); never ship"

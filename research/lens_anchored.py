@@ -1,6 +1,6 @@
 """Diagnostic: how far injection anchored on the direction lens goes, beside the lens itself.
 
-    python scripts/lens_anchored.py        # about 5 minutes on 2 CPU cores for the demo SAE
+    python research/lens_anchored.py        # about 5 minutes on 2 CPU cores for the demo SAE
 
 For two sets of latents held out from adapter training (the eval's first `--limit` live latents, and the next
 `--limit` live latents below the training range), it scores, as `eval` does:
@@ -23,12 +23,13 @@ import argparse
 from pathlib import Path
 
 import torch
-from sae_selfexplain_plugin.adapters.demo_sae import DEMO_SAE_DIR
-from sae_selfexplain_plugin.adapters.evaluation import Embedder, score_labels, summarise
-from sae_selfexplain_plugin.adapters.pipeline import load_model, load_sae
+from sae_selfexplain_plugin.adapters.apps.demo_sae import DEMO_SAE_DIR
+from sae_selfexplain_plugin.adapters.apps.evaluation import Embedder, score_labels, summarise
+from sae_selfexplain_plugin.adapters.backends import load_model
 from sae_selfexplain_plugin.adapters.sae_lens import (
     AUTO,
     decoder_rows,
+    load_sae,
     readable_input_layer,
     sae_prepends_bos,
     with_adapter,
@@ -78,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
 
     sae, _ = load_sae(str(args.sae))
     examples = ActivationExamples.load(args.sae / EXAMPLES_FILE)
-    backend = load_model(args.model, sae)
+    backend = load_model(args.model, model_name=sae.cfg.metadata.model_name)
     config = with_adapter(SelfExplainConfig(layer=args.layer, template=args.template), args.adapter, sae, backend)
     if config.adapter is None:
         raise InputError("no adapter fits this SAE and model; pass --adapter FILE.")

@@ -33,7 +33,7 @@ from sae_selfexplain_plugin.scoring import Score, activation_check, embedding_sc
 from sae_selfexplain_plugin.vocabulary import probe_label
 from sae_selfexplain_plugin.word_recovery import RecoveryRow, recovery_row
 
-from .sae_lens import (
+from ..sae_lens import (
     check_compatible,
     decoder_rows,
     encode_residual,

@@ -8,7 +8,6 @@ at the wrapper's `hook_sae_output`, the value the later blocks read.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -30,31 +29,8 @@ from sae_selfexplain_plugin.backend import (
 from sae_selfexplain_plugin.decoding import decode
 from sae_selfexplain_plugin.errors import InputError
 from sae_selfexplain_plugin.ops import padded_positions
-from sae_selfexplain_plugin.results import short_model_name
 
 from .transformers import TransformersBackend, eos_token_ids
-
-
-@functools.cache
-def _official_names() -> tuple[dict[str, str], dict[str, str]]:
-    """TransformerLens's alias table: every official name and alias (lower case) -> the official name; and
-    the same keyed by names without their organisation, where that is unambiguous."""
-    from transformer_lens.loading_from_pretrained import make_model_alias_map
-
-    full: dict[str, str] = make_model_alias_map()
-    by_short: dict[str, set[str]] = {}
-    for name, official in full.items():
-        by_short.setdefault(short_model_name(name), set()).add(official)
-    return full, {short: next(iter(o)) for short, o in by_short.items() if len(o) == 1}
-
-
-def canonical_model_name(name: str) -> str:
-    """One spelling per model: TransformerLens's official name for an alias ("gpt2-small" -> "gpt2",
-    "tiny-stories-1M" -> "roneneldan/TinyStories-1M"), a Hugging Face id or a name without its organisation
-    mapped the same way; a model TransformerLens does not know keeps its name without the organisation."""
-    full, by_short = _official_names()
-    official = full.get(name.lower()) or by_short.get(short_model_name(name))
-    return short_model_name(official or name)
 
 
 def residual_hook(model: HookedTransformer, layer: int) -> str:

@@ -1,0 +1,245 @@
+"""`eval` and `bench`: scoring labellers, and the word-recovery and SAE-latent benchmarks."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from rich.console import Console
+from rich.table import Table
+
+from sae_selfexplain_plugin.config import POLICIES
+from sae_selfexplain_plugin.direction_adapter import HELD_OUT_LATENTS
+from sae_selfexplain_plugin.files import atomic_writer, check_writable
+from sae_selfexplain_plugin.word_recovery import (
+    default_source_layers,
+    load_words,
+    run_word_recovery,
+    single_token_words,
+)
+
+from ..backends.embedded import DEFAULT_MODEL, EMBEDDED_MODELS
+from .common import (
+    _add_adapter_option,
+    _add_policy_options,
+    _add_repeats_option,
+    _int_list,
+    _load,
+    _positive,
+    _probe_task,
+    _progress,
+    _status,
+    _with_adapter,
+    add_generation_options,
+    add_model_option,
+    config_from_args,
+)
+from .inputs import (
+    _sae_and_examples,
+)
+
+if TYPE_CHECKING:
+    pass
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+
+    from ..apps.evaluation import Embedder, evaluate
+    from ..apps.whole_sae import parse_features
+    from ..backends import load_model
+    from ..sae_lens import with_adapter
+
+    config = config_from_args(args)
+    if args.out:
+        check_writable(args.out, "--out", {"--examples": args.examples, "--sae": args.sae})
+    sae, examples = _sae_and_examples(args)
+    live = examples.live_features()
+    features = parse_features(args.features, sae.cfg.d_sae) if args.features else live[: args.limit]
+    embedder = None if args.no_embedding else Embedder()
+    if embedder is not None:
+        embedder.model_dir  # noqa: B018 (fail on a missing embedding model before the long run)
+    with _status("Loading the model...", "loaded the model"):
+        backend = load_model(args.model, model_name=sae.cfg.metadata.model_name)
+    with _progress() as progress:
+        task = progress.add_task("explaining features at every scale", total=len(features) * len(config.scales))
+        adapter = with_adapter(config, args.adapter, sae, backend).adapter
+        report = evaluate(
+            sae, backend, examples, features, config, embedder=embedder, adapter=adapter,
+            progress=lambda n: progress.advance(task, n), vocabulary=not args.no_vocabulary,
+            vocabulary_progress=None if args.no_vocabulary else _probe_task(progress, backend.tokenizer),
+        )  # fmt: skip
+    table = Table(title=f"{len(features)} features of {report.sae} on {report.model_id} ({report.seconds:.0f}s)")
+    for column in ("labeller", "activation check", "embedding AUROC", "scored", "flagged"):
+        table.add_column(column, justify="left" if column == "labeller" else "right")
+    for r in report.results:
+        fmt = [f"{v:.3f}" if v is not None else "-" for v in (r.activation_check, r.embedding_score)]
+        table.add_row(r.labeller, *fmt, str(r.scored), str(r.flagged))
+    view = Console(width=max(Console().width, 100))
+    view.print(table)
+    view.print(
+        "activation check: 0.5 = chance, 1 = the explanation evokes its own feature most; "
+        "embedding AUROC: 0.5 = chance.",
+        markup=False,
+    )
+    if args.out:
+        with atomic_writer(args.out) as f:
+            json.dump(report.to_dict(), f, indent=1, allow_nan=False)
+        view.print(f"wrote {args.out}", markup=False)
+    return 0
+
+
+def cmd_sae_latent(args: argparse.Namespace) -> int:
+
+    from ..apps.evaluation import latent_recovery, token_latents
+    from ..apps.whole_sae import parse_features
+    from ..backends import load_model
+
+    if args.json:
+        check_writable(args.json, "--json", {"--examples": args.examples, "--sae": args.sae})
+    sae, examples = _sae_and_examples(args)
+    candidates = token_latents(examples, parse_features(args.latents, sae.cfg.d_sae), args.min_peaks)
+    latents = candidates[: args.limit]
+    config = config_from_args(args)
+    with _status("Loading the model...", "loaded the model"):
+        backend = load_model(args.model, model_name=sae.cfg.metadata.model_name)
+    config = _with_adapter(config, args, sae, backend)
+    with _progress() as progress:
+        task = progress.add_task("explaining latents", total=len(latents) * len(config.scales))
+        row = latent_recovery(sae, backend, latents, config, progress=lambda n: progress.advance(task, n))
+    view = Console(width=max(Console().width, 120))
+    adapter = Path(str(config.adapter)).name if config.adapter is not None else "none"
+    view.print(
+        f"{len(candidates)} token latents in {args.latents} (>= {args.min_peaks} of 10 top contexts peak on one "
+        f"word of >= 3 letters); the first {len(latents)}, template {row.template}, adapter {adapter}:",
+        markup=False,
+    )
+    for s, rate in row.rate_by_scale.items():
+        view.print(f"  scale {s:g}: {rate:.1%} named", markup=False)
+    for policy, rate in row.rate_by_policy.items():
+        view.print(f"  policy {policy}: {rate:.1%} named", markup=False)
+    for key, text in list(row.examples.items())[:12]:
+        view.print(f"  {key:24s} {text}", markup=False)
+    if args.json:
+        with atomic_writer(args.json) as f:
+            json.dump({**row.to_dict(), "qualified": len(candidates), "adapter": adapter}, f, indent=1, allow_nan=False)
+    return 0
+
+
+def cmd_word_recovery(args: argparse.Namespace) -> int:
+    sources = _int_list(args.sources, "--sources") if args.sources else None
+    if args.json:
+        check_writable(args.json, "--json")
+    backend = _load(args.model)
+    chat = EMBEDDED_MODELS[args.model].chat
+    default = ["identity", "chat-repeat", "chat-meaning"] if chat else ["identity", "definition"]
+    templates = args.templates.split(",") if args.templates else default
+    adapter = None if args.adapter == "none" else args.adapter
+    config = config_from_args(args).replace(adapter=adapter)
+    kinds = args.vectors.split(",")
+    words = single_token_words(backend.tokenizer, load_words())[: args.limit or None]
+    n_sources = 1 + len(sources if sources is not None else default_source_layers(backend.n_layers))
+    n_scales = len(config.adapter_scales if adapter is not None else config.scales)
+    start = time.perf_counter()
+    rows = []
+    with _progress() as progress:
+        total = len(words) * n_scales * n_sources * len(templates) * len(kinds)
+        task = progress.add_task("word recovery", total=total)
+        for i, kind in enumerate(kinds):
+            rows += run_word_recovery(
+                backend,
+                templates=templates,
+                config=config,
+                source_layers=sources,
+                words=words,
+                progress=lambda n: progress.advance(task, n),
+                vectors=kind,
+                same_layer=i == 0,  # the same-layer row does not depend on the kind
+            )
+    elapsed = time.perf_counter() - start
+    view = Console(width=max(Console().width, 150))
+    title = f"word recovery: {backend.model_id}, {len(words)} words, injected at block {config.layer}"
+    table = Table(title=title + (f", adapter {Path(adapter).name}" if adapter else ""))
+    table.add_column("template")
+    table.add_column("source")
+    table.add_column("vectors")
+    scales = list(rows[0].rate_by_scale)
+    for s in scales:
+        table.add_column(f"{s:g}", justify="right")
+    table.add_column("best", justify="right")
+    table.add_column(f"default ({rows[0].default_scale:g})", justify="right")
+    policies = [p for p in POLICIES if p != "fixed" and p in rows[0].rate_by_policy]
+    for policy in policies:
+        table.add_column(policy, justify="right")
+    for row in rows:
+        rates = [f"{row.rate_by_scale[s]:.0%}" for s in scales]
+        table.add_row(
+            row.template,
+            row.source,
+            row.vectors,
+            *rates,
+            f"{row.best_rate:.0%} @{row.best_scale:g}",
+            f"{row.default_rate:.0%}",
+            *[f"{row.rate_by_policy[p]:.0%}" for p in policies],
+        )
+    view.print(table)
+    view.print(f"{elapsed:.0f}s")
+    if args.json:
+        with atomic_writer(args.json) as f:
+            json.dump({"elapsed_s": elapsed, "rows": [r.to_dict() for r in rows]}, f, indent=1, allow_nan=False)
+        view.print(f"wrote {args.json}", markup=False)
+    return 0
+
+
+def add_parsers(sub: Any) -> None:
+    """Declare this module's commands on the top parser's subparsers."""
+    ev = sub.add_parser("eval", help="score every scale policy and a top-tokens baseline, with no judge model")
+    ev.add_argument("--sae", help="a SAELens SAE folder (default: the shipped demo SAE)")
+    ev.add_argument("--examples", help="activation examples file (default: in the SAE folder)")
+    add_model_option(ev)
+    ev.add_argument("--features", help="e.g. 0-63 (default: the first --limit live features)")
+    ev.add_argument("--limit", type=_positive, default=64, help="how many live features (default: %(default)s)")
+    add_generation_options(ev, max_new_tokens=16)  # as demo: the measured eval tables use 16
+    ev.add_argument("--no-embedding", action="store_true", help="skip the embedding score")
+    ev.add_argument(
+        "--no-vocabulary",
+        action="store_true",
+        help="skip the vocabulary probe and direction lens labellers (one pass over the vocabulary for both)",
+    )
+    ev.add_argument("--out", help="write the full report (per feature) to this JSON file")
+    _add_adapter_option(ev, "also score the labels of this adapter (auto: the shipped one that fits, if any)")
+    ev.set_defaults(func=cmd_eval)
+
+    models = sorted(EMBEDDED_MODELS)
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
+    wr = bench.add_parser("word-recovery", help="does the explanation name an injected word's residual?")
+    wr.add_argument("--model", default=DEFAULT_MODEL, choices=models)
+    wr.add_argument("--templates", help="comma-separated template names (default: identity and the model's others)")
+    wr.add_argument(
+        "--sources",
+        help="comma-separated source blocks for the cross-layer case (default: 1/3 and 1/2 depth)",
+    )
+    add_generation_options(wr, max_new_tokens=8, template=False)  # one word to name; --templates picks several
+    wr.add_argument("--limit", type=int, default=0, help="use only the first N words (0 = all)")
+    wr.add_argument(
+        "--vectors", default="raw", help="cross-layer vectors: raw, centred (like SAE features), or raw,centred"
+    )
+    wr.add_argument("--adapter", default="none", help="an adapter file to inject through (default: none)")
+    wr.add_argument("--json", help="write the results to this JSON file")
+    wr.set_defaults(func=cmd_word_recovery)
+
+    sl = bench.add_parser("sae-latent", help="are token-feature latents of an SAE named by their token?")
+    sl.add_argument("--sae", help="a SAELens SAE folder (default: the shipped demo SAE)")
+    sl.add_argument("--examples", help="activation examples file (default: in the SAE folder)")
+    add_model_option(sl)
+    sl.add_argument("--latents", default=f"0-{HELD_OUT_LATENTS - 1}", help="latents to pick from (%(default)s)")
+    sl.add_argument("--limit", type=_positive, default=64, help="the first N token latents (default: %(default)s)")
+    sl.add_argument("--min-peaks", type=int, default=8, help="top contexts that must peak on the word (of 10)")
+    add_generation_options(sl, max_new_tokens=16, layer=False)  # as demo and eval: room for a list label
+    _add_policy_options(sl, policy="knee")
+    _add_adapter_option(sl)
+    _add_repeats_option(sl)
+    sl.add_argument("--json", help="write the results to this JSON file")
+    sl.set_defaults(func=cmd_sae_latent)
