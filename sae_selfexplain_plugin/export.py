@@ -8,6 +8,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import os
 import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -16,10 +17,10 @@ from typing import Any
 
 from .activation_examples import ActivationExamples
 from .errors import InputError
-from .files import atomic_writer, inside, safe_component, to_json
+from .files import atomic_writer, inside, refuse_input, safe_component, to_json
 from .formats import NEURONPEDIA_BATCH, neuronpedia_ids, to_neuron_explainer, to_neuronpedia_line, validate
 from .identity import check_one_sae, check_same_sae
-from .results import FeatureExplanations
+from .results import FeatureExplanations, public_model_name
 
 
 @dataclass
@@ -74,6 +75,7 @@ def export_neuronpedia(
     explanation_model_name: str | None = None,
     examples: ActivationExamples | None = None,
     visibility: str = "public",
+    inputs: dict[str, str | Path | None] | None = None,
 ) -> ExportSummary:
     """Neuronpedia's dataset layout, as its importer (app/api/admin/import/route.ts) reads it from its bucket:
     `{out_dir}/v1/config/{explanation_model_type,explanation_type,explanation_score_model,explanation_score_type,
@@ -85,8 +87,10 @@ def export_neuronpedia(
     Neuron rows carry the feature's density and maximum activation. Beside v1/, `create_author.sql`: the author's
     User row, which the route needs (foreign keys) and does not create (`author_sql`).
 
-    Refuses, before writing anything: records of several SAEs or settings, examples of another size, and any
-    final path that would leave `out_dir` or pass through a symbolic link inside it."""
+    Refuses, before writing anything: records of several SAEs or settings, examples of another size, any
+    final path that would leave `out_dir`, pass through a symbolic link inside it, or is one of the `inputs`
+    ({what: path}, `files.refuse_input`), and a source folder holding files this export would not replace (an
+    earlier export's, which an import would pair with these)."""
     if not author_id or not _AUTHOR_ID.match(author_id):
         raise InputError(
             f"the Neuronpedia export needs --author-id (got {author_id!r}): the id of the Neuronpedia user the "
@@ -151,6 +155,9 @@ def export_neuronpedia(
                 )
             files.append((at("explanations", name), _const([line for _, line in batch]), True))
         summary.written += len(rows)
+    _check_targets([path for path, _, _ in files], inputs or {})
+    for (model, source), _rows in groups.items():
+        _refuse_stale(inside(out_dir, "v1", model, source), {path for path, _, _ in files})
     for path, content, gz in files:  # every path was checked above: nothing is written before all are
         if isinstance(content, str):
             with atomic_writer(path) as f:
@@ -163,6 +170,30 @@ def export_neuronpedia(
             _write_jsonl(path, content())
         summary.files.append(path)
     return summary
+
+
+def _check_targets(paths: list[Path], inputs: dict[str, str | Path | None]) -> None:
+    """Refuse, before anything is written, a path to write that is one of the command's inputs."""
+    for path in paths:
+        refuse_input(path, "--out", inputs)
+
+
+def _refuse_stale(folder: Path, written: set[Path]) -> None:
+    """InputError when `folder` (one source's, under --out) holds files this export does not replace."""
+    if not folder.is_dir():
+        return
+    stale = sorted(
+        str(Path(root, name).relative_to(folder))
+        for root, _dirs, names in os.walk(folder)  # os.walk does not follow symbolic links
+        for name in names
+        if Path(root, name) not in written
+    )
+    if stale:
+        raise InputError(
+            f"{folder} holds {len(stale)} files of an earlier export that this one would not replace "
+            f"({', '.join(stale[:5])}{', ...' if len(stale) > 5 else ''}); Neuronpedia's import would read them "
+            "with these. Remove that folder, or choose an empty --out."
+        )
 
 
 def author_sql(author_id: str) -> str:
@@ -240,7 +271,8 @@ def _model_row(
             "is not one whose size is known here: pass --model-layers (e.g. 30 for SmolLM2-135M, 18 for Gemma 3 "
             "270M)."
         )
-    owner = record.model_id.split("/")[0] if "/" in record.model_id else "unknown"
+    public = public_model_name(record.model_id)
+    owner = public.split("/")[0] if "/" in public else "unknown"
     return {"id": model, "displayName": model, "displayNameShort": model, "creatorId": author_id, "owner": owner,
             "layers": layers, "neuronsPerLayer": int(record.sae.get("d_sae") or 0),
             "visibility": visibility}  # fmt: skip
@@ -274,13 +306,21 @@ def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
 
 
 def export_neuron_explainer(
-    records: Iterable[FeatureExplanations], out_dir: str | Path, layer_index: int
+    records: Iterable[FeatureExplanations],
+    out_dir: str | Path,
+    layer_index: int,
+    inputs: dict[str, str | Path | None] | None = None,
 ) -> ExportSummary:
-    """`{out_dir}/explanations/{layer_index}/{feature}.jsonl`, one NeuronSimulationResults line each."""
+    """`{out_dir}/explanations/{layer_index}/{feature}.jsonl`, one NeuronSimulationResults line each; a path
+    that is one of the `inputs` is refused before anything is written."""
     summary = ExportSummary()
-    for record in unique(records):
-        doc = _checked(to_neuron_explainer(record, layer_index), "neuron-explainer")
-        path = inside(out_dir, "explanations", str(layer_index), f"{record.feature_id}.jsonl")
+    docs = [
+        (inside(out_dir, "explanations", str(layer_index), f"{r.feature_id}.jsonl"),
+         _checked(to_neuron_explainer(r, layer_index), "neuron-explainer"))
+        for r in unique(records)
+    ]  # fmt: skip
+    _check_targets([path for path, _ in docs], inputs or {})
+    for path, doc in docs:
         with atomic_writer(path) as f:
             f.write(to_json(doc) + "\n")
         summary.files.append(path)

@@ -6,6 +6,7 @@ an input, output paths that stay inside their folder, and strict JSON reading wi
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import stat
@@ -69,11 +70,25 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON (only finite numbers are)")
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e400: Python reads it as inf
+        raise ValueError(f"{text[:40]} is outside the range of a float (only finite numbers are JSON)")
+    return value
+
+
+def _bounded_int(text: str) -> int:
+    if len(text.lstrip("-")) > 20:  # past any count or index we write; Python's own limit says to call a setter
+        raise ValueError(f"an integer of {len(text.lstrip('-'))} digits is no number we write")
+    return int(text)
+
+
 def parse_json(text: str, where: str) -> Any:
-    """Strict JSON: NaN and Infinity (which Python writes and reads by default) are refused, and so is
-    nesting too deep to parse; InputError naming `where` otherwise."""
+    """Strict JSON: NaN and Infinity (which Python writes and reads by default) are refused, and so are numbers
+    out of a float's range (1e400), integers of more than 20 digits and nesting too deep to parse;
+    InputError naming `where` otherwise."""
     try:
-        return json.loads(text, parse_constant=_no_constant)
+        return json.loads(text, parse_constant=_no_constant, parse_float=_finite_float, parse_int=_bounded_int)
     except json.JSONDecodeError as e:
         raise InputError(f"{where}: malformed or truncated JSON at character {e.pos}: {e.msg}.") from e
     except ValueError as e:

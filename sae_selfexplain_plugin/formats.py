@@ -23,7 +23,7 @@ from jsonschema import Draft202012Validator, FormatChecker
 
 from .errors import InputError
 from .files import MAX_LINE_CHARS, capped_lines, parse_json
-from .results import FeatureExplanations
+from .results import FeatureExplanations, public_model_name
 
 SCHEMA_NAMES = ("explanation-record", "neuronpedia-explanation", "neuronpedia-upload-batch", "neuron-explainer")
 NEURONPEDIA_BATCH = 1024
@@ -230,7 +230,7 @@ def to_neuronpedia_line(
         "scale_mode": chosen.scale_mode,
         "layer": chosen.layer,
         "template": chosen.template,
-        "explained_by": record.model_id,
+        "explained_by": public_model_name(record.model_id),
     }
     if chosen.adapter is not None:
         notes["adapter"] = chosen.adapter

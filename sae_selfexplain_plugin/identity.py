@@ -52,18 +52,36 @@ def check_same_sae(expected: dict[str, Any], found: dict[str, Any], what: str, f
         raise InputError(f"{what} belong to {sae_name(found)}, not to {sae_name(expected)}; {fix}")
 
 
+def selector(identity: dict[str, Any]) -> str:
+    """How `--sae-id` picks this SAE in a results store: `neuronpedia_id@fingerprint` (the store key), or what
+    is known of it."""
+    name, fingerprint = identity.get("neuronpedia_id"), identity.get("fingerprint")
+    return f"--sae-id {name}@{fingerprint}" if name and fingerprint else sae_name(identity)
+
+
 def check_one_sae(identities: Iterable[tuple[dict[str, Any], str, str]], what: str) -> None:
     """Refuse results mixing SAEs or settings: `identities` yields (sae identity, model_id, settings_hash) per
-    record. InputError naming the first two that differ, and how to pick one."""
+    record. Every distinct fingerprint counts (not only the first record's), and records without one (written
+    before fingerprints) may not stand beside records with one. InputError naming two that differ, and how to
+    pick one."""
     first: tuple[dict[str, Any], str, str] | None = None
+    by_fingerprint: dict[str, dict[str, Any]] = {}
+    unmarked: dict[str, Any] | None = None
     for sae, model_id, settings in identities:
+        if sae.get("fingerprint"):
+            by_fingerprint.setdefault(str(sae["fingerprint"]), sae)
+        elif unmarked is None:
+            unmarked = sae
         if first is None:
             first = (sae, model_id, settings)
             continue
-        if not same_sae(first[0], sae):
+        saes = list(by_fingerprint.values())
+        other = saes[1] if len(saes) > 1 else None if same_sae(first[0], sae) else sae
+        if other is not None:
+            one = saes[0] if len(saes) > 1 else first[0]
             raise InputError(
-                f"{what} mixes SAEs: {sae_name(first[0])} and {sae_name(sae)}; pass the results of one SAE "
-                "(with a store, --sae-id picks one)."
+                f"{what} mixes SAEs: {sae_name(one)} and {sae_name(other)}; pass the results of one SAE (with a "
+                f"store: {selector(one)} or {selector(other)})."
             )
         if model_id != first[1] or settings != first[2]:
             raise InputError(
@@ -71,3 +89,9 @@ def check_one_sae(identities: Iterable[tuple[dict[str, Any], str, str]], what: s
                 f"{model_id!r}, settings {settings!r}); pass the results of one run (with a store, --settings "
                 "picks one)."
             )
+    if by_fingerprint and unmarked is not None:
+        raise InputError(
+            f"{what} mixes records that carry their SAE's weights fingerprint with records that do not "
+            f"({sae_name(unmarked)}, written by an older sae-selfexplain), so they cannot be told to be one SAE; "
+            "re-run `explain` for the old records, or pass them on their own."
+        )

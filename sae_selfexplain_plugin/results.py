@@ -100,6 +100,14 @@ def short_model_name(name: str) -> str:
     return name.rstrip("/").split("/")[-1].lower()
 
 
+def public_model_name(model_id: str) -> str:
+    """A model id fit to publish: a hub id ("org/name") as is; a local checkpoint path by its folder's name, so
+    that no path of this machine leaves it in an export."""
+    if model_id.startswith((".", "/", "~")) or model_id.count("/") > 1 or "\\" in model_id:
+        return short_model_name(model_id)
+    return model_id
+
+
 def _known_fields(cls: type, d: dict[str, Any]) -> dict[str, Any]:
     names = {f.name for f in dataclasses.fields(cls)}
     missing = [f.name for f in dataclasses.fields(cls) if f.name not in d and _required(f)]

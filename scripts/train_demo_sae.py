@@ -36,7 +36,8 @@ from sae_selfexplain_plugin.adapters.backends.transformers import TransformersBa
 from sae_selfexplain_plugin.adapters.sae_lens import sae_identity
 from safetensors.torch import load_file, save_file
 
-from sae_selfexplain_plugin.activation_examples import EXAMPLES_FILE, ExampleCollector
+from sae_selfexplain_plugin.activation_examples import EXAMPLES_FILE
+from sae_selfexplain_plugin.example_collector import ExampleCollector
 
 sys.path.insert(0, str(Path(__file__).parent))
 import demo_corpus

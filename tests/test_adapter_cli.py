@@ -124,8 +124,18 @@ def test_adapter_choice(tiny_sae, tmp_path):
     config = SelfExplainConfig(template="test-open", layer=1)
     assert with_adapter(config, "auto", sae, backend).adapter is None  # nothing shipped for this model
     assert with_adapter(config, "none", sae, backend).adapter is None
+    hook = str(sae.cfg.metadata.hook_name)
+    fields = dict(model_id=backend.model_id, d_model=backend.d_model, layer=1, template="test-open")
     path = str(tmp_path / "a.safetensors")
-    assert with_adapter(config, path, sae, backend).adapter == path
+    DirectionAdapter(AdapterMetadata(source=hook, **fields)).save(path)
+    assert with_adapter(config, path, sae, backend).adapter == path  # a path stays a path (the settings hash)
+    other = DirectionAdapter(AdapterMetadata(source="blocks.99.hook_resid_pre", **fields))
+    with pytest.raises(
+        InputError, match=rf"trained on directions of 'blocks.99.hook_resid_pre', but this SAE's are at '{hook}'"
+    ):
+        with_adapter(config, other, sae, backend)
+    with pytest.raises(InputError, match=r"no adapter file at .*missing\.safetensors"):
+        with_adapter(config, str(tmp_path / "missing.safetensors"), sae, backend)
 
 
 def test_centred_vectors_change_what_is_injected(gemma_backend):
@@ -149,7 +159,7 @@ def test_self_explain_takes_an_adapter(tiny_sae):
 
     sae, _ = load_sae(str(tiny_sae))
     backend = load_model(str(tiny_sae.parent / "tiny-model"))
-    adapter = test_direction_adapter.make_adapter(backend)
+    adapter = test_direction_adapter.make_adapter(backend, source=str(sae.cfg.metadata.hook_name))
     explained = sae.self_explain([0, 1], model=backend, template="test-open", layer=1, adapter=adapter)
     d = sae.W_dec.detach()[[0, 1]].float()
     by_hand = test_direction_adapter.by_hand(backend, adapter, d, (1.0,), SelfExplainConfig().max_new_tokens)
@@ -166,7 +176,7 @@ def test_explain_repeats_option(tiny_sae, tmp_path):
 
     sae, _ = load_sae(str(tiny_sae))
     backend = load_model(str(tiny_sae.parent / "tiny-model"))
-    adapter = test_direction_adapter.make_adapter(backend)
+    adapter = test_direction_adapter.make_adapter(backend, source=str(sae.cfg.metadata.hook_name))
     path = adapter.save(tmp_path / "a.safetensors")
     d = sae.W_dec.detach()[:8].float()
     texts = {}

@@ -18,7 +18,8 @@ from sae_selfexplain_plugin.adapters.cli import main
 from test_resume_safety import plant_pickle
 
 from sae_selfexplain_plugin import Explanation, FeatureExplanations, InputError
-from sae_selfexplain_plugin.activation_examples import ActivationExamples, window_pieces
+from sae_selfexplain_plugin.activation_examples import ActivationExamples
+from sae_selfexplain_plugin.example_collector import window_pieces
 from sae_selfexplain_plugin.export import export_jsonl
 
 

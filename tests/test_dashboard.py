@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from sae_selfexplain_plugin import SelfExplainConfig
-from sae_selfexplain_plugin.activation_examples import ExampleCollector
 from sae_selfexplain_plugin.dashboard import dashboard_data, write_dashboard
 from sae_selfexplain_plugin.errors import InputError
+from sae_selfexplain_plugin.example_collector import ExampleCollector
 from sae_selfexplain_plugin.policies import explainable, rank_scales
 from sae_selfexplain_plugin.results import Explanation, FeatureExplanations
 

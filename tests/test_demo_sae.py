@@ -14,8 +14,9 @@ from sae_selfexplain_plugin.adapters.backends.transformers import TransformersBa
 from sae_selfexplain_plugin.adapters.sae_lens import check_compatible, load_sae_folder
 from safetensors.torch import load_file
 
-from sae_selfexplain_plugin.activation_examples import EXAMPLES_FILE, ActivationExamples, ExampleCollector
+from sae_selfexplain_plugin.activation_examples import EXAMPLES_FILE, ActivationExamples
 from sae_selfexplain_plugin.errors import InputError
+from sae_selfexplain_plugin.example_collector import ExampleCollector
 
 
 def test_training_script_produces_a_loadable_sae(tiny_sae: Path) -> None:

@@ -384,13 +384,13 @@ CASES = [
     Case(
         "dashboard-out-is-its-results",
         ["dashboard", "{c}/in.jsonl", "--out", "{c}/in.jsonl"],
-        r"--out .*in\.jsonl is the same file as the results .*choose another --out",
+        r"--out .*in\.jsonl is the same file as --results .*choose another --out",
         setup=lambda c, a: shutil.copy(a / "results.jsonl", c / "in.jsonl"),
     ),
     Case(
         "dashboard-out-is-a-hard-link-to-its-results",
         ["dashboard", "{c}/in.jsonl", "--out", "{c}/link.html"],
-        r"--out .*link\.html is the same file as the results",
+        r"--out .*link\.html is the same file as --results",
         setup=lambda c, a: (shutil.copy(a / "results.jsonl", c / "in.jsonl"), os.link(c / "in.jsonl", c / "link.html")),
     ),
     Case(
@@ -590,6 +590,128 @@ CASES = [
         r"e\.safetensors: tensor 'top_tokens' is missing; rebuild the file",
         setup=lambda c, a: _examples_file(c, '{"0": "a"}'),
     ),
+    # issue 37, second sweep: every input a command names, exports' own paths, strict numbers, filters
+    Case(
+        "explain-out-is-the-models-config",
+        ["explain", "--sae", "{a}/sae", "--model", "{c}/tiny-gemma3", "--out", "{c}/tiny-gemma3/config.json", *FAST],
+        r"--out .*config\.json is the same file as --model .*config\.json",
+        setup=lambda c, a: shutil.copytree(a / "tiny-gemma3", c / "tiny-gemma3"),
+    ),
+    Case(
+        "explain-out-is-its-features-file",
+        explain("--features", "{c}/f.txt", "--out", "{c}/f.txt"),
+        r"--out .*f\.txt is the same file as --features",
+        setup=lambda c, a: (c / "f.txt").write_text("0-3\n"),
+    ),
+    Case(
+        "dashboard-out-is-the-examples-found-beside-the-results",
+        ["dashboard", "{c}/r.jsonl", "--out", "{c}/r.examples.safetensors"],
+        r"same file as the examples beside the results",
+        setup=lambda c, a: (
+            shutil.copy(a / "results.jsonl", c / "r.jsonl"),
+            _examples_file(c, '{"0": "a"}'),
+            (c / "e.safetensors").rename(c / "r.examples.safetensors"),
+        ),
+    ),
+    Case(
+        "export-writes-over-its-own-results",
+        [
+            "export",
+            "--results",
+            "{c}/x/explanations/2/0.jsonl",
+            "--format",
+            "neuron-explainer",
+            "--layer-index",
+            "2",
+            "--out",
+            "{c}/x",
+        ],
+        r"--out .*0\.jsonl is the same file as --results",
+        setup=lambda c, a: (
+            Path(c / "x/explanations/2").mkdir(parents=True),
+            shutil.copy(a / "results.jsonl", c / "x/explanations/2/0.jsonl"),
+        ),
+    ),
+    Case(
+        "dashboard-mix-behind-a-record-without-fingerprint",
+        ["dashboard", "{c}/in.jsonl", "--out", "{c}/out/d.html"],
+        r"mixes SAEs: tiny-gemma3/2-test \(weights [0-9a-f]{16}\) and tiny-gemma3/2-test \(weights 0{16}\)"
+        r".*--sae-id tiny-gemma3/2-test@",
+        setup=lambda c, a: write_records(
+            c / "in.jsonl",
+            [
+                {
+                    **record_lines(a)[0],
+                    "sae": {k: v for k, v in record_lines(a)[0]["sae"].items() if k != "fingerprint"},
+                },
+                *record_lines(a)[1:2],
+                {**record_lines(a)[2], "sae": {**record_lines(a)[2]["sae"], "fingerprint": "0" * 16}},
+            ],
+        ),
+    ),
+    Case(
+        "dashboard-old-and-new-records-mixed",
+        ["dashboard", "{c}/in.jsonl", "--out", "{c}/out/d.html"],
+        r"mixes records that carry their SAE's weights fingerprint with records that do not",
+        setup=with_record_change(lambda d: d["sae"].pop("fingerprint")),
+    ),
+    Case(
+        "validate-a-float-out-of-range",
+        ["validate", "{c}/in.jsonl"],
+        r"1e400 is outside the range of a float",
+        setup=lambda c, a: (c / "in.jsonl").write_text(
+            re.sub(r'"scale": [0-9.]+', '"scale": 1e400', (a / "results.jsonl").read_text(), count=1)
+        ),
+    ),
+    Case(
+        "validate-an-integer-of-5001-digits",
+        ["validate", "{c}/in.jsonl"],
+        r"an integer of 5001 digits is no number we write",
+        setup=lambda c, a: (c / "in.jsonl").write_text('{"feature_id": ' + "9" * 5001 + "}\n"),
+    ),
+    Case(
+        "export-a-store-filter-matching-nothing",
+        ["export", "--store", "{c}/in.db", "--sae-id", "nobody/0-x", "--format", "jsonl", "--out", "{c}/out/x.jsonl"],
+        r"no results in .*in\.db match --sae-id nobody/0-x",
+        setup=copy_store(),
+    ),
+    Case(
+        "dashboard-a-jsonl-filter-matching-nothing",
+        ["dashboard", "{a}/results.jsonl", "--settings", "f" * 16, "--out", "{c}/out/d.html"],
+        r"no results in .*results\.jsonl match --settings f{16}",
+    ),
+    Case(
+        "export-beside-an-earlier-exports-files",
+        ["export", "--results", "{a}/results.jsonl", "--format", "neuronpedia", "--out", "{c}/np", *NP_FLAGS],
+        r"holds 1 files of an earlier export that this one would not replace \(activations/batch-7\.jsonl\.gz\)",
+        setup=lambda c, a: (
+            Path(c / "np/v1/tiny-gemma3/2-test/activations").mkdir(parents=True),
+            (c / "np/v1/tiny-gemma3/2-test/activations/batch-7.jsonl.gz").write_bytes(b"old"),
+        ),
+    ),
+    Case(
+        "export-model-layers-against-the-model",
+        [
+            "export",
+            "--results",
+            "{a}/results.jsonl",
+            "--format",
+            "neuronpedia",
+            "--out",
+            "{c}/out",
+            "--author-id",
+            "u1",
+            "--model-layers",
+            "10000000000",
+        ],
+        r"--model-layers 10000000000, but the SAE's model has 4 blocks",
+    ),
+    Case(
+        "upload-a-key-of-100000-characters",
+        ["upload", "--results", "{a}/results.jsonl", "--source", "2-test"],
+        r"the API key \(NEURONPEDIA_API_KEY\) is 100,000 characters long",
+        env={"NEURONPEDIA_API_KEY": "k" * 100_000},
+    ),
 ]
 
 
@@ -639,7 +761,8 @@ def _examples_file(case: Path, vocab: str, **tensors: torch.Tensor) -> None:
     """{c}/e.safetensors: an activation-examples file with this vocabulary JSON and these tensors."""
     from safetensors.torch import save_file
 
-    meta = {"format": "sae-selfexplain-activation-examples/2", "vocab": vocab}
+    sae = json.dumps({"d_sae": 12, "fingerprint": "0" * 16})
+    meta = {"format": "sae-selfexplain-activation-examples/2", "vocab": vocab, "sae": sae}
     save_file(tensors or {"frequency": torch.zeros(12)}, case / "e.safetensors", metadata=meta)
 
 

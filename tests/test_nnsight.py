@@ -9,11 +9,13 @@ import nnsight
 import pytest
 import torch
 from conftest import tiny_gemma
-from ndif_server import NDIFBackend, NDIFServer
+from ndif_server import NDIFBackend as NDIFServerCode  # an nnsight Backend running NDIF's server code
+from ndif_server import NDIFServer
 from nnsight.modeling.huggingface import _ID_CACHE  # read only, to show we never write it
 from nnsight.modeling.transformers import TransformersModel
 from sae_lens import StandardSAE, StandardSAEConfig
 from sae_lens.saes.sae import SAEMetadata
+from sae_selfexplain_plugin.adapters.backends import ndif as ndif_adapter
 from sae_selfexplain_plugin.adapters.backends import nnsight as nnsight_adapter
 from sae_selfexplain_plugin.adapters.backends.nnsight import (
     NNsightBackend,
@@ -71,7 +73,7 @@ def test_nnsight_local_simulation_runs_the_sweep(nn_model, directions, expected)
 
 
 def test_requests_run_through_ndif_execution_code(nn_model, directions, expected):
-    backend = NNsightBackend(nn_model, remote=NDIFBackend(nn_model))
+    backend = NNsightBackend(nn_model, remote=NDIFServerCode(nn_model))
     assert texts(SelfExplainer(backend, CFG).explain(directions)) == expected
 
 
@@ -104,16 +106,16 @@ def test_our_requests_through_ndif_server_code(nn_model, directions, expected, n
 
 def test_a_sweep_is_one_session_split_by_payload_size(nn_model, directions, expected, ndif, monkeypatch):
     sizes: list[int] = []
-    split = nnsight_adapter._by_size
+    split = ndif_adapter._by_size
 
     def by_size(batches, cap):
         sizes[:] = [sum(t.numel() * t.element_size() for t in b[:4]) for b in batches]
         return split(batches, cap)
 
-    monkeypatch.setattr(nnsight_adapter, "_by_size", by_size)
+    monkeypatch.setattr(ndif_adapter, "_by_size", by_size)
     records = SelfExplainer(remote(nn_model, ndif), CFG.replace(batch_size=2)).explain(directions)  # 3 batches
     assert texts(records) == expected and len(ndif.posts) == 2  # the reference norm, one session of 3
-    monkeypatch.setattr(nnsight_adapter, "MAX_REQUEST_BYTES", sizes[0] + sizes[1])  # room for two batches
+    monkeypatch.setattr(ndif_adapter, "MAX_REQUEST_BYTES", sizes[0] + sizes[1])  # room for two batches
     records = SelfExplainer(remote(nn_model, ndif), CFG.replace(batch_size=2)).explain(directions)
     assert texts(records) == expected and len(ndif.posts) == 2 + 1 + 2  # norm, a session of 2, then 1 alone
 
@@ -215,6 +217,19 @@ def test_remote_options_pass_through_sae_self_explain(nn_model, directions, expe
 def test_in_memory_model_needs_a_repo_id_for_ndif(nn_model):
     with pytest.raises(InputError, match="repo_id='google/gemma-3-270m'"):
         NNsightBackend(nn_model, remote=True)
+
+
+def test_remote_picks_the_backend_and_old_imports_still_work(nn_model):
+    # NNsightBackend(model, remote=...) as before: a server is the NDIF backend, anything else runs here
+    for where in (True, "https://ndif.example"):
+        backend = NNsightBackend(nn_model, remote=where, repo_id=REPO)
+        assert type(backend) is nnsight_adapter.NDIFBackend and backend.device == torch.device("cpu")
+    for where in (False, None, "local", NDIFServerCode(nn_model)):
+        assert type(NNsightBackend(nn_model, remote=where)) is NNsightBackend
+    with pytest.raises(InputError, match="runs on a server"):
+        nnsight_adapter.NDIFBackend(nn_model, remote="local")
+    for name in ("RemoteExecutionError", "RemoteTimeout", "remote_model_key", "MAX_REQUEST_BYTES"):
+        assert getattr(nnsight_adapter, name) is getattr(ndif_adapter, name)
 
 
 def test_sae_self_explain_through_nnsight(nn_model, expected, directions, api_key):

@@ -136,3 +136,41 @@ def test_the_fingerprint_is_the_weights_in_any_dtype() -> None:
     changed = w.clone()
     changed[3, 5] += 1e-3
     assert decoder_fingerprint(w) != decoder_fingerprint(changed)
+
+
+def test_an_export_names_a_local_model_by_its_folder_not_its_path() -> None:
+    from sae_selfexplain_plugin.formats import to_neuronpedia_line
+    from sae_selfexplain_plugin.results import Explanation, FeatureExplanations, public_model_name
+
+    assert public_model_name("/home/me/ckpts/tiny-gemma3") == "tiny-gemma3"
+    assert public_model_name("./tiny-gemma3") == "tiny-gemma3" and public_model_name("google/gemma-3-270m") == (
+        "google/gemma-3-270m"
+    )
+    record = FeatureExplanations(1, [Explanation(1, "a fruit", 4.0, 2, "identity")], 0, model_id="/tmp/me/Model-X")
+    line = to_neuronpedia_line(record, "m", "2-x", "u1", None, None)
+    assert line is not None and "/tmp/me" not in json.dumps(line)
+    assert json.loads(line["notes"])["explained_by"] == "model-x"
+
+
+def test_examples_are_saved_and_read_only_with_their_saes_identity(tmp_path: Path) -> None:
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from sae_selfexplain_plugin.errors import SelfExplainError
+    from sae_selfexplain_plugin.example_collector import ExampleCollector
+
+    collector = ExampleCollector(3, top_k=2, window=4, n_random=1, pool_size=4)
+    collector.add(torch.arange(8).reshape(1, 8), torch.rand(1, 8, 3))
+    examples = collector.finish(lambda i: f" t{i}")
+    with pytest.raises(SelfExplainError, match="without the identity of their SAE"):
+        examples.save(tmp_path / "e.safetensors")
+    examples.with_sae({"d_sae": 3, "fingerprint": "a" * 16}).save(tmp_path / "e.safetensors")
+    with safe_open(str(tmp_path / "e.safetensors"), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    from sae_selfexplain_plugin.activation_examples import ActivationExamples
+
+    assert ActivationExamples.load(tmp_path / "e.safetensors").sae == {"d_sae": 3, "fingerprint": "a" * 16}
+    del meta["sae"]  # a /2 file with its identity removed could be attached to any SAE of 3 features
+    save_file(tensors, tmp_path / "stripped.safetensors", metadata=meta)
+    with pytest.raises(InputError, match=r"stripped\.safetensors: field 'sae' .* is missing"):
+        ActivationExamples.load(tmp_path / "stripped.safetensors")

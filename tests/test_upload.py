@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import socket
@@ -394,6 +395,29 @@ def test_a_silent_server_is_given_up_on_promptly(ledger):
     assert ledger.uploaded(silent.url, "m", "6-test") == set()
 
 
+def test_a_server_dripping_its_answer_is_given_up_on_too(ledger):
+    """Each byte arrives within --timeout, the whole answer never does: a try ends after 2 x --timeout."""
+
+    def drip(h: BaseHTTPRequestHandler) -> None:
+        h.send_response(200)
+        h.send_header("Content-Length", "100")
+        h.end_headers()
+        with contextlib.suppress(OSError):  # the client hangs up: stop
+            for _ in range(40):  # at most 8 s of drops, then the handler ends by itself
+                h.wfile.write(b" ")
+                h.wfile.flush()
+                time.sleep(0.2)
+
+    with Answering(drip) as dripping:
+        start = time.monotonic()
+        with pytest.raises(UploadError, match=r"did not answer within 0\.5 s \(--timeout\) \(2 tries\)"):
+            upload([record(1)], model_id="m", source="6-test", ledger=ledger, api_key=KEY, host=dripping.url,
+                   allow_http=True, timeout_s=0.5, backoff_s=0.0)  # fmt: skip
+        took = time.monotonic() - start
+    assert took < 4 and dripping.seen == 2, (took, dripping.seen)  # before: each try held for the whole drip
+    assert ledger.uploaded(dripping.url, "m", "6-test") == set()
+
+
 @pytest.mark.parametrize("bad", ["0", "-1", "nan", "inf", "601", "soon"])
 def test_cli_timeout_must_be_sane_seconds(bad, tmp_path, capsys):
     results = tmp_path / "r.jsonl"
@@ -505,6 +529,32 @@ def test_the_key_is_redacted_in_every_error_path(server, tmp_path, monkeypatch, 
         for debug in (False, True):
             code, said = run(server.url, debug=debug, key=crlf)
             assert code == 1 and "***" in said
+
+
+def test_a_server_echoing_an_altered_key_never_prints_it(server, tmp_path, monkeypatch, capsys):
+    """A server may quote the key JSON-escaped ("\\/"), URL-encoded, or only its start: none of it is printed."""
+    import urllib.parse
+
+    from sae_selfexplain_plugin.adapters import neuronpedia
+
+    key = "SECRET/slash+plus=eq/9z8y"
+    results = tmp_path / "r.jsonl"
+    export_jsonl([record(1)], results)
+    monkeypatch.setenv("NEURONPEDIA_API_KEY", key)
+    monkeypatch.setattr(neuronpedia, "upload", functools.partial(neuronpedia.upload, backoff_s=0.0))
+    forms = {
+        "json": json.dumps(key).strip('"').replace("/", "\\/"),
+        "url": urllib.parse.quote(key, safe=""),
+        "prefix": key[:12] + "...",
+    }
+    for name, form in forms.items():
+        with Answering(lambda h, form=form: send_json(h, 400, {"error": f"bad key {form} (revoked)"})) as echoing:
+            code = main(["upload", "--results", str(results), "--host", echoing.url, "--allow-http", "--source",
+                         "6-test", "--ledger", str(tmp_path / "ledger.db"), "--timeout", "5"])  # fmt: skip
+        out = capsys.readouterr()
+        said = out.out + out.err
+        assert code == 2 and "HTTP 400" in said and "***" in said, (name, said)
+        assert leaks(form, said) == [] and leaks(key, said) == [], (name, said)
 
 
 def test_an_upload_mixing_saes_or_settings_sends_nothing(server, ledger, tmp_path, monkeypatch, capsys):

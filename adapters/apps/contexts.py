@@ -1,6 +1,6 @@
 """Top-activating contexts for any SAE: stream a corpus through the model, encode the residual with the SAE,
 keep each feature's strongest contexts, random non-activating ones and its firing density
-(`activation_examples.ExampleCollector`), and save them as an activation-examples file.
+(`example_collector.ExampleCollector`), and save them as an activation-examples file.
 
 The corpus is a text file (documents separated by blank lines), a folder of such files, or a JSONL file
 of texts (`"text"` fields, or bare strings). The run is resumable: every `checkpoint_rows` rows the
@@ -18,10 +18,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from sae_selfexplain_plugin.activation_examples import ActivationExamples, ExampleCollector
+from sae_selfexplain_plugin.activation_examples import ActivationExamples
 from sae_selfexplain_plugin.backend import Backend
 from sae_selfexplain_plugin.checkpoint import check_fields, load_checkpoint, save_checkpoint
 from sae_selfexplain_plugin.errors import InputError
+from sae_selfexplain_plugin.example_collector import ExampleCollector
 from sae_selfexplain_plugin.files import capped_lines, parse_json
 from sae_selfexplain_plugin.identity import sae_name
 
@@ -54,8 +55,16 @@ def corpus_texts(spec: str | Path) -> Iterator[str]:
                         if not isinstance(text, str):
                             raise InputError(f"{path} line {n}: expected a string or an object with a 'text' string.")
                         yield text
-            else:
-                yield from (d for d in f.read().split("\n\n") if d.strip())
+            else:  # streamed: a corpus may be far larger than memory, and no line may pass the cap
+                document: list[str] = []
+                for _, line in capped_lines(f, f"--corpus {path}"):
+                    if line.strip():
+                        document.append(line)
+                    elif document:
+                        yield "".join(document).rstrip("\n")
+                        document = []
+                if document:
+                    yield "".join(document).rstrip("\n")
     except UnicodeDecodeError as e:
         raise InputError(f"--corpus {path} is not UTF-8 text ({e}).") from None
 

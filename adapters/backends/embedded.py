@@ -205,7 +205,7 @@ def load_embedded(
     model: Any = None
     for attempt in range(2):
         try:
-            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype or auto_dtype)
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype or auto_dtype, use_safetensors=True)
             tokenizer = AutoTokenizer.from_pretrained(folder)
             break
         except (OSError, ValueError, RuntimeError) as e:  # files present but unreadable: rebuild once

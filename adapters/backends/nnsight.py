@@ -1,25 +1,18 @@
-"""nnsight backend: self-explanation through nnsight's TransformersModel (or the deprecated LanguageModel),
-locally or remotely on NDIF (`remote=True`, a host URL, or "local" for nnsight's local simulation).
+"""nnsight backends: self-explanation through nnsight's TransformersModel (or the deprecated LanguageModel).
+
+- `NNsightBackend` runs the traces here: on the model in memory, in nnsight's local simulation of the remote
+  path (`remote="local"`), or through any nnsight Backend object passed as `remote`;
+- `NDIFBackend` runs the same traces on NDIF (`remote=True`) or a host speaking its protocol (a URL), and
+  sends a sweep's batches as sessions. `NNsightBackend(model, remote=True)` builds one. The protocol itself
+  (model key, polling, retry, timeouts, payload caps, key redaction) is `ndif.py`.
 
 Remote-safe by construction: inside a trace there are only envoys (sent by reference), plain tensors and
 functions of `sae_selfexplain_plugin.ops`, a pure-torch module registered with nnsight so that its
 source travels with the request. Nothing from sae_lens or this adapter is referenced in a trace.
-
-Remote runs submit without blocking and poll `GET /response/{id}` (NDIF's non-blocking protocol): a poll
-or download that fails transiently is retried with backoff until `timeout_s`; a job still running at
-`timeout_s` raises RemoteTimeout naming its id and stays collectable (the same call again polls that job
-instead of submitting it twice). Neither the user's model nor nnsight's state is modified: the model key
-is built from `repo_id` when one is given.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import nnsight
@@ -29,9 +22,22 @@ from nnsight.intervention.envoy import Envoy
 import sae_selfexplain_plugin.ops as trace_ops
 from sae_selfexplain_plugin.backend import GenerationRequest, GenerationResult, check_layer, position_ids
 from sae_selfexplain_plugin.decoding import finish_rows, word_tokens
-from sae_selfexplain_plugin.errors import InputError, SelfExplainError
+from sae_selfexplain_plugin.errors import InputError
 from sae_selfexplain_plugin.ops import ban_generated, mark_generated, patch_residual
 
+from .ndif import (  # the public ones stay importable from here (__all__), their path before ndif.py
+    MAX_REQUEST_BYTES,
+    RemoteExecutionError,
+    RemoteTimeout,
+    check_repo_id,
+    collect,
+    fingerprint,
+    remote_model_key,
+    sessions,
+    submits_to_server,
+    submitting,
+    trace_options,
+)
 from .transformers import (
     attribute_path,
     config_context_length,
@@ -39,69 +45,21 @@ from .transformers import (
     eos_token_ids,
 )
 
+__all__ = [
+    "MAX_REQUEST_BYTES",
+    "NDIFBackend",
+    "NNsightBackend",
+    "RemoteExecutionError",
+    "RemoteTimeout",
+    "install",
+    "is_nnsight_model",
+    "remote_model_key",
+    "uninstall",
+]
+
 nnsight.register(trace_ops)  # NDIF has no copy of our package: ship this module's source by value
 
 Remote = Any  # False (local), True (NDIF), a host URL, "local" (nnsight's simulation), or an nnsight Backend
-
-# Our cap on the tensors one remote request carries (ids, masks, injected vectors): NDIF 0.1.2 sets none
-# (services/api/app.py: "the payload size is measured downstream but never enforced"), so a sweep is split
-# into sessions of at most this size rather than sent as one request of unbounded size.
-MAX_REQUEST_BYTES = 32 * 2**20
-_PENDING: dict[str, str] = {}  # request fingerprint -> id of a remote job a timeout left running
-_TRANSIENT_STATUS = {429, 500, 502, 503, 504}
-
-
-class RemoteExecutionError(SelfExplainError, RuntimeError):
-    """A remote (NDIF) run failed, was refused, or did not finish in time."""
-
-
-class RemoteTimeout(RemoteExecutionError):
-    """A remote job did not finish within timeout_s. It keeps running on the server; the same call again
-    (same model, host and inputs) collects it instead of submitting it twice."""
-
-    def __init__(self, message: str, job_id: str) -> None:
-        super().__init__(message)
-        self.job_id = job_id
-
-
-def remote_model_key(model: Any, repo_id: str | None) -> str:
-    """The key NDIF serves the model under: nnsight's own (`model.to_model_key()`, which asks the hub to
-    canonicalise the repo id) or, with `repo_id` given, the same format built from it without the hub and
-    without touching the model or nnsight's cache."""
-    if repo_id is None:
-        return str(model.to_model_key())
-    from nnsight.util import to_import_path
-
-    # nnsight 0.8's format (huggingface.py and transformers.py: _remoteable_model_key), pinned by a test
-    data: dict[str, Any] = {"repo_id": repo_id, "revision": getattr(model, "revision", None)}
-    if getattr(model, "kwargs", {}).get("trust_remote_code"):
-        data["trust_remote_code"] = True
-    if getattr(model, "task", None) is not None:
-        from transformers.pipelines import TASK_ALIASES
-
-        data["task"] = TASK_ALIASES.get(model.task, model.task)
-    return f"{to_import_path(model._remoteable_class())}:{json.dumps(data)}"
-
-
-def _fingerprint(*parts: Any) -> str:
-    """Identifies a remote request by what it computes, so a rerun finds a job a timeout left running."""
-    h = hashlib.sha256()
-    for part in parts:
-        if isinstance(part, torch.Tensor):
-            h.update(str((part.dtype, tuple(part.shape))).encode())
-            h.update(part.detach().cpu().contiguous().numpy().tobytes())
-        else:
-            h.update(repr(part).encode())
-    return h.hexdigest()
-
-
-def _is_transient(error: Exception) -> bool:
-    """A poll or download failure worth retrying: the connection, or a 429/5xx answer."""
-    import httpx
-
-    if isinstance(error, httpx.HTTPStatusError):
-        return error.response.status_code in _TRANSIENT_STATUS
-    return isinstance(error, httpx.TransportError)
 
 
 def is_nnsight_model(model: Any) -> bool:
@@ -110,7 +68,15 @@ def is_nnsight_model(model: Any) -> bool:
 
 
 class NNsightBackend:
-    """Runs self-explanation through an nnsight model; `remote` is passed to every trace."""
+    """Runs self-explanation through an nnsight model, tracing here; `remote` ("local" or an nnsight Backend)
+    is passed to every trace. The trace bodies are written once, here: NDIFBackend changes only how a trace
+    runs (`_trace_options`) and how its saved values come back (`_saved`)."""
+
+    def __new__(cls, model: Any = None, remote: Remote = False, *args: Any, **kwargs: Any) -> NNsightBackend:
+        # NNsightBackend(model, remote=True or a URL) has always meant NDIF: it builds an NDIFBackend
+        if cls is NNsightBackend and submits_to_server(remote):
+            cls = NDIFBackend
+        return super().__new__(cls)
 
     def __init__(
         self,
@@ -125,11 +91,6 @@ class NNsightBackend:
         if model.tokenizer is None:
             raise InputError(
                 "this nnsight model has no tokenizer; build it with TransformersModel(model, tokenizer=tok)."
-            )
-        if _submits_to_server(remote) and not (repo_id or getattr(model, "repo_id", "")):
-            raise InputError(
-                "remote execution names the model by its hub repo id, but this nnsight model was built from an "
-                "in-memory object and has none; pass repo_id='google/gemma-3-270m' (the id NDIF serves)."
             )
         self.repo_id = repo_id
         self.model = model
@@ -163,68 +124,24 @@ class NNsightBackend:
 
     @property
     def device(self) -> torch.device:
-        return torch.device("cpu") if self._submits else self.model.device
-
-    @property
-    def _submits(self) -> bool:
-        return _submits_to_server(self.remote)
-
-    def _trace_options(self, fingerprint: str) -> dict[str, Any]:
-        if self._submits:  # submit, then poll GET /response/{id}: no websocket, and we own the timeout
-            return {"backend": self._remote_backend(_PENDING.get(fingerprint))}
-        if self.remote in (False, None, "local"):
-            return {"remote": self.remote or False}
-        return {"backend": self.remote}  # any nnsight Backend, e.g. NDIF's server code in our tests
-
-    def _remote_backend(self, job_id: str | None) -> Any:
-        """nnsight's RemoteBackend, non-blocking; with `job_id` it polls that job instead of submitting."""
-        from nnsight.intervention.backends.remote import RemoteBackend
-
-        return RemoteBackend(
-            remote_model_key(self.model, self.repo_id),
-            host=None if self.remote is True else self.remote,
-            api_key=_api_key() or None,
-            env=getattr(self.model, "_remoteable_get_env", dict)(),
-            blocking=False,
-            job_id=job_id,
-        )
-
-    def _saved(self, tracer: Any, name: str, local_value: Any, fingerprint: str) -> Any:
-        """A saved value: from the caller's frame when the trace ran here, else polled from the server.
-        Transient poll and download failures are retried with backoff until `timeout_s`."""
-        if not self._submits:
-            return local_value
-        backend = tracer.backend
-        deadline = time.monotonic() + self.timeout_s
-        failures = 0
-        while True:
-            try:
-                result = backend()
-                failures = 0
-            except Exception as e:
-                if type(e).__name__ == "RemoteError":  # the server reported ERROR for this job
-                    _PENDING.pop(fingerprint, None)
-                    raise RemoteExecutionError(f"remote job {backend.job_id} failed: {_redact(str(e))}") from None
-                if not _is_transient(e):
-                    raise
-                failures += 1
-                result = None
-            if isinstance(result, dict):
-                _PENDING.pop(fingerprint, None)
-                return result[name]
-            if time.monotonic() > deadline:
-                _PENDING[fingerprint] = backend.job_id
-                raise RemoteTimeout(
-                    f"remote job {backend.job_id} did not finish within {self.timeout_s:.0f}s (last status: "
-                    f"{getattr(backend.status, 'value', backend.status)}); it is still running on the server: "
-                    "run the same call again to collect it (raise timeout_s to wait longer).",
-                    backend.job_id,
-                )
-            time.sleep(min(self.poll_s * 2**failures, 30.0))
+        return self.model.device  # type: ignore[no-any-return]
 
     @property
     def model_id(self) -> str:
         return self._model_id
+
+    def _job_key(self, kind: str, *parts: Any) -> str:
+        """What identifies a trace's job on a server; a trace run here has none."""
+        return ""
+
+    def _trace_options(self, key: str) -> dict[str, Any]:
+        if self.remote in (False, None, "local"):
+            return {"remote": self.remote or False}
+        return {"backend": self.remote}  # any nnsight Backend, e.g. NDIF's server code in our tests
+
+    def _saved(self, tracer: Any, name: str, local_value: Any, key: str) -> Any:
+        """A saved value: here, the variable the trace filled in the caller's frame."""
+        return local_value
 
     def _block(self, layer: int) -> Any:
         """The envoy of decoder block `layer`."""
@@ -239,11 +156,12 @@ class NNsightBackend:
             "position_ids": position_ids(attention_mask),
         }
         hidden = None
-        fingerprint = _fingerprint("residual", self._model_id, layer, input_ids, attention_mask)
-        with _submitting(), self.model.trace(inputs, **self._trace_options(fingerprint)) as tracer:
+        key = self._job_key("residual", layer, input_ids, attention_mask)
+        # submitting(): a Backend object passed as `remote` may itself be a remote one
+        with submitting(), self.model.trace(inputs, **self._trace_options(key)) as tracer:
             hidden = block.input.detach().cpu().save()
             tracer.stop()  # skip the later blocks and the unembedding
-        return torch.as_tensor(self._saved(tracer, "hidden", hidden, fingerprint))
+        return torch.as_tensor(self._saved(tracer, "hidden", hidden, key))
 
     def _generate_options(self, request: GenerationRequest) -> dict[str, Any]:
         options: dict[str, Any] = {"max_new_tokens": request.max_new_tokens, "do_sample": request.temperature > 0}
@@ -269,14 +187,13 @@ class NNsightBackend:
         options = self._generate_options(request)
         inputs = {"input_ids": ids, "attention_mask": mask}
         sequences = None
-        fingerprint = _fingerprint("generate", self._model_id, request.injection.layer, options, ids, mask, positions,
-                                   vectors, add)  # fmt: skip
+        key = self._job_key("generate", request.injection.layer, options, ids, mask, positions, vectors, add)
         ban = request.no_repeats  # then a per-step loop bans repeated word tokens, as decoding.decode does
         parts: tuple[Any, Any, Any] = self._ban_parts() if ban else (None, None, None)
         embed, head, words = parts
         # without a ban, the prompt pass only: the KV cache carries the patch forward
         steps = request.max_new_tokens if ban else 1
-        with _submitting(), self.model.generate(inputs, **self._trace_options(fingerprint), **options) as tracer:
+        with submitting(), self.model.generate(inputs, **self._trace_options(key), **options) as tracer:
             for step in tracer.iter[0:steps]:
                 if step == 0:
                     block.input = patch_residual(block.input, positions, vectors, add)
@@ -291,7 +208,7 @@ class NNsightBackend:
                         mark_generated(banned, last, words)
                     head.output = ban_generated(logits, banned[:, None])
             sequences = tracer.result.detach().cpu().save()
-        return self._result(request, self._saved(tracer, "sequences", sequences, fingerprint))
+        return self._result(request, self._saved(tracer, "sequences", sequences, key))
 
     def _ban_parts(self) -> tuple[Any, Any, torch.Tensor]:
         """For no_repeats: the envoys of the token embedding (its input at each step is the token just
@@ -304,8 +221,44 @@ class NNsightBackend:
         return attribute_path(self.model, paths[embed]), attribute_path(self.model, paths[head]), words
 
     def generate_many(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
-        """Several batches; on a server they travel as `session`s of at most MAX_REQUEST_BYTES of tensors
-        each, so a sweep is one request (or a few, for large ones)."""
+        """One trace per batch here (NDIFBackend groups them into sessions)."""
+        return [self.generate(r) for r in requests]
+
+
+class NDIFBackend(NNsightBackend):
+    """The nnsight backend's traces, run on NDIF (`remote=True`) or a host speaking its protocol (a URL):
+    submitted without blocking and polled for (`ndif.py`, `timeout_s`, `poll_s`). `repo_id` names the model
+    there when the nnsight model was built from an in-memory object."""
+
+    def __init__(
+        self,
+        model: Any,
+        remote: Remote = True,
+        repo_id: str | None = None,
+        timeout_s: float = 1800.0,
+        poll_s: float = 1.0,
+    ) -> None:
+        if not submits_to_server(remote):
+            raise InputError(f"NDIFBackend runs on a server: remote=True or a host URL, not {remote!r}.")
+        super().__init__(model, remote, repo_id, timeout_s, poll_s)
+        check_repo_id(model, repo_id)
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")  # where inputs are built; the server places them on its own devices
+
+    def _job_key(self, kind: str, *parts: Any) -> str:
+        return fingerprint(kind, self._model_id, *parts)
+
+    def _trace_options(self, key: str) -> dict[str, Any]:
+        return trace_options(self.model, self.remote, self.repo_id, key)
+
+    def _saved(self, tracer: Any, name: str, local_value: Any, key: str) -> Any:
+        return collect(tracer, name, key, self.timeout_s, self.poll_s)
+
+    def generate_many(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
+        """Several batches as `session`s of at most `ndif.MAX_REQUEST_BYTES` of tensors each, so a sweep is
+        one request (or a few, for large ones)."""
         first = requests[0]
         same = all(
             (r.injection.layer, r.max_new_tokens, r.temperature)
@@ -313,10 +266,10 @@ class NNsightBackend:
             for r in requests
         )
         # a session ships one trace body per batch; the no_repeats body (a per-step loop) goes one batch a request
-        if not self._submits or len(requests) == 1 or not same or any(r.no_repeats for r in requests):
+        if len(requests) == 1 or not same or any(r.no_repeats for r in requests):
             return [self.generate(r) for r in requests]
         results: list[GenerationResult] = []
-        for group in _by_size([_trace_tensors(r) for r in requests], MAX_REQUEST_BYTES):
+        for group in sessions([_trace_tensors(r) for r in requests]):
             chunk = requests[len(results) : len(results) + len(group)]
             results += self._session(chunk, group) if len(group) > 1 else [self.generate(chunk[0])]
         return results
@@ -325,42 +278,21 @@ class NNsightBackend:
         first = requests[0]
         block = self._block(first.injection.layer)
         options = self._generate_options(first)
-        fingerprint = _fingerprint(
-            "session", self._model_id, first.injection.layer, options, *(t for b in batches for t in b)
-        )
+        key = self._job_key("session", first.injection.layer, options, *(t for b in batches for t in b))
         model = self.model  # the session body is shipped: it may name envoys and tensors, never this backend
         outs = None
-        with _submitting(), model.session(**self._trace_options(fingerprint)) as session:
+        with submitting(), model.session(**self._trace_options(key)) as session:
             outs = nnsight.save([])
             for ids, mask, positions, vectors, add in batches:
                 with model.generate({"input_ids": ids, "attention_mask": mask}, **options) as tracer:
                     for _ in tracer.iter[0:1]:
                         block.input = patch_residual(block.input, positions, vectors, add)
                     outs.append(tracer.result.detach().cpu())
-        outs = self._saved(session, "outs", outs, fingerprint)
+        outs = self._saved(session, "outs", outs, key)
         return [self._result(r, o) for r, o in zip(requests, outs)]
 
 
 _Tensors = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, bool]
-
-
-def _by_size(batches: list[_Tensors], cap: int) -> list[list[_Tensors]]:
-    """Consecutive groups of batches whose tensors add up to at most `cap` bytes (a larger batch alone)."""
-    groups: list[list[_Tensors]] = []
-    size = cap + 1
-    for batch in batches:
-        n = sum(t.numel() * t.element_size() for t in batch[:4])
-        if size + n > cap:
-            groups.append([])
-            size = 0
-        groups[-1].append(batch)
-        size += n
-    return groups
-
-
-def _submits_to_server(remote: Remote) -> bool:
-    """True when traces go to a server (NDIF or a host URL) and results are polled for."""
-    return remote is True or (isinstance(remote, str) and remote != "local")
 
 
 def _trace_tensors(request: GenerationRequest) -> _Tensors:
@@ -373,33 +305,6 @@ def _trace_tensors(request: GenerationRequest) -> _Tensors:
         inj.vectors.detach().float().cpu(),
         inj.mode == "add",
     )
-
-
-def _api_key() -> str:
-    return str(nnsight.CONFIG.API.APIKEY or os.environ.get("NDIF_API_KEY") or "")
-
-
-def _redact(text: str) -> str:
-    """Remove the NDIF API key from a message, wherever a server might echo it."""
-    key = _api_key()
-    return text.replace(key, "***") if key else text
-
-
-@contextmanager
-def _submitting() -> Iterator[None]:
-    """Turn nnsight's failures to submit a request (bad key, unreachable host) into clear errors."""
-    try:
-        yield
-    except Exception as e:
-        if type(e).__name__ != "RemoteError":
-            raise
-        message = _redact(str(e))
-        hint = (
-            " Check the API key (NDIF_API_KEY or nnsight.CONFIG.API.APIKEY)."
-            if "401" in message or "key" in message.lower()
-            else ""
-        )
-        raise RemoteExecutionError(f"the remote server refused the request: {message}.{hint}") from None
 
 
 def _model_method(self: Any, sae: Any, features: Any = None, remote: Any = False, **options: Any) -> Any:

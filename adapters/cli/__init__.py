@@ -19,7 +19,7 @@ from rich.markup import escape
 
 from sae_selfexplain_plugin import SelfExplainError, __version__
 
-from ..neuronpedia import redact_api_key
+from ..neuronpedia.api_key import redact_api_key
 from . import evaluate, explain, results, train
 from .common import Interrupted, _Parser, console
 

@@ -7,6 +7,7 @@ import argparse
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from rich.console import Console
@@ -229,3 +230,21 @@ def config_from_args(args: argparse.Namespace) -> SelfExplainConfig:
     if hasattr(args, "scales"):
         fields["scales"] = _scales(args.scales)
     return SelfExplainConfig(**fields)
+
+
+# The options that name files or folders a command reads (a name that is not a path matches no output).
+_INPUT_OPTIONS = ("sae", "model", "features", "adapter", "examples", "corpus", "contexts", "results", "store")
+
+
+def command_inputs(args: argparse.Namespace, **more: str | Path | None) -> dict[str, str | Path | None]:
+    """Every file or folder the command reads, by option ({"--model": ...}), and `more` ({what: path}): what
+    no output may overwrite (`files.refuse_input`). A results JSONL brings the examples found beside it."""
+    found: dict[str, str | Path | None] = {
+        f"--{name}": getattr(args, name) for name in _INPUT_OPTIONS if hasattr(args, name)
+    }
+    results = getattr(args, "results", None)
+    if isinstance(results, str) and not results.endswith(".db"):
+        from ..apps.contexts import examples_beside
+
+        found["the examples beside the results"] = examples_beside(results)
+    return {**found, **more}

@@ -35,6 +35,7 @@ from .common import (
     _with_adapter,
     add_generation_options,
     add_model_option,
+    command_inputs,
     config_from_args,
 )
 from .inputs import (
@@ -54,7 +55,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     config = config_from_args(args)
     if args.out:
-        check_writable(args.out, "--out", {"--examples": args.examples, "--sae": args.sae})
+        check_writable(args.out, "--out", command_inputs(args))
     sae, examples = _sae_and_examples(args)
     live = examples.live_features()
     features = parse_features(args.features, sae.cfg.d_sae) if args.features else live[: args.limit]
@@ -98,7 +99,7 @@ def cmd_sae_latent(args: argparse.Namespace) -> int:
     from ..backends import load_model
 
     if args.json:
-        check_writable(args.json, "--json", {"--examples": args.examples, "--sae": args.sae})
+        check_writable(args.json, "--json", command_inputs(args))
     sae, examples = _sae_and_examples(args)
     candidates = token_latents(examples, parse_features(args.latents, sae.cfg.d_sae), args.min_peaks)
     latents = candidates[: args.limit]
@@ -131,7 +132,7 @@ def cmd_sae_latent(args: argparse.Namespace) -> int:
 def cmd_word_recovery(args: argparse.Namespace) -> int:
     sources = _int_list(args.sources, "--sources") if args.sources else None
     if args.json:
-        check_writable(args.json, "--json")
+        check_writable(args.json, "--json", command_inputs(args))
     backend = _load(args.model)
     chat = EMBEDDED_MODELS[args.model].chat
     default = ["identity", "chat-repeat", "chat-meaning"] if chat else ["identity", "definition"]

@@ -37,6 +37,7 @@ from .common import (
     _with_adapter,
     add_generation_options,
     add_model_option,
+    command_inputs,
     config_from_args,
     console,
 )
@@ -141,9 +142,9 @@ def cmd_explain(args: argparse.Namespace) -> int:
         raise SelfExplainError(f"`explain` needs SAELens ({e}): pip install 'sae-selfexplain[saelens]'.") from None
 
     store_path = Path(args.store) if args.store else Path(args.out).with_suffix(".db")
-    check_writable(args.out, "--out", {"the results store": store_path, "--sae": args.sae})
+    check_writable(args.out, "--out", command_inputs(args, **{"the results store": store_path}))
     if args.contexts:
-        check_writable(examples_beside(args.out), "--out's activation examples", {"--contexts": args.contexts})
+        check_writable(examples_beside(args.out), "--out's activation examples", command_inputs(args))
     with _status(f"Loading SAE {args.sae}...", "loaded the SAE"):
         sae, sae_key = load_sae(args.sae, device=args.device or "cpu")
     features = parse_features(args.features, sae.cfg.d_sae) if args.features else list(range(sae.cfg.d_sae))
@@ -198,15 +199,20 @@ def cmd_explain(args: argparse.Namespace) -> int:
 def _collect_contexts(sae: Any, backend: Any, corpus: str, out: Path, tokens: int, resume: bool) -> None:
     from ..apps.contexts import collect_contexts, corpus_texts
 
+    read = [0]  # tokens this run read (a short corpus gives fewer than asked)
+
+    def advance(n: int) -> None:
+        read[0] += n
+        progress.advance(task, n)
+
     with _progress() as progress:
         task = progress.add_task("top-activating contexts", total=tokens)
         examples = collect_contexts(
-            sae, backend, corpus_texts(corpus), out, max_tokens=tokens, resume=resume,
-            progress=lambda n: progress.advance(task, n),
-        )  # fmt: skip
+            sae, backend, corpus_texts(corpus), out, max_tokens=tokens, resume=resume, progress=advance
+        )
     Console().print(
         f"activation examples of {len(examples.live_features())} of {examples.d_sae} features (the others never "
-        f"fired in {tokens:,} tokens): {out}",
+        f"fired in the {read[0]:,} tokens read{' since the resumed checkpoint' if resume else ''}): {out}",
         markup=False,
     )
 
@@ -215,7 +221,7 @@ def cmd_contexts(args: argparse.Namespace) -> int:
     from ..backends import load_model
     from ..sae_lens import load_sae
 
-    check_writable(args.out, "--out", {"--corpus": args.corpus, "--sae": args.sae})
+    check_writable(args.out, "--out", command_inputs(args))
     sae, _ = load_sae(args.sae, device=args.device or "cpu")
     with _status("Loading the model...", "loaded the model"):
         backend = load_model(args.model, model_name=sae.cfg.metadata.model_name, device=args.device)

@@ -4,7 +4,6 @@ and the checks that they belong together (one SAE, one run)."""
 from __future__ import annotations
 
 import argparse
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, overload
 
@@ -94,27 +93,44 @@ def _demo_examples_for(records: list[FeatureExplanations]) -> ActivationExamples
     return None
 
 
-def _records(args: argparse.Namespace) -> Iterator[FeatureExplanations]:
+def _records(args: argparse.Namespace) -> list[FeatureExplanations]:
     return _read_records(args.results, args.store, args.sae_id, args.settings)
 
 
 def _read_records(
     results: str | None, store_path: str | None, sae_id: str | None, settings: str | None = None
-) -> Iterator[FeatureExplanations]:
-    """Records from a results JSONL (ours), else from a results store (optionally one SAE's, one run's)."""
+) -> list[FeatureExplanations]:
+    """Records from a results JSONL (ours) or a results store, optionally one SAE's (`sae_id`: its name, or
+    name@fingerprint) and one run's (`settings`); none is an error that names the filters."""
     if results:
         from sae_selfexplain_plugin.formats import read_documents
 
-        for line, doc in read_documents(results):
-            yield checked_record(doc, f"{results} line {line}")
+        records = [checked_record(doc, f"{results} line {line}") for line, doc in read_documents(results)]
+        records = [r for r in records if _selected(r, sae_id, settings)]
     else:
         from sae_selfexplain_plugin.store import ResultsStore
 
         if store_path is None or not Path(store_path).is_file():
             raise SelfExplainError(f"no results store at {store_path}; pass --results FILE or --store FILE.db.")
         with ResultsStore(store_path, read_only=True) as store:
-            for _, record in store.records(sae_id=sae_id, settings_hash=settings):
-                yield record
+            records = [record for _, record in store.records(sae_id=sae_id, settings_hash=settings)]
+    if not records:
+        filters = [f"{flag} {value}" for flag, value in (("--sae-id", sae_id), ("--settings", settings)) if value]
+        raise SelfExplainError(
+            f"no results in {results or store_path}"
+            + (f" match {' and '.join(filters)}" if filters else "")
+            + "; check the file"
+            + (", or the filters" if filters else "")
+            + "."
+        )
+    return records
+
+
+def _selected(record: FeatureExplanations, sae_id: str | None, settings: str | None) -> bool:
+    """Whether a record from a JSONL passes the filters a store applies in SQL (ResultsStore.records)."""
+    name, fingerprint = record.sae.get("neuronpedia_id"), record.sae.get("fingerprint")
+    keys = {str(name), f"{name}@{fingerprint}"} if name else set()
+    return (sae_id is None or sae_id in keys) and (settings is None or record.settings_hash == settings)
 
 
 def _add_results_source(parser: argparse.ArgumentParser) -> None:

@@ -22,6 +22,7 @@ from ..neuronpedia import DEFAULT_HOST, DEFAULT_TIMEOUT_S
 from .common import (
     _positive,
     _timeout,
+    command_inputs,
     console,
 )
 from .inputs import (
@@ -37,11 +38,9 @@ if TYPE_CHECKING:
 
 
 def cmd_dashboard(args: argparse.Namespace) -> int:
-    check_writable(args.out, "--out", {"the results": args.results, "--examples": args.examples})
+    check_writable(args.out, "--out", command_inputs(args))
     db = args.results.endswith(".db")
-    records = list(
-        _read_records(None if db else args.results, args.results if db else None, args.sae_id, args.settings)
-    )
+    records = _read_records(None if db else args.results, args.results if db else None, args.sae_id, args.settings)
     _check_one_run(records, args.results)
     examples = _examples(args.examples, None if db else args.results, records)
     page = write_dashboard(records, args.out, examples=examples, title=args.title)
@@ -69,14 +68,15 @@ def cmd_export(args: argparse.Namespace) -> int:
     if bool(args.results) == bool(args.store):
         raise SelfExplainError("pass exactly one of --results FILE.jsonl or --store FILE.db.")
     if args.format == "jsonl":
-        check_writable(args.out, "--out", {"--results": args.results, "--store": args.store})
+        check_writable(args.out, "--out", command_inputs(args))
     if args.format == "neuronpedia":
-        records = list(_records(args))
+        records = _records(args)
         _check_one_run(records, args.results or args.store)
+        layers = _checked_layers(args.model_layers, _model_blocks(records))
         examples = _examples(args.examples, args.results, records)  # as upload: beside the results, or the demo's
         summary = export.export_neuronpedia(
             records, args.out, author_id=args.author_id or "",
-            model_layers=args.model_layers or _model_blocks(records), model_id=args.model_id,
+            model_layers=layers, model_id=args.model_id,
             source_id=args.source_id, type_name=args.type_name, explanation_model_name=args.explanation_model_name,
             examples=examples, visibility=args.visibility,
         )  # fmt: skip
@@ -90,7 +90,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     elif args.format == "neuron-explainer":
         if args.layer_index is None:
             raise SelfExplainError("--format neuron-explainer needs --layer-index (the SAE's layer).")
-        summary = export.export_neuron_explainer(_records(args), args.out, args.layer_index)
+        summary = export.export_neuron_explainer(_records(args), args.out, args.layer_index, command_inputs(args))
     else:
         summary = export.export_jsonl(_records(args), args.out)
     view = Console(soft_wrap=True)
@@ -100,6 +100,15 @@ def cmd_export(args: argparse.Namespace) -> int:
             f"{len(summary.skipped)} features had no explanation to publish: {summary.skipped[:20]}", markup=False
         )
     return 0
+
+
+def _checked_layers(given: int | None, known: int | None) -> int | None:
+    """--model-layers, or the model's own number of blocks when known; refused where the two disagree."""
+    if given is not None and known is not None and given != known:
+        raise InputError(f"--model-layers {given}, but the SAE's model has {known} blocks; drop --model-layers.")
+    if given is not None and given > 10_000:  # Neuronpedia stores it as a 32-bit integer; no model is this deep
+        raise InputError(f"--model-layers {given} is no model's number of blocks; pass the model's (e.g. 30).")
+    return given if given is not None else known
 
 
 def _model_blocks(records: list[FeatureExplanations]) -> int | None:
@@ -135,19 +144,12 @@ def cmd_upload(args: argparse.Namespace) -> int:
     from sae_selfexplain_plugin.formats import neuronpedia_ids
     from sae_selfexplain_plugin.store import ResultsStore
 
-    from ..neuronpedia import (
-        API_KEY_ENV,
-        MODEL_NAME_REFUSED,
-        api_key_from_env,
-        check_host,
-        upload,
-    )
+    from ..neuronpedia import MODEL_NAME_REFUSED, check_host, upload
+    from ..neuronpedia.api_key import API_KEY_ENV, api_key_from_env
 
     if bool(args.results) == bool(args.store):
         raise SelfExplainError("pass exactly one of --results FILE.jsonl or --store FILE.db.")
-    records = list(_records(args))
-    if not records:
-        raise SelfExplainError("no results to upload.")
+    records = _records(args)
     _check_one_run(records, args.results or args.store)  # before --create-source: all would go to one source
     host = check_host(args.host, args.allow_http)
     if args.model_name:

@@ -29,6 +29,7 @@ from .common import (
     _status,
     add_model_option,
     add_prompt_options,
+    command_inputs,
     config_from_args,
 )
 from .inputs import (
@@ -45,7 +46,7 @@ def cmd_train_adapter(args: argparse.Namespace) -> int:
     from ..backends import load_model
 
     out = Path(args.out)
-    check_writable(out, "--out", {"--examples": args.examples, "--sae": args.sae})
+    check_writable(out, "--out", command_inputs(args))
     sae, examples = _sae_and_examples(args, required=False)
     checkpoint = out.with_suffix(out.suffix + ".ckpt")
     if checkpoint.exists() and not args.resume:

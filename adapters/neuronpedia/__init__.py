@@ -10,11 +10,9 @@ remembers what was sent. The API key is read from NEURONPEDIA_API_KEY and never 
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import http.client
 import json
-import os
 import re
 import ssl
 import time
@@ -26,15 +24,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sae_selfexplain_plugin.activation_examples import ActivationExamples, FeatureExamples
-from sae_selfexplain_plugin.errors import SelfExplainError
 from sae_selfexplain_plugin.files import to_json
 from sae_selfexplain_plugin.formats import cut_utf16, validate
 from sae_selfexplain_plugin.identity import check_one_sae
 from sae_selfexplain_plugin.results import FeatureExplanations
 from sae_selfexplain_plugin.store import ResultsStore
 
+from .api_key import API_KEY_ENV, UploadError, api_key_from_env, check_api_key, redact_api_key
+
 DEFAULT_HOST = "https://www.neuronpedia.org"
-API_KEY_ENV = "NEURONPEDIA_API_KEY"
 MAX_BATCH = 128
 # Answers a retry can fix. Not 500: Neuronpedia answers a bare 500 to requests that can never succeed (a
 # source set that is not yours, an unknown method name: route.tsx throws, api-error.ts hides why).
@@ -94,61 +92,12 @@ def _accepted(status: int, body: bytes) -> bool:
     return isinstance(doc, dict) and isinstance(doc.get("message"), str) and "created" in doc["message"]
 
 
-class UploadError(SelfExplainError, RuntimeError):
-    """Neuronpedia refused or never accepted a batch; the ledger holds only the batches that succeeded."""
-
-
 @dataclass
 class UploadSummary:
     sent: int = 0
     already: int = 0
     skipped: list[int] = field(default_factory=list)  # no explanation or no activation record
     batches: int = 0
-
-
-def api_key_from_env() -> str:
-    key = os.environ.get(API_KEY_ENV, "").strip()
-    if not key:
-        raise UploadError(f"no API key: set {API_KEY_ENV} (Neuronpedia > account > API key).")
-    return check_api_key(key)
-
-
-def check_api_key(key: str) -> str:
-    """The key, if it can travel in a header: printable ASCII, no spaces. Checked before any use, since
-    http.client's own refusal of a line break quotes the whole value, and the error never shows the key."""
-    for position, char in enumerate(key, 1):
-        if not "!" <= char <= "~":
-            kind = (
-                "a line break" if char in "\r\n"
-                else "a space or control character" if char.isascii()
-                else "a non-ASCII character"
-            )  # fmt: skip
-            raise UploadError(
-                f"the API key ({API_KEY_ENV}) holds {kind} at position {position}; a key is printable ASCII with "
-                "no spaces: copy it again from Neuronpedia > Settings, with nothing around it."
-            )
-    return key
-
-
-def secret_forms(secret: str) -> list[str]:
-    """Every way `secret` can show up in a message, longest first: as is, stripped, escaped as in a str,
-    bytes or JSON repr (http.client quotes a header as bytes), and each piece between its whitespace or
-    control characters (a message may split the value there). Not forms under 4 characters: replacing
-    every "k" of a message garbles it and hides nothing."""
-    forms = {secret, secret.strip(), repr(secret)[1:-1], json.dumps(secret)[1:-1]}
-    for encoding in ("utf-8", "latin-1"):
-        with contextlib.suppress(UnicodeEncodeError):  # a lone surrogate, or beyond latin-1
-            forms.add(repr(secret.encode(encoding))[2:-1])
-    forms.update(re.split(r"[\s\x00-\x1f\x7f]+", secret))
-    return sorted((f for f in forms if len(f) >= 4), key=len, reverse=True)
-
-
-def redact_api_key(text: str, key: str | None = None) -> str:
-    """`text` with every form of the API key (`key`, else NEURONPEDIA_API_KEY's raw value) replaced by ***.
-    Redact before cutting a message short, or a cut key's prefix survives."""
-    for form in secret_forms(os.environ.get(API_KEY_ENV, "") if key is None else key):
-        text = text.replace(form, "***")
-    return text
 
 
 def _text_sha(text: str) -> str:
@@ -276,7 +225,7 @@ def _post(
     for attempt in range(max_retries + 1):
         try:
             with _OPENER.open(request, timeout=timeout_s) as response:
-                answer = response.read(_MAX_ANSWER)
+                answer = _read_within(response, time.monotonic() + 2 * timeout_s)
                 if _accepted(response.status, answer):
                     return
                 raise UploadError(
@@ -326,6 +275,22 @@ def _post(
             wait = backoff_s * 2**attempt
         log(f"batch starting at feature {first}: retrying in {wait:.1f}s (try {attempt + 2} of {max_retries + 1})")
         sleep(wait)
+
+
+def _read_within(response: Any, deadline: float) -> bytes:
+    """The answer's body, at most _MAX_ANSWER bytes, by `deadline` (time.monotonic()): `timeout=` bounds each
+    wait for bytes, and a server sending one byte a second would otherwise hold a try open forever."""
+    chunks: list[bytes] = []
+    size = 0
+    while size < _MAX_ANSWER:
+        if time.monotonic() > deadline:
+            raise TimeoutError("the answer did not arrive in time")
+        chunk = response.read1(min(1 << 16, _MAX_ANSWER - size))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
 
 
 def _unreachable(reason: object, timeout_s: float, redact: _Redactor) -> tuple[str, str]:
