@@ -633,6 +633,41 @@ CASES = [
         ),
     ),
     Case(
+        "export-neuronpedia-writes-over-its-own-results",
+        [
+            "export",
+            "--results",
+            "{c}/np/v1/config/eval_type.jsonl",
+            "--format",
+            "neuronpedia",
+            "--out",
+            "{c}/np",
+            *NP_FLAGS,
+        ],
+        r"--out .*eval_type\.jsonl is the same file as --results",
+        setup=lambda c, a: (
+            Path(c / "np/v1/config").mkdir(parents=True),
+            shutil.copy(a / "results.jsonl", c / "np/v1/config/eval_type.jsonl"),
+        ),
+    ),
+    Case(
+        "export-neuronpedia-writes-over-its-examples",
+        [
+            "export",
+            "--results",
+            "{a}/results.jsonl",
+            "--format",
+            "neuronpedia",
+            "--out",
+            "{c}/np",
+            *NP_FLAGS,
+            "--examples",
+            "{c}/np/v1/config/eval_type.jsonl",
+        ],
+        r"--out .*eval_type\.jsonl is the same file as --examples",
+        setup=lambda c, a: _tiny_examples(a, c / "np/v1/config/eval_type.jsonl"),
+    ),
+    Case(
         "dashboard-mix-behind-a-record-without-fingerprint",
         ["dashboard", "{c}/in.jsonl", "--out", "{c}/out/d.html"],
         r"mixes SAEs: tiny-gemma3/2-test \(weights [0-9a-f]{16}\) and tiny-gemma3/2-test \(weights 0{16}\)"
@@ -755,6 +790,20 @@ def _planted_resume(case: Path, checkpoint: str, corpus: bool = True) -> None:
     torch.save({"collector": _Planted(case / "pwned"), "rows": 1}, case / checkpoint)
     if corpus:
         (case / "corpus.txt").write_text(" ".join(["the cat sat on the mat"] * 200))
+
+
+def _tiny_examples(assets: Path, path: Path) -> None:
+    """Real activation examples of the tiny SAE (random activations), saved at `path`."""
+    from sae_lens import SAE
+    from sae_selfexplain_plugin.adapters.sae_lens import sae_identity
+
+    from sae_selfexplain_plugin.example_collector import ExampleCollector
+
+    collector = ExampleCollector(12, top_k=2, window=4, n_random=1, pool_size=4)
+    collector.add(torch.arange(8).reshape(1, 8), torch.rand(1, 8, 12, generator=torch.Generator().manual_seed(0)))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    examples = collector.finish(lambda i: f" t{i}").with_sae(sae_identity(SAE.load_from_disk(str(assets / "sae"))))
+    examples.save(path)
 
 
 def _examples_file(case: Path, vocab: str, **tensors: torch.Tensor) -> None:

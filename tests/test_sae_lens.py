@@ -426,6 +426,20 @@ def test_install_when_sae_lens_is_imported_first():
     assert out == "True"
 
 
+def test_install_when_the_adapter_is_imported_before_sae_lens():
+    # the adapter's own import of SAELens installs the integration while the adapter package is half loaded
+    out = _fresh_python(
+        "import warnings\n"
+        "with warnings.catch_warnings(record=True) as seen:\n"
+        "    warnings.simplefilter('always')\n"
+        "    import sae_selfexplain_plugin.adapters.sae_lens\n"
+        "    import sae_lens\n"
+        "failed = [str(w.message) for w in seen if 'integration' in str(w.message)]\n"
+        "print(hasattr(sae_lens.SAE, 'self_explain'), failed)"
+    )
+    assert out == "True []"
+
+
 def _transcoder(hook_in="blocks.1.ln2.hook_normalized", hook_out="blocks.1.hook_mlp_out"):
     meta = SAEMetadata(model_name="tiny-tl", hook_name=hook_in, hook_name_out=hook_out)
     torch.manual_seed(3)

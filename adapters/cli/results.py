@@ -78,7 +78,7 @@ def cmd_export(args: argparse.Namespace) -> int:
             records, args.out, author_id=args.author_id or "",
             model_layers=layers, model_id=args.model_id,
             source_id=args.source_id, type_name=args.type_name, explanation_model_name=args.explanation_model_name,
-            examples=examples, visibility=args.visibility,
+            examples=examples, visibility=args.visibility, inputs=command_inputs(args),
         )  # fmt: skip
         if summary.written:
             Console(soft_wrap=True).print(

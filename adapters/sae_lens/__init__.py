@@ -15,9 +15,28 @@ The functional form is `self_explain(sae, features, model=...)`.
 
 from __future__ import annotations
 
-from .checks import check_compatible
-from .hooks import decoder_hook, readable_input_layer, sae_input_layer, sae_layer, sae_prepends_bos
-from .loading import (
+
+def install() -> None:
+    """Give every SAELens SAE a `self_explain` method (idempotent; `method.install`)."""
+    from .method import install as install_method
+
+    install_method()
+
+
+def uninstall() -> None:
+    """Remove the method `install` added (`method.uninstall`)."""
+    from .method import uninstall as uninstall_method
+
+    uninstall_method()
+
+
+# SAELens first, with install and uninstall already defined: its first import installs this integration
+# (sae_selfexplain_plugin.integrations), which must find them here even while the rest of this package loads.
+import sae_lens  # noqa: E402, F401
+
+from .checks import check_compatible  # noqa: E402 (after SAELens: see above)
+from .hooks import decoder_hook, readable_input_layer, sae_input_layer, sae_layer, sae_prepends_bos  # noqa: E402
+from .loading import (  # noqa: E402
     SAE_WEIGHTS_FILE,
     decoder_rows,
     load_sae,
@@ -26,8 +45,8 @@ from .loading import (
     sae_lens_version,
     store_key,
 )
-from .method import AUTO, install, resolve_backend, self_explain, uninstall, with_adapter
-from .reading import (
+from .method import AUTO, resolve_backend, self_explain, with_adapter  # noqa: E402
+from .reading import (  # noqa: E402
     activation_records,
     encode_residual,
     lens_labels,
