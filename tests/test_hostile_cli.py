@@ -627,10 +627,7 @@ CASES = [
             "{c}/x",
         ],
         r"--out .*0\.jsonl is the same file as --results",
-        setup=lambda c, a: (
-            Path(c / "x/explanations/2").mkdir(parents=True),
-            shutil.copy(a / "results.jsonl", c / "x/explanations/2/0.jsonl"),
-        ),
+        setup=lambda c, a: _results_at(c / "x/explanations/2/0.jsonl", a),
     ),
     Case(
         "export-neuronpedia-writes-over-its-own-results",
@@ -645,10 +642,7 @@ CASES = [
             *NP_FLAGS,
         ],
         r"--out .*eval_type\.jsonl is the same file as --results",
-        setup=lambda c, a: (
-            Path(c / "np/v1/config").mkdir(parents=True),
-            shutil.copy(a / "results.jsonl", c / "np/v1/config/eval_type.jsonl"),
-        ),
+        setup=lambda c, a: _results_at(c / "np/v1/config/eval_type.jsonl", a),
     ),
     Case(
         "export-neuronpedia-writes-over-its-examples",
@@ -790,6 +784,12 @@ def _planted_resume(case: Path, checkpoint: str, corpus: bool = True) -> None:
     torch.save({"collector": _Planted(case / "pwned"), "rows": 1}, case / checkpoint)
     if corpus:
         (case / "corpus.txt").write_text(" ".join(["the cat sat on the mat"] * 200))
+
+
+def _results_at(path: Path, assets: Path) -> None:
+    """A copy of the shared results at `path` (inside a folder an export will write)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(assets / "results.jsonl", path)
 
 
 def _tiny_examples(assets: Path, path: Path) -> None:
