@@ -147,6 +147,9 @@ class Case:
     setup: Callable[[Path, Path], None] | None = None
     code: int = 2
     env: dict[str, str] = field(default_factory=dict)
+    # a subprocess where the process matters: variables read at import (HF_HUB_OFFLINE); else main() in-process,
+    # which runs the same code as the console script without paying torch's import per row
+    subprocess: bool = False
 
 
 def explain(*extra: str, sae: str = "{a}/sae") -> list[str]:
@@ -169,6 +172,7 @@ CASES = [
         ["explain", "--sae", "gemma-scope-2-270m-pt-res:layer_12_width_16k_l0_medium", "--out", "{c}/out/r.jsonl"],
         r"cannot download .* hub .*--sae FOLDER",
         env={"HF_HUB_OFFLINE": "1"},
+        subprocess=True,
     ),
     Case(
         "features-binary-file",
@@ -835,18 +839,45 @@ def run_cli(argv: list[str], cwd: Path, env: dict[str, str] | None = None, **kw:
 NEURONPEDIA_KEY_ENV = "NEURONPEDIA_API_KEY"
 
 
+def run_main(
+    argv: list[str], cwd: Path, env: dict[str, str], monkeypatch: Any, capsys: Any
+) -> subprocess.CompletedProcess:
+    """`main(argv)` in this process, as run_cli would run it: same cwd, environment and exit code."""
+    monkeypatch.chdir(cwd)
+    for name, value in {"COLUMNS": "400", NEURONPEDIA_KEY_ENV: KEY, **env}.items():
+        monkeypatch.setenv(name, value)
+    capsys.readouterr()
+    try:
+        code = main(argv)
+    except SystemExit as e:  # argparse's errors and --help
+        code = e.code if isinstance(e.code, int) else 2
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(argv, code, out, err)
+
+
+@pytest.fixture
+def cli(monkeypatch: Any, capsys: Any) -> Callable[..., subprocess.CompletedProcess]:
+    """run_main for tests that run several commands."""
+    return lambda argv, cwd, env=None: run_main(argv, cwd, env or {}, monkeypatch, capsys)
+
+
 def error_lines(done: subprocess.CompletedProcess[str]) -> list[str]:
     return [line for line in (done.stdout + done.stderr).splitlines() if line.strip()]
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
-def test_hostile_input_is_one_clear_line(case: Case, assets: Path, tmp_path: Path) -> None:
+def test_hostile_input_is_one_clear_line(
+    case: Case, assets: Path, tmp_path: Path, monkeypatch: Any, capsys: Any
+) -> None:
     if case.setup:
         case.setup(tmp_path, assets)
     out = tmp_path / "out"
     before = snapshot(assets, tmp_path)
     argv = [a.format(a=assets, c=tmp_path) for a in case.argv]
-    done = run_cli(argv, tmp_path, case.env)
+    if case.subprocess:
+        done = run_cli(argv, tmp_path, case.env)
+    else:
+        done = run_main(argv, tmp_path, case.env, monkeypatch, capsys)
     lines = error_lines(done)
     assert done.returncode == case.code, lines
     assert "Traceback" not in done.stderr, done.stderr
@@ -859,7 +890,7 @@ def test_hostile_input_is_one_clear_line(case: Case, assets: Path, tmp_path: Pat
     assert {p for p in changed if not p.endswith(("-wal", "-shm"))} == set(), changed
 
 
-def test_read_only_commands_leave_a_store_byte_identical(assets: Path, tmp_path: Path) -> None:
+def test_read_only_commands_leave_a_store_byte_identical(assets: Path, tmp_path: Path, cli: Any) -> None:
     copy_store()(tmp_path, assets)
     store = tmp_path / "in.db"
     before = store.read_bytes()
@@ -867,7 +898,7 @@ def test_read_only_commands_leave_a_store_byte_identical(assets: Path, tmp_path:
     for argv in (["dashboard", str(store), "--out", str(tmp_path / "d.html")],
                  ["export", "--store", str(store), "--format", "jsonl", "--out", str(tmp_path / "x.jsonl")],
                  ["upload", "--store", str(store), "--dry-run", "--source", "2-test"]):  # fmt: skip
-        done = run_cli(argv, tmp_path)
+        done = cli(argv, tmp_path)
         assert done.returncode == 0, error_lines(done)
     assert store.read_bytes() == before
     with sqlite3.connect(f"file:{store}?mode=ro", uri=True) as db:
@@ -898,7 +929,7 @@ def _uploads(ledger: Path) -> int:
         return int(db.execute("SELECT count(*) FROM uploads").fetchone()[0])
 
 
-def test_upload_never_follows_a_redirect_with_the_key(assets: Path, tmp_path: Path) -> None:
+def test_upload_never_follows_a_redirect_with_the_key(assets: Path, tmp_path: Path, cli: Any) -> None:
     with _Server(lambda h: send_json(h, 200, {"message": "1 features created."})) as other:
 
         def redirect(h: BaseHTTPRequestHandler) -> None:
@@ -911,7 +942,7 @@ def test_upload_never_follows_a_redirect_with_the_key(assets: Path, tmp_path: Pa
             ledger = tmp_path / "ledger.db"
             argv = ["upload", "--results", str(assets / "results.jsonl"), "--host", first.url, "--allow-http",
                     "--source", "2-test", "--ledger", str(ledger)]  # fmt: skip
-            done = run_cli(argv, tmp_path)
+            done = cli(argv, tmp_path)
     assert done.returncode == 2 and "redirected the upload" in error_lines(done)[-1]
     assert len(first.seen) == 1 and first.seen[0].get("x-api-key") == KEY
     assert other.seen == []  # the key never reached the second origin
@@ -924,12 +955,12 @@ def test_upload_never_follows_a_redirect_with_the_key(assets: Path, tmp_path: Pa
      lambda h: (h.send_response(200), h.send_header("Content-Length", "2"), h.end_headers(), h.wfile.write(b"ok"))],
     ids=["json-not-neuronpedia", "wrong-status", "not-json"],
 )  # fmt: skip
-def test_upload_marks_nothing_on_a_bad_answer(assets: Path, tmp_path: Path, answer: Any) -> None:
+def test_upload_marks_nothing_on_a_bad_answer(assets: Path, tmp_path: Path, cli: Any, answer: Any) -> None:
     with _Server(answer) as server:
         ledger = tmp_path / "ledger.db"
         argv = ["upload", "--results", str(assets / "results.jsonl"), "--host", server.url, "--allow-http",
                 "--source", "2-test", "--ledger", str(ledger)]  # fmt: skip
-        done = run_cli(argv, tmp_path)
+        done = cli(argv, tmp_path)
     assert done.returncode == 2 and "unexpected answer" in error_lines(done)[-1], error_lines(done)
     assert _uploads(ledger) == 0
 
@@ -939,11 +970,11 @@ def _upload_to(url: str, tmp_path: Path, *extra: str) -> list[str]:
             "--ledger", str(tmp_path / "ledger.db"), *extra]  # fmt: skip
 
 
-def test_upload_gives_up_on_a_silent_server_promptly(assets: Path, tmp_path: Path) -> None:
+def test_upload_gives_up_on_a_silent_server_promptly(assets: Path, tmp_path: Path, cli: Any) -> None:
     # once about 6.5 minutes (six tries of 60 s and 31 s of backoff), and no --timeout
     with Silent() as silent:
         argv = [a.format(a=assets) for a in _upload_to(silent.url, tmp_path, "--timeout", "0.5")]
-        done = run_cli(argv, tmp_path)
+        done = cli(argv, tmp_path)
     lines = error_lines(done)
     assert done.returncode == 2 and "Traceback" not in done.stderr, lines
     said = r"^error: http://127\.0\.0\.1:\d+ did not answer within 0\.5 s \(--timeout\) \(2 tries\).*raise --timeout"
@@ -951,10 +982,10 @@ def test_upload_gives_up_on_a_silent_server_promptly(assets: Path, tmp_path: Pat
     assert _uploads(tmp_path / "ledger.db") == 0
 
 
-def test_upload_retries_dropped_connections(assets: Path, tmp_path: Path) -> None:
+def test_upload_retries_dropped_connections(assets: Path, tmp_path: Path, cli: Any) -> None:
     # a reset, then a close before any answer (once RemoteDisconnected, not retried), then the server
     with FakeNeuronpedia(KEY, "tiny-gemma3", ("2-test",)) as server, Flaky(server, ["reset", "close"]) as front:
-        done = run_cli([a.format(a=assets) for a in _upload_to(front.url, tmp_path)], tmp_path)
+        done = cli([a.format(a=assets) for a in _upload_to(front.url, tmp_path)], tmp_path)
     assert done.returncode == 0, error_lines(done)
     assert front.seen == 3 and len(server.received) == 1
     assert _uploads(tmp_path / "ledger.db") == len(server.received[0]["features"]) > 0
