@@ -9,7 +9,6 @@ runs every (feature, scale, sample) row through the backend in batches.
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Callable, Sequence
 from functools import cached_property
 from pathlib import Path
@@ -29,6 +28,7 @@ from .backend import (
 )
 from .config import SelfExplainConfig
 from .direction_adapter import DirectionAdapter
+from .directions import check_directions, feature_id_list
 from .errors import InputError
 from .policies import Sweep, explainable, ranked_scales
 from .results import Explanation, FeatureExplanations
@@ -127,7 +127,7 @@ class SelfExplainer:
     def measure(self, directions: torch.Tensor) -> list[Sweep]:
         """Per feature, the metric sweep over config.scales (scale_metrics.py), from prompt passes only:
         one batch of rows per (feature, scale), plus two baseline rows for all features."""
-        directions = self._check_directions(directions, None)
+        directions = check_directions(directions, self.backend.d_model)
         if not self.can_measure:
             raise InputError(
                 f"{type(self.backend).__name__} cannot run prompt probes, so the scale metrics are unavailable; "
@@ -175,7 +175,7 @@ class SelfExplainer:
         generation's own prompt pass (no extra pass), with `"chosen"` by prompt passes first (`measure`), so
         that only the policy's kept scales are generated."""
         ids = None if feature_ids is None else feature_id_list(feature_ids)
-        directions = self._check_directions(directions, ids)
+        directions = check_directions(directions, self.backend.d_model, ids)
         ids = list(range(len(directions))) if ids is None else ids
         cfg = self.config
         measured = self.can_measure and (cfg.metrics or cfg.policy != "fixed")
@@ -341,63 +341,6 @@ class SelfExplainer:
             no_repeats=self.config.bans_repeats,
             probe_layers=probe_layers,
         )
-
-    def _check_directions(self, directions: torch.Tensor, feature_ids: Sequence[int] | None) -> torch.Tensor:
-        if not isinstance(directions, torch.Tensor):
-            raise InputError(f"directions must be a torch.Tensor [n_features, d_model], got {type(directions)}.")
-        if directions.is_complex() or directions.dtype == torch.bool:
-            raise InputError(f"directions must be real numbers, got dtype {directions.dtype}.")
-        if directions.is_meta:
-            raise InputError("directions are on the meta device (no values); load the SAE's weights first.")
-        if directions.ndim == 1:
-            directions = directions[None]
-        if directions.ndim != 2:
-            raise InputError(f"directions must be [n_features, d_model], got shape {tuple(directions.shape)}.")
-        if directions.shape[0] == 0:
-            raise InputError("the feature list is empty: pass at least one direction.")
-        if directions.shape[1] != self.backend.d_model:
-            raise InputError(
-                f"direction dimension {directions.shape[1]} != the model's d_model {self.backend.d_model}: "
-                "the directions come from a different model or hook "
-                "(an SAE's decoder rows, W_dec, are [d_sae, d_in])."
-            )
-        if feature_ids is not None and len(feature_ids) != len(directions):
-            raise InputError(
-                f"got {len(directions)} directions but {len(feature_ids)} feature ids; pass one id per row."
-            )
-        problems = bad_directions(directions)
-        if problems:
-            ids = list(range(len(directions))) if feature_ids is None else list(feature_ids)
-            named = [f"feature {ids[row]}: {why}" for row, why in list(problems.items())[:10]]
-            raise InputError(f"cannot explain {len(problems)} directions ({'; '.join(named)}); drop or repair them.")
-        return directions.detach().cpu()
-
-
-def bad_directions(directions: torch.Tensor) -> dict[int, str]:
-    """Rows that have no direction to inject, with why: NaN or inf values, or all zeros."""
-    rows = directions.detach().float()
-    finite = torch.isfinite(rows).all(dim=-1)
-    zero = finite & (rows.norm(dim=-1) == 0)
-    problems = {int(r): "NaN or inf values" for r in torch.nonzero(~finite).flatten()}
-    problems.update({int(r): "all zeros" for r in torch.nonzero(zero).flatten()})
-    return dict(sorted(problems.items()))
-
-
-def feature_id_list(feature_ids: Sequence[int] | torch.Tensor) -> list[int]:
-    """Feature ids as non-negative ints; 1.7, -1, True or "3" are refused, not coerced."""
-    if isinstance(feature_ids, torch.Tensor):
-        if feature_ids.is_floating_point() or feature_ids.is_complex() or feature_ids.dtype == torch.bool:
-            raise InputError(f"feature ids must be integers, got a {feature_ids.dtype} tensor.")
-        feature_ids = feature_ids.flatten().tolist()
-    ids: list[int] = []
-    for i in feature_ids:
-        if isinstance(i, bool) or not hasattr(i, "__index__"):
-            raise InputError(f"feature ids must be integers, got {i!r} ({type(i).__name__}).")
-        ids.append(operator.index(i))
-    negative = [i for i in ids if i < 0]
-    if negative:
-        raise InputError(f"feature ids must be >= 0, got {negative[:5]}.")
-    return ids
 
 
 def render_name(config: SelfExplainConfig, backend: Backend) -> str:

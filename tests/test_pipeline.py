@@ -15,9 +15,9 @@ import torch
 from conftest import build_tokenizer, tiny_gemma
 from sae_lens import StandardSAE, StandardSAEConfig
 from sae_lens.saes.sae import SAEMetadata
-from sae_selfexplain_plugin.adapters.apps.whole_sae import parse_features
 from sae_selfexplain_plugin.adapters.backends import load_model
 from sae_selfexplain_plugin.adapters.cli import main
+from sae_selfexplain_plugin.adapters.cli.common import parse_features
 from sae_selfexplain_plugin.adapters.sae_lens import load_sae, vocabulary_labels
 
 from sae_selfexplain_plugin import FeatureExplanations, InputError

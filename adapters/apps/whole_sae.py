@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import re
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from sae_lens import SAE
 
 from sae_selfexplain_plugin import Backend, SelfExplainConfig, SelfExplainer
-from sae_selfexplain_plugin.engine import bad_directions
-from sae_selfexplain_plugin.errors import InputError
+from sae_selfexplain_plugin.directions import bad_directions
 from sae_selfexplain_plugin.results import FeatureExplanations
 from sae_selfexplain_plugin.store import ResultsStore
 
@@ -25,29 +22,6 @@ from ..sae_lens import (
     sae_identity,
     vocabulary_labels,
 )
-
-
-def parse_features(spec: str, d_sae: int) -> list[int]:
-    """`0-1023`, `1,5,9`, `0-9,20`, or the path of a file of indices (whitespace or comma separated)."""
-    path = Path(spec)
-    try:
-        text = path.read_text(encoding="utf-8") if path.is_file() else spec
-    except UnicodeDecodeError:
-        raise InputError(f"--features file {spec} is not text: write indices and ranges such as 0-1023,2048.") from None
-    ranges: list[tuple[int, int]] = []
-    for part in (p for p in re.split(r"[\s,]+", text.strip()) if p):
-        m = re.fullmatch(r"([0-9]+)(?:-([0-9]+))?", part)  # ASCII digits only: no full-width or other scripts
-        if not m:
-            raise InputError(f"cannot read feature {part!r}: use indices and ranges such as 0-1023,2048 or a file.")
-        lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
-        if hi < lo:
-            raise InputError(f"feature range {part!r} is empty: write it low-high.")
-        if hi >= d_sae:  # checked per range, before any list is built
-            raise InputError(f"features up to {hi} are outside the SAE, which has features 0..{d_sae - 1}.")
-        ranges.append((lo, hi))
-    if not ranges:
-        raise InputError(f"no features in {spec!r}.")
-    return list(dict.fromkeys(f for lo, hi in ranges for f in range(lo, hi + 1)))  # de-duplicated, order kept
 
 
 @dataclass

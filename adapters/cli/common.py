@@ -4,6 +4,7 @@ declare, and how those become a `SelfExplainConfig`."""
 from __future__ import annotations
 
 import argparse
+import re
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -165,11 +166,12 @@ def _add_repeats_option(parser: argparse.ArgumentParser) -> None:
 def _with_adapter(config: SelfExplainConfig, args: argparse.Namespace, sae: Any, backend: Any) -> SelfExplainConfig:
     """`config` with --adapter applied. Explicit --scales are relative scales of the bare direction, so they
     turn "auto" off; with an adapter file named, they are multiples of the adapter's vector instead."""
-    from ..sae_lens import with_adapter
+    from sae_selfexplain_plugin.direction_adapter.choice import AUTO, choose_adapter
 
     scales = getattr(args, "scales", None)
-    choice = "none" if args.adapter == "auto" and scales else str(args.adapter)
-    config = with_adapter(config.replace(no_repeats=REPEATS[getattr(args, "repeats", "auto")]), choice, sae, backend)
+    choice = "none" if args.adapter == AUTO and scales else str(args.adapter)
+    config = config.replace(no_repeats=REPEATS[getattr(args, "repeats", "auto")])
+    config = choose_adapter(config, choice, str(sae.cfg.metadata.hook_name), backend)
     return config.replace(adapter_scales=_scales(scales)) if config.adapter is not None and scales else config
 
 
@@ -230,6 +232,29 @@ def config_from_args(args: argparse.Namespace) -> SelfExplainConfig:
     if hasattr(args, "scales"):
         fields["scales"] = _scales(args.scales)
     return SelfExplainConfig(**fields)
+
+
+def parse_features(spec: str, d_sae: int) -> list[int]:
+    """`0-1023`, `1,5,9`, `0-9,20`, or the path of a file of indices (whitespace or comma separated)."""
+    path = Path(spec)
+    try:
+        text = path.read_text(encoding="utf-8") if path.is_file() else spec
+    except UnicodeDecodeError:
+        raise InputError(f"--features file {spec} is not text: write indices and ranges such as 0-1023,2048.") from None
+    ranges: list[tuple[int, int]] = []
+    for part in (p for p in re.split(r"[\s,]+", text.strip()) if p):
+        m = re.fullmatch(r"([0-9]+)(?:-([0-9]+))?", part)  # ASCII digits only: no full-width or other scripts
+        if not m:
+            raise InputError(f"cannot read feature {part!r}: use indices and ranges such as 0-1023,2048 or a file.")
+        lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
+        if hi < lo:
+            raise InputError(f"feature range {part!r} is empty: write it low-high.")
+        if hi >= d_sae:  # checked per range, before any list is built
+            raise InputError(f"features up to {hi} are outside the SAE, which has features 0..{d_sae - 1}.")
+        ranges.append((lo, hi))
+    if not ranges:
+        raise InputError(f"no features in {spec!r}.")
+    return list(dict.fromkeys(f for lo, hi in ranges for f in range(lo, hi + 1)))  # de-duplicated, order kept
 
 
 # The options that name files or folders a command reads (a name that is not a path matches no output).

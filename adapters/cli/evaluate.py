@@ -6,7 +6,7 @@ import argparse
 import json
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
@@ -37,19 +37,16 @@ from .common import (
     add_model_option,
     command_inputs,
     config_from_args,
+    parse_features,
 )
 from .inputs import (
     _sae_and_examples,
 )
 
-if TYPE_CHECKING:
-    pass
-
 
 def cmd_eval(args: argparse.Namespace) -> int:
 
     from ..apps.evaluation import Embedder, evaluate
-    from ..apps.whole_sae import parse_features
     from ..backends import load_model
     from ..sae_lens import with_adapter
 
@@ -95,7 +92,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_sae_latent(args: argparse.Namespace) -> int:
 
     from ..apps.evaluation import latent_recovery, token_latents
-    from ..apps.whole_sae import parse_features
     from ..backends import load_model
 
     if args.json:

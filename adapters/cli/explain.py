@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
@@ -40,10 +40,8 @@ from .common import (
     command_inputs,
     config_from_args,
     console,
+    parse_features,
 )
-
-if TYPE_CHECKING:
-    pass
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -52,7 +50,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     from ..apps.demo_sae import demo_examples, load_demo_sae
     from ..apps.evaluation import score_records
-    from ..apps.whole_sae import explain_sae, parse_features, stored_records
+    from ..apps.whole_sae import explain_sae, stored_records
     from ..sae_lens import store_key
 
     sae, examples = load_demo_sae(), demo_examples()
@@ -135,16 +133,17 @@ def cmd_explain(args: argparse.Namespace) -> int:
     from sae_selfexplain_plugin.store import ResultsStore
 
     try:
-        from ..apps.whole_sae import explain_sae, parse_features, stored_records
+        from ..apps.whole_sae import explain_sae, stored_records
         from ..backends import load_model
         from ..sae_lens import load_sae
     except ImportError as e:
         raise SelfExplainError(f"`explain` needs SAELens ({e}): pip install 'sae-selfexplain[saelens]'.") from None
 
     store_path = Path(args.store) if args.store else Path(args.out).with_suffix(".db")
-    check_writable(args.out, "--out", command_inputs(args, **{"the results store": store_path}))
+    inputs = command_inputs(args, **{"the results store": store_path})
+    check_writable(args.out, "--out", inputs)
     if args.contexts:
-        check_writable(examples_beside(args.out), "--out's activation examples", command_inputs(args))
+        check_writable(examples_beside(args.out), "--out's activation examples", inputs)
     with _status(f"Loading SAE {args.sae}...", "loaded the SAE"):
         sae, sae_key = load_sae(args.sae, device=args.device or "cpu")
     features = parse_features(args.features, sae.cfg.d_sae) if args.features else list(range(sae.cfg.d_sae))

@@ -34,6 +34,8 @@ def uninstall() -> None:
 # (sae_selfexplain_plugin.integrations), which must find them here even while the rest of this package loads.
 import sae_lens  # noqa: E402, F401
 
+from sae_selfexplain_plugin.direction_adapter.choice import AUTO  # noqa: E402
+
 from .checks import check_compatible  # noqa: E402 (after SAELens: see above)
 from .hooks import decoder_hook, readable_input_layer, sae_input_layer, sae_layer, sae_prepends_bos  # noqa: E402
 from .loading import (  # noqa: E402
@@ -45,7 +47,7 @@ from .loading import (  # noqa: E402
     sae_lens_version,
     store_key,
 )
-from .method import AUTO, resolve_backend, self_explain, with_adapter  # noqa: E402
+from .method import resolve_backend, self_explain, with_adapter  # noqa: E402
 from .reading import (  # noqa: E402
     activation_records,
     encode_residual,

@@ -12,9 +12,8 @@ import torch
 from sae_lens import SAE
 
 from sae_selfexplain_plugin import Backend, FeatureExplanations, SelfExplainConfig, SelfExplainer
-from sae_selfexplain_plugin.direction_adapter import DirectionAdapter, shipped_adapter
+from sae_selfexplain_plugin.direction_adapter.choice import AUTO, choose_adapter
 from sae_selfexplain_plugin.errors import InputError
-from sae_selfexplain_plugin.templates import default_template_name
 
 from ..backends import backend_for, load_model
 from .checks import check_compatible
@@ -35,28 +34,9 @@ def resolve_backend(
     return load_model(None, model_name=sae.cfg.metadata.model_name)
 
 
-AUTO = "auto"
-
-
 def with_adapter(config: SelfExplainConfig, adapter: Any, sae: SAE[Any], backend: Backend) -> SelfExplainConfig:
-    """`config` with its adapter chosen: "auto" takes the adapter shipped for this model, the SAE's hook, the
-    injection layer and the template, if there is one (else none); None or "none": none; else a
-    DirectionAdapter or the path of its file, refused if it was trained on the directions of another hook."""
-    if adapter is None or adapter == "none":
-        return config.replace(adapter=None)
-    if adapter != AUTO:
-        loaded = adapter if isinstance(adapter, DirectionAdapter) else DirectionAdapter.load(adapter, backend.d_model)
-        hook = str(sae.cfg.metadata.hook_name)
-        if loaded.metadata.source != hook:
-            raise InputError(
-                f"the adapter {adapter} was trained on directions of {loaded.metadata.source!r}, but this SAE's are "
-                f"at {hook!r}: its vectors would not fit them; train one for this SAE (sae-selfexplain train-adapter "
-                "--sae ...), or pass --adapter none."
-            )
-        return config.replace(adapter=adapter)
-    template = config.template or default_template_name(backend.tokenizer)
-    path = shipped_adapter(backend.model_id, backend.d_model, str(sae.cfg.metadata.hook_name), config.layer, template)
-    return config.replace(adapter=None if path is None else str(path))
+    """`config` with its adapter chosen for this SAE's decoder rows (`direction_adapter.choice`)."""
+    return choose_adapter(config, adapter, str(sae.cfg.metadata.hook_name), backend)
 
 
 @overload
