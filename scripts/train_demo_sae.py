@@ -2,6 +2,10 @@
 
     python scripts/train_demo_sae.py                       # the shipped SAE (about 40 minutes on 2 CPU cores)
     python scripts/train_demo_sae.py --model DIR --corpus FILE --tokens 20000 --out OUT   # any HF model, any text
+    python scripts/train_demo_sae.py --model qwen2.5-coder-1.5b-instruct --hook-layer 9 ... # hours: it resumes
+
+Resumable: the token rows, the residuals (in shards) and SAELens's training checkpoints are kept in --run-dir;
+rerun the same command after an interruption and it continues where it stopped (other settings: another run dir).
 
 Steps: corpus (scripts/demo_corpus.py, or --corpus) -> packed sequences of `context` tokens, each starting with BOS
 -> residuals at the hook, computed with the model cut after the hooked block, BOS positions dropped -> SAELens
@@ -13,8 +17,10 @@ second held-apart split. CI never runs this on the real model; tests run it on a
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
+import os
 import random
 import sys
 import time
@@ -31,9 +37,10 @@ from sae_lens.training.sae_trainer import SAETrainer
 from sae_selfexplain_plugin.adapters import backends
 from sae_selfexplain_plugin.adapters.apps.contexts import finished_examples
 from sae_selfexplain_plugin.adapters.apps.demo_sae import DEMO_SAE_DIR
-from sae_selfexplain_plugin.adapters.backends.embedded import EMBEDDED_MODELS
+from sae_selfexplain_plugin.adapters.backends.embedded import EMBEDDED_MODELS, cache_root
 from sae_selfexplain_plugin.adapters.backends.transformers import TransformersBackend
 from sae_selfexplain_plugin.adapters.sae_lens import sae_identity
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from sae_selfexplain_plugin.activation_examples import EXAMPLES_FILE
@@ -41,6 +48,8 @@ from sae_selfexplain_plugin.example_collector import ExampleCollector
 
 sys.path.insert(0, str(Path(__file__).parent))
 import demo_corpus
+
+SHARD_ROWS = 256  # rows of residuals per saved shard: a few minutes of work on the 1.5B model
 
 
 def load_model(name: str) -> TransformersBackend:
@@ -70,10 +79,11 @@ def pack(tokenizer: Any, docs: list[str], context: int, n_tokens: int) -> torch.
 
 
 def split_corpus(
-    tokenizer: Any, sources: dict[str, list[str]], context: int, n_train: int, n_held: int
+    tokenizer: Any, sources: dict[str, list[str]], context: int, n_train: int, n_held: int, n_eval: int = 0
 ) -> dict[str, torch.Tensor]:
-    """Disjoint train / examples / eval rows; each source gives an equal share of every split, rows shuffled."""
-    share = {"train": n_train, "examples": n_held, "eval": max(n_held // 8, context)}
+    """Disjoint train / examples / eval rows; each source gives an equal share of every split, rows shuffled.
+    `n_eval` 0: an eighth of `n_held`."""
+    share = {"train": n_train, "examples": n_held, "eval": max(n_eval or n_held // 8, context)}
     splits: dict[str, list[torch.Tensor]] = {k: [] for k in share}
     for docs in sources.values():
         cut_e, cut_x = len(docs) // 20, len(docs) // 10  # the first 5% of documents: eval, the next 5%: examples
@@ -89,31 +99,76 @@ def split_corpus(
 
 
 @torch.no_grad()
-def residuals(backend: TransformersBackend, rows: torch.Tensor, block: int, batch: int = 32) -> torch.Tensor:
-    """The residual entering `block` (= hook_resid_post of block - 1) at every non-BOS position, as fp16 [N, d]."""
-    out = torch.empty(len(rows) * (rows.shape[1] - 1), backend.d_model, dtype=torch.float16)
-    start, t0 = 0, time.perf_counter()
-    for i in range(0, len(rows), batch):
-        ids = rows[i : i + batch]
-        acts = backend.residual(ids, torch.ones_like(ids), block)[:, 1:].reshape(-1, backend.d_model)
-        out[start : start + len(acts)] = acts.to(torch.float16)
-        start += len(acts)
-        if (i // batch) % 50 == 0:
-            rate = start / (time.perf_counter() - t0)
-            print(f"  activations {start:,}/{len(out):,} ({rate:,.0f} tok/s)", flush=True)
+def residuals(
+    backend: TransformersBackend, rows: torch.Tensor, block: int, shards: Path | None = None, batch: int = 32
+) -> torch.Tensor:
+    """The residual entering `block` (= hook_resid_post of block - 1) at every non-BOS position, as fp16 [N, d].
+    With `shards`, each SHARD_ROWS rows' residuals are saved there as computed and reused on a rerun."""
+    per_row = rows.shape[1] - 1
+    out = torch.empty(len(rows) * per_row, backend.d_model, dtype=torch.float16)
+    t0, computed = time.perf_counter(), 0
+    for first in range(0, len(rows), SHARD_ROWS):
+        chunk = rows[first : first + SHARD_ROWS]
+        at = slice(first * per_row, (first + len(chunk)) * per_row)
+        path = None if shards is None else shards / f"{first // SHARD_ROWS:05d}.safetensors"
+        if path is not None and path.is_file():
+            out[at] = load_file(path)["residuals"]
+            continue
+        acts = torch.cat([
+            backend.residual(ids, torch.ones_like(ids), block)[:, 1:].reshape(-1, backend.d_model).to(torch.float16)
+            for ids in chunk.split(batch)
+        ])  # fmt: skip
+        out[at] = acts
+        if path is not None:
+            _save_atomic({"residuals": acts}, path)
+        computed += len(acts)
+        rate = computed / (time.perf_counter() - t0)
+        print(f"  activations {at.stop:,}/{len(out):,} ({rate:,.0f} tok/s)", flush=True)
     return out
 
 
-def batches(acts: torch.Tensor, batch_size: int, seed: int = 0) -> Iterator[torch.Tensor]:
-    """Shuffled fp32 training batches, epoch after epoch (SAELens's data provider)."""
+def _save_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+    os.replace(tmp, path)
+
+
+def prepared_rows(run: Path | None, settings: dict[str, Any], build: Any) -> dict[str, torch.Tensor]:
+    """The token rows of every split: `build()`, saved in the run dir with `settings`, or reused from it when the
+    settings match (they decide the rows, so a run dir holds one run)."""
+    if run is None:
+        return dict(build())
+    run.mkdir(parents=True, exist_ok=True)
+    path, wanted = run / "rows.safetensors", json.dumps(settings, sort_keys=True)
+    if path.is_file():
+        with safe_open(path, "pt") as f:
+            saved = (f.metadata() or {}).get("settings")
+        if saved != wanted:
+            raise SystemExit(f"{run} holds a run with other settings ({saved}); pass another --run-dir.")
+        return load_file(path)
+    rows = dict(build())
+    _save_atomic(rows, path, {"settings": wanted})
+    return rows
+
+
+def batches(acts: torch.Tensor, batch_size: int, seed: int = 0, skip: int = 0) -> Iterator[torch.Tensor]:
+    """Shuffled fp32 training batches, epoch after epoch (SAELens's data provider); the first `skip` are passed
+    over (a resumed run continues with the batch it would have seen next)."""
     g = torch.Generator().manual_seed(seed)
+    n = 0
     while True:
         order = torch.randperm(len(acts), generator=g)
         for i in range(0, len(order) - batch_size + 1, batch_size):
-            yield acts[order[i : i + batch_size]].float()
+            n += 1
+            if n > skip:
+                yield acts[order[i : i + batch_size]].float()
 
 
-def train(acts: torch.Tensor, args: argparse.Namespace, metadata: dict[str, Any]) -> TopKTrainingSAE:
+def train(
+    acts: torch.Tensor, args: argparse.Namespace, metadata: dict[str, Any], checkpoints: Path | None = None
+) -> TopKTrainingSAE:
+    """SAELens's trainer on `acts`; with `checkpoints`, it saves SAELens checkpoints there (weights and trainer
+    state) and resumes from the latest one."""
     cfg = TopKTrainingSAEConfig(
         d_in=acts.shape[1],
         d_sae=args.width,
@@ -123,6 +178,7 @@ def train(acts: torch.Tensor, args: argparse.Namespace, metadata: dict[str, Any]
     )
     sae = TopKTrainingSAE(cfg)
     total = args.epochs * len(acts)
+    n_norm = min(100, len(acts) // args.batch_size)
     trainer_cfg = SAETrainerConfig(
         total_training_samples=total,
         train_batch_size_samples=args.batch_size,
@@ -132,9 +188,25 @@ def train(acts: torch.Tensor, args: argparse.Namespace, metadata: dict[str, Any]
         lr_end=args.lr / 10,
         dead_feature_window=max(total // args.batch_size // 10, 10),
         feature_sampling_window=max(total // args.batch_size // 5, 10),
-        n_batches_for_norm_estimate=min(100, len(acts) // args.batch_size),
+        n_batches_for_norm_estimate=n_norm,
+        n_checkpoints=args.checkpoints if checkpoints else 0,
+        checkpoint_path=str(checkpoints) if checkpoints else None,
     )
-    trainer: SAETrainer[Any, Any] = SAETrainer(trainer_cfg, sae, batches(acts, args.batch_size))
+    done = sorted((p for p in checkpoints.iterdir() if p.name.isdigit()), key=lambda p: int(p.name)) if (
+        checkpoints and checkpoints.is_dir()
+    ) else []  # fmt: skip
+    skip = 0
+    if done:
+        sae.load_state_dict(load_file(done[-1] / "sae_weights.safetensors"))
+    trainer: SAETrainer[Any, Any] = SAETrainer(trainer_cfg, sae, iter(()))
+    if done:
+        trainer.load_trainer_state(done[-1])
+        trainer.checkpoint_thresholds = [t for t in trainer.checkpoint_thresholds if t > trainer.n_training_samples]
+        # SAELens checkpoints after a step and before counting it: the steps done are the samples seen
+        trainer.n_training_steps = trainer.n_training_samples // args.batch_size
+        skip = n_norm + trainer.n_training_steps  # the fresh run drew the norm estimate's batches first
+        print(f"  resuming training at step {trainer.n_training_steps} from {done[-1]}", flush=True)
+    trainer.data_provider = batches(acts, args.batch_size, skip=skip)
     return trainer.fit()
 
 
@@ -200,6 +272,11 @@ def build_examples(sae: SAE[Any], backend: TransformersBackend, rows: torch.Tens
     return collector
 
 
+def _default_run_dir(short: str, settings: dict[str, Any]) -> Path:
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+    return cache_root() / "sae-runs" / f"{Path(short).name}-{settings['hook_layer']}-{key}"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m-instruct", help="embedded model name or a transformers folder")
@@ -208,6 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", default=str(Path.home() / ".cache/sae-selfexplain/corpus"))
     p.add_argument("--tokens", type=int, default=2_600_000, help="training tokens (non-BOS)")
     p.add_argument("--held-tokens", type=int, default=200_000, help="tokens held apart for activation examples")
+    p.add_argument("--eval-tokens", type=int, default=0, help="held-apart evaluation tokens (0: --held-tokens / 8)")
     p.add_argument("--context", type=int, default=128)
     p.add_argument("--width", type=int, default=4096)
     p.add_argument("--k", type=int, default=32)
@@ -215,6 +293,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=1024)
     p.add_argument("--lr", type=float, default=4e-4)
     p.add_argument("--neuronpedia-id", help="default: <model>/<layer>-selfexplain-res-<width>")
+    p.add_argument("--checkpoints", type=int, default=20, help="training checkpoints kept in --run-dir (resume points)")
+    p.add_argument("--run-dir", help="keeps rows, residual shards and checkpoints for a resume (default: in the cache)")
     p.add_argument("--out", default=str(DEMO_SAE_DIR))
     args = p.parse_args(argv)
     torch.manual_seed(0)
@@ -227,13 +307,25 @@ def main(argv: list[str] | None = None) -> int:
         sources = {"corpus": docs}
     else:
         sources = demo_corpus.documents(Path(args.workdir))
-    split = split_corpus(backend.tokenizer, sources, args.context, args.tokens, args.held_tokens)
+    short = args.model if args.model in EMBEDDED_MODELS else Path(args.model).name
+    settings = {
+        "model": backend.model_id,
+        "corpus": {k: hashlib.sha256("\n\n".join(v).encode()).hexdigest()[:16] for k, v in sources.items()},
+        **{k: getattr(args, k) for k in ("hook_layer", "tokens", "held_tokens", "eval_tokens", "context")},
+    }
+    run = Path(args.run_dir) if args.run_dir else _default_run_dir(short, settings)
+    print(f"run dir: {run}", flush=True)
+    split = prepared_rows(
+        run,
+        settings,
+        lambda: split_corpus(backend.tokenizer, sources, args.context, args.tokens, args.held_tokens, args.eval_tokens),
+    )
     print({k: f"{v.shape[0]} rows x {v.shape[1]}" for k, v in split.items()}, flush=True)
 
     t0 = time.perf_counter()
-    train_acts = residuals(backend, split["train"], block)
+    (run / "residuals").mkdir(exist_ok=True)
+    train_acts = residuals(backend, split["train"], block, shards=run / "residuals")
     t_acts = time.perf_counter() - t0
-    short = args.model if args.model in EMBEDDED_MODELS else Path(args.model).name
     metadata = {
         "model_name": backend.model_id,
         "hook_name": f"blocks.{args.hook_layer}.hook_resid_post",
@@ -245,7 +337,10 @@ def main(argv: list[str] | None = None) -> int:
         "dataset_path": "sae-selfexplain demo corpus: " + ", ".join(sources),
     }
     t0 = time.perf_counter()
-    sae = train(train_acts, args, metadata)
+    training = {k: getattr(args, k) for k in ("width", "k", "epochs", "batch_size", "lr", "checkpoints")}
+    key = hashlib.sha256(json.dumps(training, sort_keys=True).encode()).hexdigest()[:12]
+    checkpoints = run / f"checkpoints-{key}"  # one folder per training setting: a resume never mixes two
+    sae = train(train_acts, args, metadata, checkpoints)
     t_train = time.perf_counter() - t0
     del train_acts
 

@@ -176,5 +176,18 @@ def tiny_sae(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = root / "sae"
     args = ["--model", str(model_dir), "--corpus", str(corpus), "--hook-layer", "1", "--tokens", "12000"]
     args += ["--held-tokens", "3000", "--context", "32", "--width", "128", "--k", "8", "--batch-size", "256"]
+    args += ["--run-dir", str(root / "run"), "--checkpoints", "3"]
     assert script.main([*args, "--out", str(out)]) == 0
     return out
+
+
+def needs_embedded(name: str) -> list[pytest.MarkDecorator]:
+    """Marks for a test on embedded model `name`: real_model, plus large_model and a skip where the optional
+    Qwen packages are not installed (`make qwen-1.5b`, `make qwen-0.5b`)."""
+    from sae_selfexplain_plugin.adapters.backends.embedded import get_embedded
+
+    spec = get_embedded(name)
+    if spec.split is None:
+        return [pytest.mark.real_model]
+    reason = f"{name} is not installed: {spec.install_hint}"
+    return [pytest.mark.real_model, pytest.mark.large_model, pytest.mark.skipif(not spec.installed(), reason=reason)]

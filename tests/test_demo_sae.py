@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import build_tokenizer, tiny_gemma
+from conftest import build_tokenizer, load_script, tiny_gemma
 from sae_lens import SAE
 from sae_selfexplain_plugin.adapters.backends.transformers import TransformersBackend
 from sae_selfexplain_plugin.adapters.sae_lens import check_compatible, load_sae_folder
@@ -32,6 +32,29 @@ def test_training_script_produces_a_loadable_sae(tiny_sae: Path) -> None:
         assert isinstance(report[key], float)
     assert 0 < report["l0"] <= 8
     assert report["explained_variance"] > 0.3  # a trained SAE reconstructs even a random model's residuals
+
+
+def test_a_rerun_resumes_from_the_run_dir(tiny_sae: Path, tmp_path: Path) -> None:
+    """The same command again reuses the rows and residual shards, and training resumed from its last
+    checkpoint (three quarters of the way) ends with the same weights as the uninterrupted run."""
+    root = tiny_sae.parent
+    run = root / "run"
+    shards = sorted((run / "residuals").iterdir())
+    stamps = [p.stat().st_mtime_ns for p in shards]
+    (checkpoints,) = run.glob("checkpoints-*")
+    assert len([p for p in checkpoints.iterdir() if p.name.isdigit()]) == 3
+    args = ["--model", str(root / "tiny-model"), "--corpus", str(root / "corpus.txt"), "--hook-layer", "1"]
+    args += ["--tokens", "12000", "--held-tokens", "3000", "--context", "32", "--width", "128", "--k", "8"]
+    args += ["--batch-size", "256", "--run-dir", str(run), "--checkpoints", "3", "--out", str(tmp_path / "again")]
+    assert load_script("train_demo_sae").main(args) == 0
+    assert [p.stat().st_mtime_ns for p in sorted((run / "residuals").iterdir())] == stamps  # not recomputed
+    first, again = (
+        load_file(tiny_sae / "sae_weights.safetensors"),
+        load_file(tmp_path / "again" / "sae_weights.safetensors"),
+    )
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    with pytest.raises(SystemExit, match="holds a run with other settings"):
+        load_script("train_demo_sae").main([*args[:-1], str(tmp_path / "x"), "--context", "16"])
 
 
 def test_activation_examples_hold_the_features_peaks(tiny_sae: Path) -> None:

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import hashlib
+import importlib
 import multiprocessing
 from pathlib import Path
 
@@ -9,6 +11,7 @@ from cache_worker import build_in_child, fake_spec
 from sae_selfexplain_plugin.adapters.backends import embedded
 from sae_selfexplain_plugin.adapters.backends.embedded import (
     EmbeddedModel,
+    SplitGGUF,
     cache_root,
     default_device_dtype,
     ensure_cached,
@@ -96,3 +99,58 @@ def test_device_and_dtype_are_picked_automatically(monkeypatch):
     assert default_device_dtype() == (torch.device("cpu"), torch.float32)  # bf16 is slower on CPU
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert default_device_dtype() == (torch.device("cuda"), torch.bfloat16)
+
+
+def _fake_parts(root: Path, parts: list[bytes], prefix: str = "fakegguf_part") -> SplitGGUF:
+    """Installed-looking packages `fakegguf_part1..N` under `root`, each holding data/partNN.bin."""
+    for i, data in enumerate(parts, 1):
+        (root / f"{prefix}{i}" / "data").mkdir(parents=True)
+        (root / f"{prefix}{i}" / "data" / f"part{i:02d}.bin").write_bytes(data)
+    whole = b"".join(parts)
+    return SplitGGUF(prefix, "1.0", len(parts), len(whole), hashlib.sha256(whole).hexdigest(), "model.gguf")
+
+
+PARTS = [b"GGUF" + bytes(range(256)) * 3, bytes(reversed(range(256))) * 2, b"tail"]
+
+
+def test_split_gguf_assembles_its_parts_in_order(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    split = _fake_parts(tmp_path / "site", PARTS)
+    importlib.invalidate_caches()
+    (tmp_path / "work").mkdir()
+    out = split.assemble(tmp_path / "work", "make parts")
+    assert out.read_bytes() == b"".join(PARTS)
+    assert split.requirements() == ["fakegguf_part1==1.0", "fakegguf_part2==1.0", "fakegguf_part3==1.0"]
+
+
+def test_split_gguf_refuses_a_corrupt_or_missing_part(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    split = _fake_parts(tmp_path / "site", PARTS)
+    importlib.invalidate_caches()
+    work = tmp_path / "work"
+    work.mkdir()
+    part2 = tmp_path / "site" / "fakegguf_part2" / "data" / "part02.bin"
+    part2.write_bytes(b"\0" + part2.read_bytes()[1:])  # same size, one byte changed
+    with pytest.raises(ModelCacheError, match=r"a part is corrupt or of another version than 1\.0.*make parts"):
+        split.assemble(work, "make parts")
+    assert list(work.iterdir()) == []  # the wrong bytes are not left behind
+    part2.unlink()
+    with pytest.raises(ModelCacheError, match=r"part02\.bin is missing; reinstall with: make parts"):
+        split.assemble(work, "make parts")
+    part2.write_bytes(PARTS[1])
+    missing = SplitGGUF("fakegguf_part", "1.0", 4, 1, "0" * 64, "model.gguf")  # a fourth package never installed
+    with pytest.raises(ModelCacheError, match=r"'fakegguf_part4' is not installed; make parts"):
+        missing.assemble(work, "make parts")
+
+
+def test_the_qwen_entries_are_split_ggufs_with_an_install_target():
+    """The registry's Qwen models: the sizes of the issue, pinned parts, and the make target pyproject installs."""
+    pyproject = (Path(__file__).parent.parent / "pyproject.toml").read_text()
+    for name, split, size in (
+        ("qwen2.5-coder-1.5b-instruct", embedded.QWEN_1_5B_PARTS, 1_117_320_768),
+        ("qwen2.5-coder-0.5b-instruct", embedded.QWEN_0_5B_PARTS, 491_400_064),
+    ):
+        spec = get_embedded(name)
+        assert split.size == size and spec.chat and spec.cache_key.endswith(split.sha256[:8])
+        assert all(f'"{req}"' in pyproject for req in split.requirements())
+        assert "make qwen" in spec.install_hint

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import needs_embedded
 from sae_lens import SAE
 from sae_selfexplain_plugin.adapters.apps.demo_sae import DEMO_SAE_DIR, demo_examples, load_demo_sae, training_report
 from sae_selfexplain_plugin.adapters.backends.embedded import DEFAULT_MODEL, EMBEDDED_MODELS, load_backend
@@ -79,7 +80,7 @@ def test_examples_cover_the_live_features() -> None:
     assert len(first.top) == 10 and len(first.random) == 10
 
 
-@pytest.mark.parametrize("model", sorted(EMBEDDED_MODELS))
+@pytest.mark.parametrize("model", [pytest.param(m, marks=needs_embedded(m)) for m in sorted(EMBEDDED_MODELS)])
 def test_vocabulary_probe_reads_word_starts_of_the_real_tokenizers(model):
     """Byte-level BPE marks a word start with "Ġ" (SmolLM2), SentencePiece with "▁" (Gemma): the probe reads
     the tokens that begin a word, not the pieces inside one."""

