@@ -5,6 +5,10 @@ Two cases:
 - cross-layer, in context: the residual at the word's position inside a sentence, read at a later
   layer (where SAEs usually sit) and injected at the engine's layer.
 
+Two criteria: *literal* (the explanation names the word) and *semantic* (among all the benchmark's words, the
+explanation's sentence embedding is nearest to its own word's: "violin" -> "a stringed instrument with four
+strings" counts). Semantic rates are success@1 and MRR over the candidate words (chance: 1/n_words).
+
 The cross-layer vectors come `raw`, or `centred`: minus the mean over the word list. A raw residual carries
 the large mean component every residual shares; an SAE decoder row has none of it, so `centred` is the case
 that looks like an SAE feature.
@@ -26,6 +30,9 @@ from .engine import SelfExplainer
 from .errors import InputError
 from .policies import ranked_scales
 from .results import FeatureExplanations
+
+Embed = Callable[[Sequence[str]], torch.Tensor]
+"""Texts -> unit-norm sentence embeddings [n, dim] (e.g. evaluation.Embedder.embed)."""
 
 CARRIER = "We talked about{word} and other things."
 """Sentence the cross-layer case reads each word from; `{word}` takes the word with its leading space."""
@@ -97,6 +104,10 @@ class RecoveryRow:
     # policy -> recovery when each word's scale is chosen by that policy from its own metric sweep
     rate_by_policy: dict[str, float] = field(default_factory=dict)
     vectors: str = "raw"  # cross-layer vectors: "raw" or "centred"
+    # semantic criterion (empty without an embedder): success@1 and MRR of the word among all n_words
+    semantic_by_scale: dict[float, float] = field(default_factory=dict)
+    mrr_by_scale: dict[float, float] = field(default_factory=dict)
+    semantic_by_policy: dict[str, float] = field(default_factory=dict)
 
     @property
     def best_scale(self) -> float:
@@ -110,10 +121,26 @@ class RecoveryRow:
     def default_rate(self) -> float:
         return self.rate_by_scale[self.default_scale]
 
+    @property
+    def semantic_chance(self) -> float:
+        """success@1 of an explanation unrelated to its word."""
+        return 1 / self.n_words
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        d["rate_by_scale"] = {str(k): v for k, v in self.rate_by_scale.items()}
+        for key in ("rate_by_scale", "semantic_by_scale", "mrr_by_scale"):
+            d[key] = {str(k): v for k, v in d[key].items()}
+        d["semantic_chance"] = self.semantic_chance
         return d
+
+
+def semantic_ranks(texts: Sequence[str], truth: Sequence[int], candidates: torch.Tensor, embed: Embed) -> torch.Tensor:
+    """The 1-based rank of each text's own candidate (`truth[i]`, a row of `candidates`, the candidates' unit
+    embeddings) among all candidates by cosine similarity to the text's embedding. Ties rank pessimistically,
+    so an empty or constant explanation never ranks first by luck."""
+    sims = embed(texts) @ candidates.T  # [n_texts, n_candidates]
+    own = sims[torch.arange(len(truth)), torch.as_tensor(list(truth))]
+    return (sims >= own[:, None]).sum(dim=1)
 
 
 def default_source_layers(n_layers: int) -> list[int]:
@@ -131,6 +158,7 @@ def run_word_recovery(
     progress: Callable[[int], None] | None = None,
     vectors: str = "raw",
     same_layer: bool = True,
+    embed: Embed | None = None,
 ) -> list[RecoveryRow]:
     """Recovery per template, source (same-layer and each cross-layer source) and scale; cross-layer
     vectors `raw` or `centred` (module docstring)."""
@@ -154,7 +182,8 @@ def run_word_recovery(
         explainer = SelfExplainer(backend, config.replace(template=template))
         for name, layer, ctx in sources:
             records = explainer.explain(inputs[name], progress=progress)
-            rows.append(recovery_row(explainer, records, words, name, layer, vectors if ctx else "raw"))
+            kind = vectors if ctx else "raw"
+            rows.append(recovery_row(explainer, records, words, name, layer, kind, embed=embed))
     return rows
 
 
@@ -166,12 +195,13 @@ def recovery_row(
     source_layer: int,
     vectors: str,
     keys: Sequence[str] | None = None,
+    embed: Embed | None = None,
 ) -> RecoveryRow:
     """The recovery of `names` by `records` (explained by `explainer`), per scale and policy; examples at the
-    default scale under `keys` (default: the names)."""
+    default scale under `keys` (default: the names). With `embed`, the semantic criterion too."""
     cfg = explainer.config  # with an adapter, its own sweep
     default_scale = min(cfg.scales, key=lambda s: abs(s - cfg.chosen_scale))
-    return RecoveryRow(
+    row = RecoveryRow(
         explainer.backend.model_id,
         explainer.prompt.template,
         source,
@@ -184,6 +214,28 @@ def recovery_row(
         rate_by_policy(records, names, cfg),
         vectors,
     )
+    if embed is not None:
+        add_semantic(row, records, names, cfg, embed)
+    return row
+
+
+def add_semantic(
+    row: RecoveryRow,
+    records: Sequence[FeatureExplanations],
+    names: Sequence[str],
+    config: SelfExplainConfig,
+    embed: Embed,
+) -> None:
+    """Fill `row`'s semantic rates: per scale over every sample, per policy over the first sample."""
+    candidates = embed(list(names))
+    for s in config.scales:
+        pairs = [(c.text, i) for i, r in enumerate(records) for c in r.at_scale(s)]
+        ranks = semantic_ranks([t for t, _ in pairs], [i for _, i in pairs], candidates, embed).float()
+        row.semantic_by_scale[s] = float((ranks == 1).float().mean())
+        row.mrr_by_scale[s] = float((1 / ranks).mean())
+    for policy, chosen in _texts_by_policy(records, config).items():
+        ranks = semantic_ranks(chosen, range(len(records)), candidates, embed)
+        row.semantic_by_policy[policy] = float((ranks == 1).float().mean())
 
 
 def recovery_by_scale(
@@ -202,13 +254,20 @@ def rate_by_policy(
 ) -> dict[str, float]:
     """Per policy, the fraction of words recovered at the scale the policy picks for each word by itself
     (first sample); policies that need metrics are skipped when the records have no sweep."""
-    rates = {}
+    return {
+        policy: sum(recovered(text, word) for text, word in zip(texts, words)) / len(words)
+        for policy, texts in _texts_by_policy(records, config).items()
+    }
+
+
+def _texts_by_policy(records: Sequence[FeatureExplanations], config: SelfExplainConfig) -> dict[str, list[str]]:
+    """Per policy, each record's first explanation at the scale that policy picks from the record's own sweep."""
+    out = {}
     for policy in POLICIES:
         if policy != "fixed" and not all(r.sweep for r in records):
             continue
-        hits = 0
-        for r, word in zip(records, words):
-            best = ranked_scales(r.sweep or {"scale": list(config.scales)}, config, policy)[0]
-            hits += recovered(r.at_scale(best)[0].text, word)
-        rates[policy] = hits / len(words)
-    return rates
+        out[policy] = [
+            r.at_scale(ranked_scales(r.sweep or {"scale": list(config.scales)}, config, policy)[0])[0].text
+            for r in records
+        ]
+    return out

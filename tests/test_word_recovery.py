@@ -88,3 +88,52 @@ def test_each_policy_is_scored_at_the_scale_it_picks_per_word(gemma_backend):
     assert rates["max-self-similarity"] == 1.0
     fixed_hits = sum(r.at_scale(4.0)[0].text == w for r, w in zip(records, words)) / 2
     assert rates["fixed"] == fixed_hits
+
+
+WORDS = ["violin", "calculus", "nostalgia", "turbine", "Egypt"]
+DESCRIPTIONS = [
+    "a stringed instrument with four strings",
+    "the branch of mathematics that deals with rates of change",
+    "a feeling of longing for something that is gone",
+    "a machine that converts mechanical energy into electrical",
+    "the land of the Pharaohs",
+]
+
+
+def test_semantic_criterion_counts_a_description_and_refuses_a_wrong_one():
+    """The issue's case: "violin" -> "a stringed instrument with four strings" names no word, yet is nearest to
+    its own. The same descriptions given to the wrong words (a shift: no one keeps its own) all miss."""
+    from sae_selfexplain_plugin.adapters.apps.evaluation import Embedder
+
+    from sae_selfexplain_plugin.word_recovery import semantic_ranks
+
+    embed = Embedder().embed
+    candidates = embed(WORDS)
+    assert not any(recovered(d, w) for d, w in zip(DESCRIPTIONS, WORDS))  # literal: all misses
+    assert semantic_ranks(DESCRIPTIONS, range(5), candidates, embed).tolist() == [1, 1, 1, 1, 1]
+    shifted = semantic_ranks(DESCRIPTIONS, [1, 2, 3, 4, 0], candidates, embed)
+    assert (shifted > 1).all()
+    # an empty or constant label ties with nothing in its favour: never rank 1 by luck
+    assert semantic_ranks(
+        ["", ""], [0, 1], candidates, lambda t: torch.zeros(len(t), candidates.shape[1])
+    ).tolist() == [
+        5,
+        5,
+    ]
+
+
+def test_word_recovery_rows_carry_semantic_rates(gemma_backend):
+    """With an embedder, each row has success@1 and MRR per scale and per policy, bounded by the criterion."""
+    from sae_selfexplain_plugin.adapters.apps.evaluation import Embedder
+
+    cfg = SelfExplainConfig(scales=(1.0, 4.0), max_new_tokens=3)
+    (row,) = run_word_recovery(
+        gemma_backend, templates=["test-open"], config=cfg, words=["cat", "dog", "sun"], embed=Embedder().embed,
+        same_layer=True, source_layers=[],
+    )  # fmt: skip
+    assert set(row.semantic_by_scale) == set(row.mrr_by_scale) == {1.0, 4.0}
+    assert set(row.semantic_by_policy) == set(row.rate_by_policy)
+    for s in cfg.scales:
+        assert 0 <= row.semantic_by_scale[s] <= row.mrr_by_scale[s] <= 1  # MRR >= success@1
+    assert row.semantic_chance == pytest.approx(1 / row.n_words)
+    assert row.to_dict()["semantic_by_scale"].keys() == {"1.0", "4.0"}

@@ -31,7 +31,7 @@ from sae_selfexplain_plugin.policies import ranked_scales
 from sae_selfexplain_plugin.results import FeatureExplanations
 from sae_selfexplain_plugin.scoring import Score, activation_check, embedding_score
 from sae_selfexplain_plugin.vocabulary import probe_label
-from sae_selfexplain_plugin.word_recovery import RecoveryRow, recovery_row
+from sae_selfexplain_plugin.word_recovery import Embed, RecoveryRow, recovery_row
 
 from ..sae_lens import (
     check_compatible,
@@ -303,8 +303,10 @@ def latent_recovery(
     latents: Sequence[tuple[int, str]],
     config: SelfExplainConfig,
     progress: Callable[[int], None] | None = None,
+    embed: Embed | None = None,
 ) -> RecoveryRow:
-    """The `sae-latent` benchmark: explain each token latent's decoder row; is its word named?"""
+    """The `sae-latent` benchmark: explain each token latent's decoder row; is its word named (literally, and
+    with `embed` semantically, among the latents' words)?"""
     check_compatible(sae, backend)
     features, names = [f for f, _ in latents], [w for _, w in latents]
     if not features:
@@ -312,4 +314,4 @@ def latent_recovery(
     explainer = SelfExplainer(backend, config)
     records = explainer.explain(decoder_rows(sae, features), features, progress=progress)
     keys = [f"{f}:{w}" for f, w in latents]
-    return recovery_row(explainer, records, names, "sae-latent", sae_layer(sae), "sae-latent", keys)
+    return recovery_row(explainer, records, names, "sae-latent", sae_layer(sae), "sae-latent", keys, embed)

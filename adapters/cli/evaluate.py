@@ -26,6 +26,7 @@ from .common import (
     _add_adapter_option,
     _add_policy_options,
     _add_repeats_option,
+    _embedder_or_none,
     _int_list,
     _load,
     _positive,
@@ -103,9 +104,11 @@ def cmd_sae_latent(args: argparse.Namespace) -> int:
     with _status("Loading the model...", "loaded the model"):
         backend = load_model(args.model, model_name=sae.cfg.metadata.model_name)
     config = _with_adapter(config, args, sae, backend)
+    embedder = None if args.no_semantic else _embedder_or_none()
+    embed = embedder.embed if embedder else None
     with _progress() as progress:
         task = progress.add_task("explaining latents", total=len(latents) * len(config.scales))
-        row = latent_recovery(sae, backend, latents, config, progress=lambda n: progress.advance(task, n))
+        row = latent_recovery(sae, backend, latents, config, progress=lambda n: progress.advance(task, n), embed=embed)
     view = Console(width=max(Console().width, 120))
     adapter = Path(str(config.adapter)).name if config.adapter is not None else "none"
     view.print(
@@ -113,10 +116,15 @@ def cmd_sae_latent(args: argparse.Namespace) -> int:
         f"word of >= 3 letters); the first {len(latents)}, template {row.template}, adapter {adapter}:",
         markup=False,
     )
+    semantic = f"; semantic: nearest to its own word of {row.n_words} (chance {row.semantic_chance:.1%})"
     for s, rate in row.rate_by_scale.items():
-        view.print(f"  scale {s:g}: {rate:.1%} named", markup=False)
+        sem = f", {row.semantic_by_scale[s]:.1%} semantic" if s in row.semantic_by_scale else ""
+        view.print(f"  scale {s:g}: {rate:.1%} named{sem}", markup=False)
     for policy, rate in row.rate_by_policy.items():
-        view.print(f"  policy {policy}: {rate:.1%} named", markup=False)
+        sem = f", {row.semantic_by_policy[policy]:.1%} semantic" if policy in row.semantic_by_policy else ""
+        view.print(f"  policy {policy}: {rate:.1%} named{sem}", markup=False)
+    if embed is not None:
+        view.print(semantic[2:], markup=False)
     for key, text in list(row.examples.items())[:12]:
         view.print(f"  {key:24s} {text}", markup=False)
     if args.json:
@@ -139,6 +147,7 @@ def cmd_word_recovery(args: argparse.Namespace) -> int:
     words = single_token_words(backend.tokenizer, load_words())[: args.limit or None]
     n_sources = 1 + len(sources if sources is not None else default_source_layers(backend.n_layers))
     n_scales = len(config.adapter_scales if adapter is not None else config.scales)
+    embedder = None if args.no_semantic else _embedder_or_none()
     start = time.perf_counter()
     rows = []
     with _progress() as progress:
@@ -154,6 +163,7 @@ def cmd_word_recovery(args: argparse.Namespace) -> int:
                 progress=lambda n: progress.advance(task, n),
                 vectors=kind,
                 same_layer=i == 0,  # the same-layer row does not depend on the kind
+                embed=embedder.embed if embedder else None,
             )
     elapsed = time.perf_counter() - start
     view = Console(width=max(Console().width, 150))
@@ -171,23 +181,42 @@ def cmd_word_recovery(args: argparse.Namespace) -> int:
     for policy in policies:
         table.add_column(policy, justify="right")
     for row in rows:
-        rates = [f"{row.rate_by_scale[s]:.0%}" for s in scales]
+        sem = row.semantic_by_scale
+        rates = [_cell(row.rate_by_scale[s], sem.get(s)) for s in scales]
         table.add_row(
             row.template,
             row.source,
             row.vectors,
             *rates,
             f"{row.best_rate:.0%} @{row.best_scale:g}",
-            f"{row.default_rate:.0%}",
-            *[f"{row.rate_by_policy[p]:.0%}" for p in policies],
+            _cell(row.default_rate, sem.get(row.default_scale)),
+            *[_cell(row.rate_by_policy[p], row.semantic_by_policy.get(p)) for p in policies],
         )
     view.print(table)
+    if embedder:
+        view.print(
+            f"cells: named literally/semantic (the explanation is nearer to its own word than to the other "
+            f"{len(words) - 1}, all-MiniLM-L6-v2; chance {rows[0].semantic_chance:.1%}); MRR in --json",
+            markup=False,
+        )
     view.print(f"{elapsed:.0f}s")
     if args.json:
         with atomic_writer(args.json) as f:
             json.dump({"elapsed_s": elapsed, "rows": [r.to_dict() for r in rows]}, f, indent=1, allow_nan=False)
         view.print(f"wrote {args.json}", markup=False)
     return 0
+
+
+def _add_semantic_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--no-semantic",
+        action="store_true",
+        help="report only literal naming, not the semantic rate (which needs the sentence-embedding model)",
+    )
+
+
+def _cell(literal: float, semantic: float | None) -> str:
+    return f"{literal:.0%}" if semantic is None else f"{literal:.0%}/{semantic:.0%}"
 
 
 def add_parsers(sub: Any) -> None:
@@ -220,6 +249,7 @@ def add_parsers(sub: Any) -> None:
     )
     add_generation_options(wr, max_new_tokens=8, template=False)  # one word to name; --templates picks several
     wr.add_argument("--limit", type=int, default=0, help="use only the first N words (0 = all)")
+    _add_semantic_option(wr)
     wr.add_argument(
         "--vectors", default="raw", help="cross-layer vectors: raw, centred (like SAE features), or raw,centred"
     )
@@ -234,6 +264,7 @@ def add_parsers(sub: Any) -> None:
     sl.add_argument("--latents", default=f"0-{HELD_OUT_LATENTS - 1}", help="latents to pick from (%(default)s)")
     sl.add_argument("--limit", type=_positive, default=64, help="the first N token latents (default: %(default)s)")
     sl.add_argument("--min-peaks", type=int, default=8, help="top contexts that must peak on the word (of 10)")
+    _add_semantic_option(sl)
     add_generation_options(sl, max_new_tokens=16, layer=False)  # as demo and eval: room for a list label
     _add_policy_options(sl, policy="knee")
     _add_adapter_option(sl)
