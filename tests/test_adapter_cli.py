@@ -41,6 +41,7 @@ def test_train_adapter_command(tiny_sae, tmp_path):
     assert (meta.source, meta.layer, meta.template, meta.d_model) == (sae.cfg.metadata.hook_name, 1, "test-open", 64)
     assert meta.validation["steps"] == 6 and meta.validation["best_loss"] <= meta.validation["initial_loss"]
     assert "latents >= 64" in meta.trained_on
+    assert meta.trained_latents == [[64, 127]]  # what eval refuses to score it on
     assert not out.with_suffix(".safetensors.ckpt").exists()  # removed once the run completed
     # an interrupted run's checkpoint is never overwritten silently
     out.with_suffix(".safetensors.ckpt").write_bytes(b"earlier run")

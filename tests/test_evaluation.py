@@ -23,6 +23,7 @@ from sae_selfexplain_plugin.adapters.sae_lens import (
 
 from sae_selfexplain_plugin import AdapterMetadata, DirectionAdapter, SelfExplainConfig, SelfExplainer
 from sae_selfexplain_plugin.activation_examples import EXAMPLES_FILE, ActivationExamples
+from sae_selfexplain_plugin.direction_adapter import HELD_OUT_LATENTS, SHIPPED_DIR
 from sae_selfexplain_plugin.errors import InputError
 from sae_selfexplain_plugin.scoring import activation_check, auroc, embedding_score
 from sae_selfexplain_plugin.vocabulary import (
@@ -271,6 +272,24 @@ def test_adapter_labels_are_scored_even_when_flagged(setup):
         assert record.chosen is None  # the library withholds the label ...
         assert result.per_feature[f]["text"] == record.candidates[0].text  # ... the eval still scores it
     assert result.scored == sum(1 for f in features if result.per_feature[f]["text"])
+
+
+def test_eval_refuses_the_latents_an_adapter_was_trained_on(setup):
+    """Scores on training latents are in-sample: refused before anything is explained, naming the fix; the
+    shipped adapter records its own (1024-4095 of the demo SAE)."""
+    sae, backend, examples = setup
+    meta = AdapterMetadata(
+        backend.model_id, backend.d_model, str(sae.cfg.metadata.hook_name), 1, "test-open", "scalar-affine",
+        trained_latents=[[3, 5]],
+    )  # fmt: skip
+    adapter = DirectionAdapter(meta, init_scale=4.0)
+    with pytest.raises(InputError, match=r"1 of the latents to score \(\[4\]\) are ones .* trained or validated on "
+                       r"\(latents 3-5\).*--adapter none"):  # fmt: skip
+        evaluate(sae, backend, examples, [0, 4, 7], CFG.replace(layer=1), adapter=adapter, vocabulary=False)
+    (shipped,) = SHIPPED_DIR.glob("*.safetensors")
+    assert DirectionAdapter.load(shipped).metadata.trained_latents == [[HELD_OUT_LATENTS, 4095]]
+    with pytest.raises(InputError, match="a list of \\[first, last\\] latent ranges"):
+        AdapterMetadata.from_dict({**meta.to_dict(), "trained_latents": [[5, 3]]})
 
 
 def test_eval_cli_writes_a_table_and_json(tiny_sae: Path, tmp_path: Path, capsys):

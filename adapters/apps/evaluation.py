@@ -155,12 +155,16 @@ def evaluate(
     features = list(features)
     if examples.d_sae != sae.cfg.d_sae:
         raise InputError(f"the activation examples cover {examples.d_sae} features but the SAE has {sae.cfg.d_sae}.")
+    adapted = None
+    if adapter is not None:  # refused on its training latents before anything is explained
+        adapted = SelfExplainer(backend, config.replace(adapter=adapter, policy="fixed", generate="all"))
+        if adapted.adapter is not None:
+            adapted.adapter.check_held_out(features, f"the adapter {Path(str(adapter)).name}")
     directions = decoder_rows(sae, features)
     explainer = SelfExplainer(backend, config.replace(generate="all", adapter=None))
     records = explainer.explain(directions, features, progress=progress)
     labels = _labellers(records, config, [examples[f].top_tokens() for f in features])
-    if adapter is not None:
-        adapted = SelfExplainer(backend, config.replace(adapter=adapter, policy="fixed", generate="all"))
+    if adapted is not None:
         # like every policy's pick: the top-ranked scale's text, scored even when flagged
         labels["adapter"] = [
             (r.at_scale(r.ranked_scales[0])[0].text, "not_self_explainable" in r.flags)

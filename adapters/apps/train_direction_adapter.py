@@ -198,6 +198,7 @@ def train_for_sae(
     if len(parts) > 1:
         n_latents = len(parts[1][0]) + len(parts[1][1])
         described += f"; {n_latents} latents >= {held_out} labelled {LATENT_LABEL_MEANING[latent_labels]}"
+        adapter.metadata.trained_latents = [[held_out, sae.cfg.d_sae - 1]]
     adapter.metadata.trained_on = described + "; 10% of each held out for validation"
     report = train_adapter(
         adapter, backend, explainer.prompt, train, validation, settings, checkpoint=checkpoint, progress=progress,

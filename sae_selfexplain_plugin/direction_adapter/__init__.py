@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,8 @@ class AdapterMetadata:
     slots: int = 1  # injected vectors per direction: 1 for every placeholder, or one per placeholder of the template
     trained_on: str = ""  # a sentence: the data (kinds, counts, what was held out)
     validation: dict[str, float] = field(default_factory=dict)  # figures measured on held-out data
+    # SAE latents the adapter saw in training or validation, as [first, last] ranges: never score it on them
+    trained_latents: list[list[int]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -69,8 +72,18 @@ class AdapterMetadata:
             ok = exact and (low is None or value >= low)
             if name == "validation" and ok:
                 ok = all(type(v) in (int, float) for v in value.values())
+            if name == "trained_latents" and ok:
+                ok = all(
+                    type(r) is list and len(r) == 2 and all(type(i) is int for i in r) and 0 <= r[0] <= r[1]
+                    for r in value
+                )
             if not ok:
-                want = {int: "an integer", str: "a string", dict: "an object of numbers"}[kind]
+                want = {
+                    int: "an integer",
+                    str: "a string",
+                    dict: "an object of numbers",
+                    list: "a list of [first, last] latent ranges",
+                }[kind]
                 want += f" >= {low}" if low is not None else ""
                 raise InputError(
                     f"{where}: field {name!r} must be {want}, got {repr(value)[:80]} ({type(value).__name__}); "
@@ -203,6 +216,18 @@ class DirectionAdapter(nn.Module):
         adapter.load_state_dict(tensors)
         return adapter.eval()
 
+    def check_held_out(self, features: Sequence[int], name: str = "the adapter") -> None:
+        """Refuse to score this adapter on latents it was trained or validated on (`trained_latents`): its
+        figures there would be in-sample."""
+        seen = [f for f in features if any(lo <= f <= hi for lo, hi in self.metadata.trained_latents)]
+        if seen:
+            ranges = ", ".join(f"{lo}-{hi}" for lo, hi in self.metadata.trained_latents)
+            raise InputError(
+                f"{len(seen)} of the latents to score ({seen[:5]}{'...' if len(seen) > 5 else ''}) are ones {name} was "
+                f"trained or validated on (latents {ranges}): its scores there are in-sample. Score held-out latents "
+                "(--features outside those ranges, or a smaller --limit), or pass --adapter none."
+            )
+
     def mismatches(self, model_id: str, d_model: int, layer: int, template: str) -> list[str]:
         """How this adapter differs from the model, injection layer and template it would be used with."""
         from ..results import short_model_name
@@ -252,6 +277,7 @@ _FIELD_RULES: dict[str, tuple[type, int | None]] = {  # AdapterMetadata's fields
     "slots": (int, 1),
     "trained_on": (str, None),
     "validation": (dict, None),
+    "trained_latents": (list, None),
 }
 
 
