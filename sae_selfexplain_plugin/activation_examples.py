@@ -8,9 +8,10 @@ activations in fp16, the SAE's identity).
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,24 @@ from .errors import InputError, SelfExplainError
 from .files import atomic_writer, parse_json
 
 EXAMPLES_FILE = "activation_examples.safetensors"
+SCORE_SHARE = 0.5  # of a corpus's documents that go to the score split (a document's hash decides)
+
+
+def score_split_path(path: str | Path) -> Path:
+    """The score split beside an examples file: `X.safetensors` -> `X.score.safetensors`. The file itself is the
+    explain split: what any labeller may read (the top-tokens baseline, auto-interp, adapter training). The score
+    split comes from other documents of the corpus and is never shown to a labeller; scorers read it."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.score{path.suffix}")
+
+
+def score_split_of(document: str) -> bool:
+    """Whether `document` belongs to the score split: decided by its text alone, so the two splits share no
+    document whatever the corpus order, and a duplicate document always lands on the same side."""
+    digest = hashlib.sha256(document.encode("utf-8", "surrogatepass")).digest()
+    return int.from_bytes(digest[:8], "big") < SCORE_SHARE * 2**64
+
+
 _FORMAT = "sae-selfexplain-activation-examples/2"  # /2: the SAE's identity, whole characters (pieces)
 LEFT_CONTEXT = 4  # tokens kept before each window: a character is at most 4 bytes, so 4 byte-level tokens
 
@@ -46,6 +65,7 @@ class FeatureExamples:
     frequency: float  # fraction of held-apart tokens on which the feature fires
     top: list[Context]  # strongest first
     random: list[Context]  # contexts where the feature does not fire at all
+    sampled: list[Context] = field(default_factory=list)  # firing contexts drawn uniformly (score split)
 
     def peak_tokens(self) -> list[str]:
         """The token (stripped) at which each top context peaks, strongest context first."""
@@ -117,7 +137,15 @@ class ActivationExamples:
             for j in t["random_index"][feature]
             if j >= 0
         ]
-        return FeatureExamples(feature, float(t["frequency"][feature]), top, rand)
+        sampled = []
+        if "sample_tokens" in t:
+            n, tokens, values = t["sample_tokens"].shape[1], t["sample_tokens"][feature], t["sample_values"][feature]
+            sampled = [
+                self._context("sample", (feature * n + j) * w, tokens[j], values[j])
+                for j in range(n)
+                if values[j].max() > 0
+            ]
+        return FeatureExamples(feature, float(t["frequency"][feature]), top, rand, sampled)
 
     def _context(self, split: str, offset: int, ids: torch.Tensor, values: torch.Tensor) -> Context:
         fixes = self._split_fixes(split)
@@ -255,10 +283,26 @@ def _check_tensors(
     unknown = [i for i in ids if i not in vocab]
     if unknown:
         raise InputError(f"{path}: field 'vocab' lacks token ids {unknown[:5]} used by the contexts; {_FIX}")
-    for split in ("top", "pool"):
+    if ("sample_tokens" in t) != ("sample_values" in t):
+        raise InputError(f"{path}: tensors 'sample_tokens' and 'sample_values' come together; {_FIX}")
+    if "sample_tokens" in t:
+        st, sv = t["sample_tokens"], t["sample_values"]
+        if st.ndim != 3 or st.shape[0] != d_sae or st.shape[2] != w or sv.shape != st.shape or st.is_floating_point():
+            raise InputError(
+                f"{path}: tensors 'sample_tokens' {tuple(st.shape)} and 'sample_values' {tuple(sv.shape)} do not fit "
+                f"[d_sae {d_sae}, n, window {w}]; {_FIX}"
+            )
+        if not sv.is_floating_point() or not bool(torch.isfinite(sv).all()):
+            raise InputError(f"{path}: tensor 'sample_values' must hold finite floating-point values; {_FIX}")
+        missing = [i for i in torch.unique(st).tolist() if i not in vocab]
+        if missing:
+            raise InputError(f"{path}: field 'vocab' lacks token ids {missing[:5]} used by the contexts; {_FIX}")
+    for split in ("top", "pool", "sample"):
         pieces = t.get(f"{split}_pieces")
         if pieces is None:
             continue
+        if f"{split}_tokens" not in t:
+            raise InputError(f"{path}: tensor '{split}_pieces' without '{split}_tokens'; {_FIX}")
         size = t[f"{split}_tokens"].numel()
         if pieces.ndim != 2 or pieces.shape[1] != 2 or pieces.is_floating_point() or pieces.dtype == torch.bool:
             raise InputError(

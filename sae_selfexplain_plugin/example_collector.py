@@ -46,11 +46,49 @@ def window_pieces(
     return pieces
 
 
+_PARTS = ("tokens", "left", "values")
+
+
+class _Slots:
+    """Per feature, `k` kept windows ranked by a key (their peak activation, or a random priority), with the
+    tokens before each window and the feature's activation at each token."""
+
+    def __init__(self, d_sae: int, k: int, window: int, left: int) -> None:
+        self.key = torch.zeros(d_sae, k)  # 0: an empty slot
+        self.tokens = torch.zeros(d_sae, k, window, dtype=torch.int32)
+        self.left = torch.full((d_sae, k, left), -1, dtype=torch.int32)  # -1: no token there
+        self.values = torch.zeros(d_sae, k, window)
+
+    def keep(self, keys: torch.Tensor, where: torch.Tensor, extended: torch.Tensor, acts: torch.Tensor) -> None:
+        """Offer each row's window around its peak (`where` [B, F]) under `keys` [B, F]; the `k` highest keys
+        stay. A window whose feature does not fire has all-zero values, and readers skip it."""
+        k, window, n_left = self.key.shape[1], self.tokens.shape[2], self.left.shape[2]
+        t = acts.shape[1]
+        values = torch.cat([self.key, keys.T], dim=1)  # [F, K + B]
+        top = values.topk(k, dim=1).indices  # [F, K]
+        is_new = top >= k
+        if not bool(is_new.any()):
+            return
+        feat, slot = torch.nonzero(is_new, as_tuple=True)
+        row = top[feat, slot] - k
+        start = (where[row, feat] - window * 3 // 4).clamp(0, t - window)
+        grabbed = extended[row[:, None], start[:, None] + torch.arange(n_left + window)].to(torch.int32)
+        new_values = acts[row[:, None], start[:, None] + torch.arange(window), feat[:, None]]
+        old = top.clamp(max=k - 1)[..., None]  # a kept window moves to its new rank; new ones are written below
+        tokens = torch.gather(self.tokens, 1, old.expand(-1, -1, window))
+        left = torch.gather(self.left, 1, old.expand(-1, -1, n_left))
+        vals = torch.gather(self.values, 1, old.expand(-1, -1, window))
+        tokens[feat, slot], left[feat, slot], vals[feat, slot] = grabbed[:, n_left:], grabbed[:, :n_left], new_values
+        self.tokens, self.left, self.values = tokens, left, vals
+        self.key = torch.gather(values, 1, top)
+
+
 class ExampleCollector:
     """Streams (token ids, feature activations) batches and keeps, per feature, the `top_k` contexts with the
-    highest peak activation (a `window` of tokens around the peak) and `n_random` contexts from a fixed pool of
-    random windows in which the feature never fires. Each window keeps the `left` tokens before it, so that
-    its text can be decoded whole (`finish`)."""
+    highest peak activation (a `window` of tokens around the peak), `sampled` contexts drawn uniformly from all
+    those where it fires (activations across its whole range, for scorers; delphi samples them by quantile),
+    and `n_random` contexts from a fixed pool of random windows in which the feature never fires. Each window
+    keeps the `left` tokens before it, so that its text can be decoded whole (`finish`)."""
 
     def __init__(
         self,
@@ -61,14 +99,13 @@ class ExampleCollector:
         pool_size: int = 256,
         seed: int = 0,
         left: int = LEFT_CONTEXT,
+        sampled: int = 0,
     ) -> None:
         self.d_sae, self.top_k, self.window, self.n_random, self.pool_size = d_sae, top_k, window, n_random, pool_size
-        self.left = left
+        self.left, self.sampled = left, sampled
         self._g = torch.Generator().manual_seed(seed)
-        self.best = torch.zeros(d_sae, top_k)  # peak activation of each kept context
-        self.top_tokens = torch.zeros(d_sae, top_k, window, dtype=torch.int32)
-        self.top_left = torch.full((d_sae, top_k, left), -1, dtype=torch.int32)  # -1: no token there
-        self.top_values = torch.zeros(d_sae, top_k, window)
+        self.top = _Slots(d_sae, top_k, window, left)  # keyed by peak activation
+        self.sample = _Slots(d_sae, sampled, window, left)  # keyed by a random priority: a uniform sample
         self.fires = torch.zeros(d_sae)
         self.n_tokens = 0
         self.pool_tokens: list[torch.Tensor] = []
@@ -78,8 +115,13 @@ class ExampleCollector:
     def settings(self) -> dict[str, int]:
         return {
             "d_sae": self.d_sae, "top_k": self.top_k, "window": self.window, "n_random": self.n_random,
-            "pool_size": self.pool_size, "left": self.left,
+            "pool_size": self.pool_size, "left": self.left, **({"sampled": self.sampled} if self.sampled else {}),
         }  # fmt: skip
+
+    @property
+    def best(self) -> torch.Tensor:
+        """[d_sae, top_k] the peak activation of each kept top context (0: none yet)."""
+        return self.top.key
 
     @torch.no_grad()
     def add(self, token_ids: torch.Tensor, acts: torch.Tensor, before: torch.Tensor | None = None) -> None:
@@ -99,25 +141,10 @@ class ExampleCollector:
         self._add_pool(extended, acts)
 
         peak, where = acts.max(dim=1)  # [B, F]: each row's peak per feature and its position
-        values = torch.cat([self.best, peak.T], dim=1)  # [F, K + B]
-        keep = values.topk(self.top_k, dim=1).indices  # [F, K]
-        is_new = keep >= self.top_k
-        if not bool(is_new.any()):
-            return
-        feat, slot = torch.nonzero(is_new, as_tuple=True)
-        row = keep[feat, slot] - self.top_k
-        start = (where[row, feat] - self.window * 3 // 4).clamp(0, t - self.window)
-        grabbed = extended[row[:, None], start[:, None] + torch.arange(self.left + self.window)].to(torch.int32)
-        pos = start[:, None] + torch.arange(self.window)
-        new_values = acts[row[:, None], pos, feat[:, None]]
-        old_slot = keep.clamp(max=self.top_k - 1)[..., None]
-        tokens = torch.gather(self.top_tokens, 1, old_slot.expand(-1, -1, self.window))
-        left = torch.gather(self.top_left, 1, old_slot.expand(-1, -1, self.left))
-        vals = torch.gather(self.top_values, 1, old_slot.expand(-1, -1, self.window))
-        tokens[feat, slot], left[feat, slot] = grabbed[:, self.left :], grabbed[:, : self.left]
-        vals[feat, slot] = new_values
-        self.top_tokens, self.top_left, self.top_values = tokens, left, vals
-        self.best = torch.gather(values, 1, keep)
+        self.top.keep(peak, where, extended, acts)
+        if self.sampled:  # a random priority in (0, 1] for each row where the feature fires
+            priority = 1 - torch.rand(peak.shape, generator=self._g)
+            self.sample.keep(priority * (peak > 0), where, extended, acts)
 
     def _add_pool(self, extended: torch.Tensor, acts: torch.Tensor) -> None:
         t = acts.shape[1]
@@ -139,11 +166,11 @@ class ExampleCollector:
         def rows(kept: list[torch.Tensor], width: int, dtype: torch.dtype) -> torch.Tensor:
             return torch.stack(kept) if kept else torch.zeros(0, width, dtype=dtype)
 
+        slots = {"top": self.top, "sample": self.sample} if self.sampled else {"top": self.top}
         return {
-            "best": self.best,
-            "top_tokens": self.top_tokens,
-            "top_left": self.top_left,
-            "top_values": self.top_values,
+            "best": self.top.key,
+            **{f"{name}_{part}": getattr(kept, part) for name, kept in slots.items() for part in _PARTS},
+            **({"sample_key": self.sample.key} if self.sampled else {}),
             "fires": self.fires,
             "pool_tokens": rows(self.pool_tokens, self.window, torch.int32),
             "pool_left": rows(self.pool_left, self.left, torch.int32),
@@ -158,10 +185,13 @@ class ExampleCollector:
 
         f, k, w, left = self.d_sae, self.top_k, self.window, self.left
         i32 = torch.int32
-        self.best = take(path, tensors, "best", (f, k), torch.float32, fix)
-        self.top_tokens = take(path, tensors, "top_tokens", (f, k, w), i32, fix)
-        self.top_left = take(path, tensors, "top_left", (f, k, left), i32, fix)
-        self.top_values = take(path, tensors, "top_values", (f, k, w), torch.float32, fix)
+        for name, kept, n in (("top", self.top, k), ("sample", self.sample, self.sampled)):
+            if name == "sample" and not n:
+                continue
+            kept.key = take(path, tensors, "best" if name == "top" else "sample_key", (f, n), torch.float32, fix)
+            kept.tokens = take(path, tensors, f"{name}_tokens", (f, n, w), i32, fix)
+            kept.left = take(path, tensors, f"{name}_left", (f, n, left), i32, fix)
+            kept.values = take(path, tensors, f"{name}_values", (f, n, w), torch.float32, fix)
         self.fires = take(path, tensors, "fires", (f,), torch.float32, fix)
         pool = take(path, tensors, "pool_tokens", (-1, w), i32, fix)
         if len(pool) > self.pool_size:
@@ -189,20 +219,24 @@ class ExampleCollector:
         pool = torch.stack(self.pool_tokens)
         tensors = {
             "frequency": self.fires / max(self.n_tokens, 1),
-            "top_tokens": self.top_tokens,
-            "top_values": self.top_values.half(),
+            "top_tokens": self.top.tokens,
+            "top_values": self.top.values.half(),
             "pool_tokens": pool,
             "random_index": random_index,
         }
-        ids = torch.unique(torch.cat([self.top_tokens.flatten(), pool.flatten()])).tolist()
+        if self.sampled:
+            tensors["sample_tokens"], tensors["sample_values"] = self.sample.tokens, self.sample.values.half()
+        ids = torch.unique(torch.cat([self.top.tokens.flatten(), self.sample.tokens.flatten(), pool.flatten()]))
+        ids = ids.tolist()
         vocab = {int(i): decode(int(i)) for i in ids}
         pieces: list[str] = []
         if decode_text is not None:
-            shown = self.best.flatten() > 0  # the top contexts a reader shows
             windows = {
-                "top": (self.top_tokens.reshape(-1, self.window), self.top_left.reshape(-1, self.left), shown),
-                "pool": (pool, torch.stack(self.pool_left), torch.ones(len(pool), dtype=torch.bool)),
-            }
+                name: (kept.tokens.reshape(-1, self.window), kept.left.reshape(-1, self.left), kept.key.flatten() > 0)
+                for name, kept in (("top", self.top), ("sample", self.sample))
+                if kept.key.numel()
+            }  # the kept contexts a reader shows, and the pool
+            windows["pool"] = (pool, torch.stack(self.pool_left), torch.ones(len(pool), dtype=torch.bool))
             table: dict[str, int] = {}
             for split, (tokens, left, used) in windows.items():
                 fixes = []

