@@ -171,7 +171,7 @@ class ActivationExamples:
         meta["sae"] = json.dumps(self._sae)
         if self._pieces:
             meta["pieces"] = json.dumps(self._pieces)
-        data = save({k: v.contiguous() for k, v in self._t.items()}, metadata=meta)
+        data = save({k: _compact(k, v).contiguous() for k, v in self._t.items()}, metadata=meta)
         with atomic_writer(path, "wb") as f:
             f.write(data)
 
@@ -188,6 +188,7 @@ class ActivationExamples:
             with safe_open(str(path), framework="pt") as f:
                 meta = f.metadata() or {}
                 tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a mapping)
+            tensors = {k: v.to(torch.int32) if v.dtype == torch.uint16 else v for k, v in tensors.items()}
         except Exception as e:  # safetensors raises its own error types for truncated or corrupt files
             raise InputError(f"{path} is not a readable activation-examples file ({e}); rebuild it.") from e
         if meta.get("format") not in _FORMATS:
@@ -215,6 +216,13 @@ _TENSORS = {  # name: (dimensions, floating point)
     "pool_tokens": (2, False),
     "random_index": (2, False),
 }
+
+
+def _compact(name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """Token ids as uint16 where every id fits (vocabularies up to 65,536): half the file."""
+    if name.endswith("_tokens") and tensor.numel() and int(tensor.min()) >= 0 and int(tensor.max()) < 2**16:
+        return tensor.to(torch.uint16)
+    return tensor
 
 
 def _parse(path: Path, text: str, field: str) -> Any:

@@ -52,7 +52,8 @@ def test_it_is_a_saelens_sae_of_the_default_model() -> None:
     assert meta.prepend_bos is True and meta.context_size == 128
     assert meta.neuronpedia_id == "smollm2-135m-instruct/15-selfexplain-res-4k"
     assert 4096 <= sae.cfg.d_sae <= 16384
-    assert sum(f.stat().st_size for f in DEMO_SAE_DIR.iterdir()) < 20e6
+    # weights 9.4 MB, explain split 4.6 MB, score split 8.7 MB (token ids stored as uint16)
+    assert sum(f.stat().st_size for f in DEMO_SAE_DIR.iterdir()) < 24e6
 
 
 def test_it_reconstructs_real_activations_as_recorded(residuals: torch.Tensor) -> None:

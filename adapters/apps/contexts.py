@@ -31,9 +31,9 @@ if TYPE_CHECKING:  # sae_lens is slow to import: only the collecting itself need
 
 DEFAULT_CONTEXT = 64  # tokens per row (the example window is 24)
 DEFAULT_TOKENS = 200_000  # per split
-# The score split keeps enough per feature for stable scores: 20 top and 20 sampled firing contexts (activations
-# across the feature's range, as delphi samples by quantile) against 20 where it never fires.
-SCORE_COLLECTOR = {"top_k": 20, "sampled": 20, "n_random": 20, "pool_size": 512}
+# The score split keeps enough per feature for stable scores: 20 firing contexts, the 10 strongest and 10 sampled
+# (activations across the feature's range, as delphi samples by quantile), against 20 where it never fires.
+SCORE_COLLECTOR = {"top_k": 10, "sampled": 10, "n_random": 20, "pool_size": 512}
 
 
 def corpus_texts(spec: str | Path) -> Iterator[str]:
