@@ -58,3 +58,13 @@ def embedding_score(explanation: torch.Tensor, positives: torch.Tensor, negative
         return Score(None, "no activation examples (needs top-activating and non-activating contexts)")
     cos = torch.nn.functional.cosine_similarity
     return Score(auroc(cos(explanation[None], positives), cos(explanation[None], negatives)))
+
+
+def detection(firing: torch.Tensor, quiet: torch.Tensor) -> tuple[Score, Score]:
+    """A judge's margins (log P(Yes) - log P(No)) on contexts where the feature fires and where it does not:
+    (balanced accuracy of answering Yes exactly when margin > 0, AUROC of the margin). 0.5 = chance for both."""
+    if firing.numel() == 0 or quiet.numel() == 0:
+        reason = "no activation examples (needs firing and non-firing contexts)"
+        return Score(None, reason), Score(None, reason)
+    accuracy = (float((firing > 0).float().mean()) + float((quiet <= 0).float().mean())) / 2
+    return Score(accuracy), Score(auroc(firing, quiet))

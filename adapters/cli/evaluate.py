@@ -13,6 +13,7 @@ from rich.table import Table
 
 from sae_selfexplain_plugin.config import POLICIES
 from sae_selfexplain_plugin.direction_adapter import HELD_OUT_LATENTS
+from sae_selfexplain_plugin.errors import InputError
 from sae_selfexplain_plugin.files import atomic_writer, check_writable
 from sae_selfexplain_plugin.word_recovery import (
     default_source_layers,
@@ -63,6 +64,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
         embedder.model_dir  # noqa: B018 (fail on a missing embedding model before the long run)
     with _status("Loading the model...", "loaded the model"):
         backend = load_model(args.model, model_name=sae.cfg.metadata.model_name)
+    judge = None
+    if args.judge:
+        from ..apps.detection import DetectionJudge
+
+        if score_examples is None:
+            raise InputError(
+                "--judge scores on the score split, and there is none beside the examples: collect both splits "
+                "with `sae-selfexplain contexts`."
+            )
+        with _status(f"Loading the judge {args.judge}...", "loaded the judge"):
+            judge = DetectionJudge(backend if args.judge == args.model else load_model(args.judge))
     with _progress() as progress:
         task = progress.add_task("explaining features at every scale", total=len(features) * len(config.scales))
         adapter = with_adapter(config, args.adapter, sae, backend).adapter
@@ -70,14 +82,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
             sae, backend, examples, features, config, embedder=embedder, adapter=adapter,
             progress=lambda n: progress.advance(task, n), vocabulary=not args.no_vocabulary,
             vocabulary_progress=None if args.no_vocabulary else _probe_task(progress, backend.tokenizer),
-            score_examples=score_examples,
+            score_examples=score_examples, judge=judge,
         )  # fmt: skip
     table = Table(title=f"{len(features)} features of {report.sae} on {report.model_id} ({report.seconds:.0f}s)")
-    for column in ("labeller", "activation check", "embedding AUROC", "scored", "flagged"):
+    columns = [("activation_check", "activation check"), ("embedding", "embedding AUROC")]
+    columns += [("detection", f"detection AUROC ({args.judge})"), ("detection_accuracy", "detection accuracy")] if (
+        judge
+    ) else []  # fmt: skip
+    for column in ("labeller", *(c for _, c in columns), "scored", "flagged"):
         table.add_column(column, justify="left" if column == "labeller" else "right")
     for r in report.results:
-        fmt = [_with_interval(v, r.intervals.get(k)) for k, v in (("activation_check", r.activation_check),
-                                                                  ("embedding", r.embedding_score))]  # fmt: skip
+        means = {"activation_check": r.activation_check, "embedding": r.embedding_score, "detection": r.detection}
+        means["detection_accuracy"] = r.detection_accuracy
+        fmt = [_with_interval(means[k], r.intervals.get(k)) for k, _ in columns]
         table.add_row(r.labeller, *fmt, str(r.scored), str(r.flagged))
     view = Console(width=max(Console().width, 100))
     view.print(table)
@@ -266,6 +283,11 @@ def add_parsers(sub: Any) -> None:
         help="skip the vocabulary probe and direction lens labellers (one pass over the vocabulary for both)",
     )
     ev.add_argument("--out", help="write the full report (per feature) to this JSON file")
+    ev.add_argument(
+        "--judge",
+        help="also run the detection scorer with this judge model (embedded name or folder; e.g. "
+        "qwen2.5-coder-1.5b-instruct): slow, about 20 judge prompts per feature and labeller",
+    )
     _add_adapter_option(ev, "also score the labels of this adapter (auto: the shipped one that fits, if any)")
     ev.set_defaults(func=cmd_eval)
 

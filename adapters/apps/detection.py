@@ -1,0 +1,113 @@
+"""The detection scorer: a judge model reads a label and one context and answers whether the feature fires there.
+
+After delphi's detection scorer (EleutherAI; the method of its paper and code, our own prompt): the judge sees
+the label and a context from the **score split** (never shown to a labeller), half of them contexts where the
+feature fires (its strongest and ones sampled across its range), half where it never fires. Its margin
+log P(Yes) - log P(No) at the answer gives two scores per label (`scoring.detection`): balanced accuracy of
+"Yes" (margin > 0) and the AUROC of the margin. The judge is any causal LM behind a backend that can read
+next-token logits (`ProbeModel`): the embedded Qwen2.5-Coder-1.5B-Instruct, or a bigger one on a GPU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from sae_selfexplain_plugin.activation_examples import ActivationExamples
+from sae_selfexplain_plugin.backend import Backend, Injection, ProbeModel, left_pad
+from sae_selfexplain_plugin.errors import InputError
+from sae_selfexplain_plugin.scoring import Score, detection
+
+QUESTION = (
+    'A feature of a language model is described as: "{label}".\n'
+    'Text: "{context}"\n'
+    "Is this text an example of what the feature describes? Answer Yes or No."
+)
+BASE_SUFFIX = "\nAnswer:"  # for a model without a chat template; the answer token is then " Yes" / " No"
+PER_SIDE = 10  # contexts where the feature fires (5 strongest, 5 sampled) and as many where it does not
+
+
+class DetectionJudge:
+    """A model answering the detection question, read at its answer's first token."""
+
+    def __init__(self, backend: Backend, batch_size: int = 16) -> None:
+        if not isinstance(backend, ProbeModel):
+            raise InputError(
+                f"the detection judge reads next-token logits, which {type(backend).__name__} does not provide; "
+                "pass an embedded model or a transformers checkpoint as the judge."
+            )
+        self.backend, self.batch_size = backend, batch_size
+        tok = backend.tokenizer
+        self.chat = getattr(tok, "chat_template", None) is not None
+        # the answer's first token: " Yes" after "Answer:", "Yes" opening a chat reply (either where a
+        # tokenizer starts both answers alike)
+        spellings = [("Yes", "No"), (" Yes", " No")] if self.chat else [(" Yes", " No"), ("Yes", "No")]
+        firsts = [(_first_token(tok, yes), _first_token(tok, no)) for yes, no in spellings]
+        usable = [pair for pair in firsts if pair[0] != pair[1]]
+        if not usable:
+            raise InputError("the judge's tokenizer starts 'Yes' and 'No' with the same token; use another judge.")
+        self.yes, self.no = usable[0]
+
+    def prompt_ids(self, label: str, context: str) -> list[int]:
+        question = QUESTION.format(label=label.strip(), context=context.strip())
+        tok = self.backend.tokenizer
+        if self.chat:
+            ids = tok.apply_chat_template(
+                [{"role": "user", "content": question}], add_generation_prompt=True, tokenize=True
+            )
+            return list(ids["input_ids"] if isinstance(ids, dict) else ids)
+        bos = [tok.bos_token_id] if getattr(tok, "bos_token_id", None) is not None else []
+        return bos + list(tok(question + BASE_SUFFIX, add_special_tokens=False)["input_ids"])
+
+    @torch.no_grad()
+    def margins(self, label: str, contexts: Sequence[str]) -> torch.Tensor:
+        """log P(Yes) - log P(No) at the answer, one per context."""
+        assert isinstance(self.backend, ProbeModel)
+        out = []
+        pad = getattr(self.backend.tokenizer, "pad_token_id", None) or 0
+        for start in range(0, len(contexts), self.batch_size):
+            rows = [self.prompt_ids(label, c) for c in contexts[start : start + self.batch_size]]
+            ids, mask = left_pad(rows, pad)
+            ids, mask = ids.to(self.backend.device), mask.to(self.backend.device)
+            nowhere = torch.zeros_like(ids, dtype=torch.bool)  # injects nothing: a plain forward pass
+            nothing = Injection(0, nowhere, torch.zeros(len(rows), self.backend.d_model, device=ids.device))
+            _, logits = self.backend.probe(ids, mask, nothing, [0])  # (the block-0 residual it also reads is unused)
+            logprobs = torch.log_softmax(logits.float(), dim=-1)
+            out.append((logprobs[:, self.yes] - logprobs[:, self.no]).cpu())
+        return torch.cat(out) if out else torch.zeros(0)
+
+
+def _first_token(tokenizer: Any, text: str) -> int:
+    """The answer's first token: the judge's choice between the answers is made there."""
+    return int(tokenizer(text, add_special_tokens=False)["input_ids"][0])
+
+
+def detection_contexts(
+    examples: ActivationExamples, feature: int, per_side: int = PER_SIDE
+) -> tuple[list[str], list[str]]:
+    """(firing, non-firing) context texts of `feature`: half the strongest and half sampled across its range
+    (the score split's `sampled`; the strongest only where there are none), and `per_side` never-firing ones."""
+    e = examples[feature]
+    strongest, sampled = [c.text for c in e.top], [c.text for c in e.sampled]
+    half = per_side // 2 if sampled else per_side
+    firing = list(dict.fromkeys(strongest[:half] + sampled[: per_side - half]))
+    return firing, [c.text for c in e.random[:per_side]]
+
+
+def detection_scores(
+    judge: DetectionJudge, examples: ActivationExamples, pairs: set[tuple[int, str]], per_side: int = PER_SIDE
+) -> dict[tuple[int, str], tuple[Score, Score]]:
+    """(balanced accuracy, AUROC) for every (feature, label) pair."""
+    out = {}
+    for f, label in sorted(pairs):
+        firing, quiet = detection_contexts(examples, f, per_side)
+        if not label.strip():
+            out[(f, label)] = (Score(None, "empty explanation"),) * 2
+        elif not firing or not quiet:
+            out[(f, label)] = (Score(None, "no activation examples (needs firing and non-firing contexts)"),) * 2
+        else:
+            margins = judge.margins(label, firing + quiet)
+            out[(f, label)] = detection(margins[: len(firing)], margins[len(firing) :])
+    return out
