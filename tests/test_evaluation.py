@@ -444,3 +444,12 @@ def test_autointerp_reads_the_marked_explain_split_and_labels_every_feature(setu
     assert [r.labeller for r in report.results if r.labeller.startswith("auto-interp (")] == [
         f"auto-interp ({backend.model_id})"
     ]
+
+
+def test_a_difference_inside_the_intervals_is_a_tie():
+    from sae_selfexplain_plugin.adapters.apps.evaluation import versus
+
+    assert versus([0.56, 0.60], [0.62, 0.65]) == "below"
+    assert versus([0.66, 0.70], [0.62, 0.65]) == "above"
+    assert versus([0.60, 0.63], [0.62, 0.65]) == "tie"
+    assert versus(None, [0.62, 0.65]) == "-"

@@ -354,6 +354,15 @@ def summarise(name: str, per_feature: dict[int, dict[str, Any]]) -> LabellerResu
     )  # fmt: skip
 
 
+def versus(interval: Sequence[float] | None, reference: Sequence[float] | None) -> str:
+    """ "above", "below", or "tie" (the two 95% intervals overlap): how a mean compares with a reference's."""
+    if not interval or not reference:
+        return "-"
+    if interval[0] > reference[1]:
+        return "above"
+    return "below" if interval[1] < reference[0] else "tie"
+
+
 def bootstrap_interval(values: Sequence[float], n: int = 2000, seed: int = 0) -> tuple[float, float]:
     """The bootstrap 95% interval of the mean of `values` (percentiles of `n` resampled means, fixed seed)."""
     x = torch.tensor(list(values), dtype=torch.float64)

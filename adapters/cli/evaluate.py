@@ -48,7 +48,7 @@ from .inputs import (
 
 def cmd_eval(args: argparse.Namespace) -> int:
 
-    from ..apps.evaluation import Embedder, evaluate
+    from ..apps.evaluation import Embedder, evaluate, versus
     from ..backends import load_model
     from ..sae_lens import with_adapter
 
@@ -94,13 +94,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     columns += [("detection", f"detection AUROC ({args.judge})"), ("detection_accuracy", "detection accuracy")] if (
         judge
     ) else []  # fmt: skip
-    for column in ("labeller", *(c for _, c in columns), "scored", "flagged"):
+    reference = next((r for r in report.results if r.labeller == "top-tokens baseline"), None)
+    key = "detection" if judge else "embedding"
+    for column in ("labeller", *(c for _, c in columns), f"{key} vs baseline", "scored", "flagged"):
         table.add_column(column, justify="left" if column == "labeller" else "right")
     for r in report.results:
         means = {"activation_check": r.activation_check, "embedding": r.embedding_score, "detection": r.detection}
         means["detection_accuracy"] = r.detection_accuracy
         fmt = [_with_interval(means[k], r.intervals.get(k)) for k, _ in columns]
-        table.add_row(r.labeller, *fmt, str(r.scored), str(r.flagged))
+        against = versus(r.intervals.get(key), reference.intervals.get(key)) if reference and r is not reference else ""
+        table.add_row(r.labeller, *fmt, against, str(r.scored), str(r.flagged))
     view = Console(width=max(Console().width, 100))
     view.print(table)
     view.print(
