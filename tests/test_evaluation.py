@@ -453,3 +453,37 @@ def test_a_difference_inside_the_intervals_is_a_tie():
     assert versus([0.66, 0.70], [0.62, 0.65]) == "above"
     assert versus([0.60, 0.63], [0.62, 0.65]) == "tie"
     assert versus(None, [0.62, 0.65]) == "-"
+
+
+def test_the_generation_check_ranks_a_right_label_first_and_a_shuffled_one_no_better_than_chance(monkeypatch):
+    """Synthetic: the model writes the label back, and feature f fires only on the text "word f"."""
+    from sae_selfexplain_plugin.adapters.apps import evaluation as ev
+
+    n = 5
+    monkeypatch.setattr(ev, "written_texts", lambda backend, labels: list(labels))
+
+    def fires(sae, backend, texts, features):
+        return torch.tensor([[float(t == f"word {f}") for f in features] for t in texts])
+
+    monkeypatch.setattr(ev, "feature_activations", fires)
+    features = list(range(n))
+    labels = {
+        "right": [(f"word {f}", False) for f in features],
+        "shuffled": [(f"word {(f + 1) % n}", False) for f in features],
+        "fixed@1": [("ignored", False)] * n,
+    }
+    scored = {name: {f: {} for f in features} for name in labels}
+    ev._add_generation_check(None, None, features, labels, scored)
+    assert all(scored["right"][f]["generation_check"]["value"] == 1.0 for f in features)
+    assert all(scored["shuffled"][f]["generation_check"]["value"] < 0.5 for f in features)
+    assert "generation_check" not in scored["fixed@1"][0]  # the single fixed scales are not checked
+
+
+def test_eval_runs_the_generation_check_on_the_real_tiny_model(setup):
+    sae, backend, examples = setup
+    features = examples.live_features()[:3]
+    report = evaluate(sae, backend, examples, features, CFG.replace(scales=(1.0,)), vocabulary=False,
+                      generation_check=True)  # fmt: skip
+    knee = next(r for r in report.results if r.labeller == "knee")
+    assert knee.generation_check is None or 0 <= knee.generation_check <= 1
+    assert all("generation_check" in knee.per_feature[f] for f in features)

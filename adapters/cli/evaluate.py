@@ -88,9 +88,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
             progress=lambda n: progress.advance(task, n), vocabulary=not args.no_vocabulary,
             vocabulary_progress=None if args.no_vocabulary else _probe_task(progress, backend.tokenizer),
             score_examples=score_examples, judge=judge, autointerp_model=explainer,
+            generation_check=args.generation_check,
         )  # fmt: skip
     table = Table(title=f"{len(features)} features of {report.sae} on {report.model_id} ({report.seconds:.0f}s)")
     columns = [("activation_check", "activation check"), ("embedding", "embedding AUROC")]
+    columns += [("generation_check", "generation check")] if args.generation_check else []
     columns += [("detection", f"detection AUROC ({args.judge})"), ("detection_accuracy", "detection accuracy")] if (
         judge
     ) else []  # fmt: skip
@@ -100,7 +102,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         table.add_column(column, justify="left" if column == "labeller" else "right")
     for r in report.results:
         means = {"activation_check": r.activation_check, "embedding": r.embedding_score, "detection": r.detection}
-        means["detection_accuracy"] = r.detection_accuracy
+        means["detection_accuracy"], means["generation_check"] = r.detection_accuracy, r.generation_check
         fmt = [_with_interval(means[k], r.intervals.get(k)) for k, _ in columns]
         against = versus(r.intervals.get(key), reference.intervals.get(key)) if reference and r is not reference else ""
         table.add_row(r.labeller, *fmt, against, str(r.scored), str(r.flagged))
@@ -291,6 +293,11 @@ def add_parsers(sub: Any) -> None:
         help="skip the vocabulary probe and direction lens labellers (one pass over the vocabulary for both)",
     )
     ev.add_argument("--out", help="write the full report (per feature) to this JSON file")
+    ev.add_argument(
+        "--generation-check",
+        action="store_true",
+        help="also score each label by the text the model writes from it (one generation per label)",
+    )
     ev.add_argument(
         "--explainer",
         help="also label each feature by auto-interp: this model (embedded name or folder) reads the feature's "
