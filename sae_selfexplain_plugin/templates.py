@@ -216,3 +216,18 @@ def render(template: PromptTemplate | str, tokenizer: Any) -> RenderedPrompt:
         placeholder_positions=tuple(positions),
         stop_strings=template.stop_strings,
     )
+
+
+def question_ids(tokenizer: Any, question: str, base_suffix: str = "") -> list[int]:
+    """Token ids asking `question`, for an answer to follow: a user turn and the opened assistant turn where
+    the tokenizer has a chat template, else BOS + `question` + `base_suffix` (e.g. "\\nAnswer:")."""
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
+        )
+        if not isinstance(text, str):
+            raise TemplateError("apply_chat_template(tokenize=False) did not return text; update transformers.")
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    bos = getattr(tokenizer, "bos_token_id", None)
+    body = tokenizer(question + base_suffix, add_special_tokens=False)["input_ids"]
+    return ([bos] if bos is not None else []) + list(body)

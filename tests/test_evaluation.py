@@ -487,3 +487,29 @@ def test_eval_runs_the_generation_check_on_the_real_tiny_model(setup):
     knee = next(r for r in report.results if r.labeller == "knee")
     assert knee.generation_check is None or 0 <= knee.generation_check <= 1
     assert all("generation_check" in knee.per_feature[f] for f in features)
+
+
+def test_judge_explainer_and_writer_prompt_a_chat_model(chat_backend):
+    """With a chat template: a user turn and the opened assistant turn, tokenized as ids (not text)."""
+    from sae_selfexplain_plugin.adapters.apps.autointerp import autointerp_labels
+    from sae_selfexplain_plugin.adapters.apps.detection import DetectionJudge
+    from sae_selfexplain_plugin.adapters.apps.generation_check import written_texts
+
+    from sae_selfexplain_plugin.activation_examples import Context, FeatureExamples
+    from sae_selfexplain_plugin.templates import question_ids
+
+    tok = chat_backend.tokenizer
+    ids = question_ids(tok, "Is it blue?")
+    assert all(isinstance(i, int) for i in ids)
+    assert tok.decode(ids) == tok.apply_chat_template(
+        [{"role": "user", "content": "Is it blue?"}], tokenize=False, add_generation_prompt=True
+    )
+    judge = DetectionJudge(chat_backend)
+    assert judge.margins("colours", ["the sky is blue", "tax law"]).shape == (2,)
+    assert len(written_texts(chat_backend, ["colours", ""])) == 2
+
+    class One:
+        def __getitem__(self, f):
+            return FeatureExamples(f, 0.1, [Context([" the", " blue", " sky"], [0.0, 2.0, 0.5])], [])
+
+    assert len(autointerp_labels(chat_backend, One(), [0])) == 1

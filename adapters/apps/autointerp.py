@@ -15,6 +15,7 @@ import torch
 
 from sae_selfexplain_plugin.activation_examples import ActivationExamples, Context
 from sae_selfexplain_plugin.backend import Backend, GenerationRequest, Injection, left_pad
+from sae_selfexplain_plugin.templates import question_ids
 
 INSTRUCTION = (
     "Here are short texts on which one feature of a language model is active; the token where it is most "
@@ -37,14 +38,8 @@ def marked(context: Context) -> str:
 
 def explainer_prompt(backend: Backend, contexts: Sequence[Context]) -> list[int]:
     """The explainer's prompt ids for one feature's contexts (chat template where the tokenizer has one)."""
-    tok = backend.tokenizer
     listed = "\n".join(f"{n}. {marked(c)}" for n, c in enumerate(contexts, 1))
-    question = INSTRUCTION.format(contexts=listed)
-    if getattr(tok, "chat_template", None) is not None:
-        ids = tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True)
-        return list(ids["input_ids"] if isinstance(ids, dict) else ids)
-    bos = [tok.bos_token_id] if getattr(tok, "bos_token_id", None) is not None else []
-    return bos + list(tok(question + BASE_SUFFIX, add_special_tokens=False)["input_ids"])
+    return question_ids(backend.tokenizer, INSTRUCTION.format(contexts=listed), BASE_SUFFIX)
 
 
 def autointerp_labels(

@@ -19,6 +19,7 @@ from sae_selfexplain_plugin.activation_examples import ActivationExamples
 from sae_selfexplain_plugin.backend import Backend, Injection, ProbeModel, left_pad
 from sae_selfexplain_plugin.errors import InputError
 from sae_selfexplain_plugin.scoring import Score, detection
+from sae_selfexplain_plugin.templates import question_ids
 
 QUESTION = (
     'A feature of a language model is described as: "{label}".\n'
@@ -52,14 +53,7 @@ class DetectionJudge:
 
     def prompt_ids(self, label: str, context: str) -> list[int]:
         question = QUESTION.format(label=label.strip(), context=context.strip())
-        tok = self.backend.tokenizer
-        if self.chat:
-            ids = tok.apply_chat_template(
-                [{"role": "user", "content": question}], add_generation_prompt=True, tokenize=True
-            )
-            return list(ids["input_ids"] if isinstance(ids, dict) else ids)
-        bos = [tok.bos_token_id] if getattr(tok, "bos_token_id", None) is not None else []
-        return bos + list(tok(question + BASE_SUFFIX, add_special_tokens=False)["input_ids"])
+        return question_ids(self.backend.tokenizer, question, BASE_SUFFIX)
 
     @torch.no_grad()
     def margins(self, label: str, contexts: Sequence[str]) -> torch.Tensor:

@@ -14,22 +14,22 @@ from collections.abc import Sequence
 import torch
 
 from sae_selfexplain_plugin.backend import Backend, GenerationRequest, Injection, left_pad
+from sae_selfexplain_plugin.templates import question_ids
 
 PROMPT = "Write one short sentence about: {label}"
-BASE_PROMPT = "Here is one short sentence about {label}:"
 MAX_NEW_TOKENS = 24
 
 
 def written_texts(backend: Backend, labels: Sequence[str], batch_size: int = 16) -> list[str]:
-    """The text the model writes from each label ("" for an empty label); greedy, so reruns agree."""
+    """The text the model writes from each label ("" for an empty label); greedy, so reruns agree. A base model
+    continues the request itself."""
     tok = backend.tokenizer
-    chat = getattr(tok, "chat_template", None) is not None
     pad = getattr(tok, "pad_token_id", None) or 0
     todo = [i for i, label in enumerate(labels) if label.strip()]
     out = [""] * len(labels)
     for start in range(0, len(todo), batch_size):
         rows = todo[start : start + batch_size]
-        prompts = [_prompt(tok, chat, labels[i].strip()) for i in rows]
+        prompts = [question_ids(tok, PROMPT.format(label=labels[i].strip())) for i in rows]
         ids, mask = left_pad(prompts, pad)
         ids, mask = ids.to(backend.device), mask.to(backend.device)
         nothing = Injection(0, torch.zeros_like(ids, dtype=torch.bool), torch.zeros(len(rows), backend.d_model))
@@ -37,14 +37,3 @@ def written_texts(backend: Backend, labels: Sequence[str], batch_size: int = 16)
         for i, text in zip(rows, result.texts):
             out[i] = text.strip()
     return out
-
-
-def _prompt(tok: object, chat: bool, label: str) -> list[int]:
-    if chat:
-        ids = tok.apply_chat_template(  # type: ignore[attr-defined]
-            [{"role": "user", "content": PROMPT.format(label=label)}], add_generation_prompt=True
-        )
-        return list(ids["input_ids"] if isinstance(ids, dict) else ids)
-    bos = getattr(tok, "bos_token_id", None)
-    body = tok(BASE_PROMPT.format(label=label), add_special_tokens=False)["input_ids"]  # type: ignore[operator]
-    return ([bos] if bos is not None else []) + list(body)
