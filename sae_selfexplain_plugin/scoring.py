@@ -11,6 +11,7 @@ A score that cannot be computed is None with its reason, never an exception mid-
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -68,3 +69,23 @@ def detection(firing: torch.Tensor, quiet: torch.Tensor) -> tuple[Score, Score]:
         return Score(None, reason), Score(None, reason)
     accuracy = (float((firing > 0).float().mean()) + float((quiet <= 0).float().mean())) / 2
     return Score(accuracy), Score(auroc(firing, quiet))
+
+
+def versus(interval: Sequence[float] | None, reference: Sequence[float] | None) -> str:
+    """ "above", "below", or "tie" (the two 95% intervals overlap): how a mean compares with a reference's."""
+    if not interval or not reference:
+        return "-"
+    if interval[0] > reference[1]:
+        return "above"
+    return "below" if interval[1] < reference[0] else "tie"
+
+
+def bootstrap_interval(values: Sequence[float], n: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """The bootstrap 95% interval of the mean of `values` (percentiles of `n` resampled means, fixed seed)."""
+    x = torch.tensor(list(values), dtype=torch.float64)
+    if len(x) < 2:
+        return (round(float(x.mean()), 4),) * 2 if len(x) else (float("nan"), float("nan"))
+    g = torch.Generator().manual_seed(seed)
+    means = x[torch.randint(len(x), (n, len(x)), generator=g)].mean(1)
+    low, high = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return round(low, 4), round(high, 4)

@@ -9,7 +9,7 @@ import re
 import pytest
 import torch
 from conftest import load_script
-from sae_selfexplain_plugin.adapters.apps.evaluation import token_latents
+from sae_selfexplain_plugin.adapters.apps.sae_latent import token_latents
 from sae_selfexplain_plugin.adapters.apps.train_direction_adapter import (
     LATENT_LABEL_TOKENS,
     latent_directions,

@@ -286,7 +286,7 @@ def test_adapter_labels_are_scored_even_when_flagged(setup):
 
 
 def test_bootstrap_interval_narrows_with_more_features():
-    from sae_selfexplain_plugin.adapters.apps.evaluation import bootstrap_interval
+    from sae_selfexplain_plugin.scoring import bootstrap_interval
 
     g = torch.Generator().manual_seed(0)
     few, many = torch.rand(16, generator=g).tolist(), torch.rand(1024, generator=g).tolist()
@@ -447,7 +447,7 @@ def test_autointerp_reads_the_marked_explain_split_and_labels_every_feature(setu
 
 
 def test_a_difference_inside_the_intervals_is_a_tie():
-    from sae_selfexplain_plugin.adapters.apps.evaluation import versus
+    from sae_selfexplain_plugin.scoring import versus
 
     assert versus([0.56, 0.60], [0.62, 0.65]) == "below"
     assert versus([0.66, 0.70], [0.62, 0.65]) == "above"

@@ -99,7 +99,7 @@ def test_the_shipped_adapter_fits_the_demo_sae_and_is_chosen_automatically(smol)
 
 
 def test_the_shipped_adapter_names_held_out_token_latents_more_often(smol):
-    from sae_selfexplain_plugin.adapters.apps.evaluation import latent_recovery, token_latents
+    from sae_selfexplain_plugin.adapters.apps.sae_latent import latent_recovery, token_latents
 
     from sae_selfexplain_plugin.direction_adapter import HELD_OUT_LATENTS, SHIPPED_DIR
 

@@ -33,9 +33,9 @@ from sae_selfexplain_plugin.config import POLICIES
 from sae_selfexplain_plugin.errors import InputError
 from sae_selfexplain_plugin.policies import ranked_scales
 from sae_selfexplain_plugin.results import FeatureExplanations
-from sae_selfexplain_plugin.scoring import Score, activation_check, embedding_score
+from sae_selfexplain_plugin.scoring import Score, activation_check, bootstrap_interval, embedding_score
 from sae_selfexplain_plugin.vocabulary import probe_label
-from sae_selfexplain_plugin.word_recovery import Embed, RecoveryRow, load_words, recovery_row
+from sae_selfexplain_plugin.word_recovery import load_words
 
 from ..sae_lens import (
     check_compatible,
@@ -44,7 +44,6 @@ from ..sae_lens import (
     probe_and_lens_labels,
     readable_input_layer,
     sae_input_ids,
-    sae_layer,
 )
 from .autointerp import autointerp_labels
 from .detection import DetectionJudge, detection_scores
@@ -379,54 +378,3 @@ def summarise(name: str, per_feature: dict[int, dict[str, Any]]) -> LabellerResu
         name, mean("activation_check"), mean("embedding"), both, flagged, per_feature, intervals,
         mean("detection"), mean("detection_accuracy"), mean("generation_check"),
     )  # fmt: skip
-
-
-def versus(interval: Sequence[float] | None, reference: Sequence[float] | None) -> str:
-    """ "above", "below", or "tie" (the two 95% intervals overlap): how a mean compares with a reference's."""
-    if not interval or not reference:
-        return "-"
-    if interval[0] > reference[1]:
-        return "above"
-    return "below" if interval[1] < reference[0] else "tie"
-
-
-def bootstrap_interval(values: Sequence[float], n: int = 2000, seed: int = 0) -> tuple[float, float]:
-    """The bootstrap 95% interval of the mean of `values` (percentiles of `n` resampled means, fixed seed)."""
-    x = torch.tensor(list(values), dtype=torch.float64)
-    if len(x) < 2:
-        return (round(float(x.mean()), 4),) * 2 if len(x) else (float("nan"), float("nan"))
-    g = torch.Generator().manual_seed(seed)
-    means = x[torch.randint(len(x), (n, len(x)), generator=g)].mean(1)
-    low, high = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
-    return round(low, 4), round(high, 4)
-
-
-def token_latents(examples: ActivationExamples, latents: Sequence[int], min_peaks: int = 8) -> list[tuple[int, str]]:
-    """(latent, word) for the latents whose top contexts peak on one alphabetic word of >= 3 letters at least
-    `min_peaks` times: token features, whose right explanation is that word."""
-    out = []
-    for f in latents:
-        token = examples[f].dominant_token(min_peaks)
-        if token is not None and token.isalpha() and len(token) >= 3:
-            out.append((f, token))
-    return out
-
-
-def latent_recovery(
-    sae: SAE[Any],
-    backend: Backend,
-    latents: Sequence[tuple[int, str]],
-    config: SelfExplainConfig,
-    progress: Callable[[int], None] | None = None,
-    embed: Embed | None = None,
-) -> RecoveryRow:
-    """The `sae-latent` benchmark: explain each token latent's decoder row; is its word named (literally, and
-    with `embed` semantically, among the latents' words)?"""
-    check_compatible(sae, backend)
-    features, names = [f for f, _ in latents], [w for _, w in latents]
-    if not features:
-        raise InputError("no token-feature latents to test; lower min_peaks or pass other latents.")
-    explainer = SelfExplainer(backend, config)
-    records = explainer.explain(decoder_rows(sae, features), features, progress=progress)
-    keys = [f"{f}:{w}" for f, w in latents]
-    return recovery_row(explainer, records, names, "sae-latent", sae_layer(sae), "sae-latent", keys, embed)

@@ -40,7 +40,7 @@ from sae_selfexplain_plugin.errors import InputError
 from sae_selfexplain_plugin.word_recovery import CARRIER, load_words, single_token_words, word_vectors
 
 from ..sae_lens import check_compatible, decoder_rows, sae_identity, sae_layer
-from .evaluation import token_latents
+from .sae_latent import token_latents
 
 LATENT_MIN_PEAKS = 5  # a "word" training latent: >= 5 of its 10 top contexts peak on one word
 LATENT_LABEL_TOKENS = 5  # a "tokens" label names up to 5 peak tokens (as many as the top-tokens baseline)

@@ -48,7 +48,9 @@ from .inputs import (
 
 def cmd_eval(args: argparse.Namespace) -> int:
 
-    from ..apps.evaluation import Embedder, evaluate, versus
+    from sae_selfexplain_plugin.scoring import versus
+
+    from ..apps.evaluation import Embedder, evaluate
     from ..backends import load_model
     from ..sae_lens import with_adapter
 
@@ -150,7 +152,7 @@ def _score_split(args: argparse.Namespace, sae: Any) -> Any:
 
 def cmd_sae_latent(args: argparse.Namespace) -> int:
 
-    from ..apps.evaluation import latent_recovery, token_latents
+    from ..apps.sae_latent import latent_recovery, token_latents
     from ..backends import load_model
 
     if args.json:
