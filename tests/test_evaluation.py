@@ -350,6 +350,10 @@ def test_eval_cli_writes_a_table_and_json(tiny_sae: Path, tmp_path: Path, capsys
 
     data = json.loads(out.read_text())
     assert len(data["features"]) == 4 and data["results"][0]["embedding_score"] is None
+    png, page = out.with_suffix(".png").read_bytes(), out.with_suffix(".html").read_text()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 2000  # a real image
+    assert "random words (floor)" in page and "data:image/png;base64," in page
+    assert "activation check" in page and "vs baseline" in page
     assert main(["eval", *args, "--no-vocabulary"]) == 0
     labellers = {r["labeller"] for r in json.loads(out.read_text())["results"]}
     assert "vocabulary probe" not in labellers and "direction lens" not in labellers

@@ -56,7 +56,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     config = config_from_args(args)
     if args.out:
-        check_writable(args.out, "--out", command_inputs(args))
+        for path, what in ((args.out, "--out"), (Path(args.out).with_suffix(".png"), "--out's plot"),
+                           (Path(args.out).with_suffix(".html"), "--out's report")):  # fmt: skip
+            check_writable(path, what, command_inputs(args))
     sae, examples = _sae_and_examples(args)
     score_examples = _score_split(args, sae)
     live = examples.live_features()
@@ -123,9 +125,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
             markup=False,
         )
     if args.out:
+        from ..apps.eval_report import write_html, write_plot
+
         with atomic_writer(args.out) as f:
             json.dump(report.to_dict(), f, indent=1, allow_nan=False)
-        view.print(f"wrote {args.out}", markup=False)
+        plot, page = Path(args.out).with_suffix(".png"), Path(args.out).with_suffix(".html")
+        write_plot(report, plot)
+        write_html(report, page, plot)
+        view.print(f"wrote {args.out}, the score distributions {plot} and the report {page}", markup=False)
     return 0
 
 
@@ -294,7 +301,9 @@ def add_parsers(sub: Any) -> None:
         action="store_true",
         help="skip the vocabulary probe and direction lens labellers (one pass over the vocabulary for both)",
     )
-    ev.add_argument("--out", help="write the full report (per feature) to this JSON file")
+    ev.add_argument(
+        "--out", help="write the full report (per feature) to this JSON file, a PNG plot and an HTML page beside it"
+    )
     ev.add_argument(
         "--generation-check",
         action="store_true",
