@@ -159,6 +159,29 @@ def left_pad(sequences: list[list[int]] | list[tuple[int, ...]], pad_id: int) ->
     return ids, mask
 
 
+def plain_prompts(backend: Backend, prompts: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor, Injection]:
+    """Prompts as a left-padded batch on the backend's device, with an injection that writes nothing: for a
+    model that only reads (a judge, an explainer, a writer) through the same backend methods."""
+    pad = getattr(backend.tokenizer, "pad_token_id", None) or 0
+    ids, mask = left_pad([list(p) for p in prompts], pad)
+    ids, mask = ids.to(backend.device), mask.to(backend.device)
+    nowhere = torch.zeros_like(ids, dtype=torch.bool)
+    nothing = Injection(0, nowhere, torch.zeros(len(ids), backend.d_model, device=ids.device))
+    return ids, mask, nothing
+
+
+def generate_texts(
+    backend: Backend, prompts: Sequence[Sequence[int]], max_new_tokens: int, batch_size: int = 16
+) -> list[str]:
+    """Greedy continuations of plain prompts (no injection), cut at the first line break, stripped."""
+    out: list[str] = []
+    for start in range(0, len(prompts), batch_size):
+        ids, mask, nothing = plain_prompts(backend, prompts[start : start + batch_size])
+        result = backend.generate(GenerationRequest(ids, mask, nothing, max_new_tokens, stop_strings=("\n",)))
+        out += [text.strip() for text in result.texts]
+    return out
+
+
 def shared_prefix_length(input_ids: torch.Tensor, attention_mask: torch.Tensor, injection: Injection) -> int:
     """How many leading tokens all rows share: the same ids, no padding, nothing injected.
 

@@ -161,8 +161,8 @@ NP_FLAGS = ["--author-id", "u1", "--model-layers", "4"]
 UPLOAD_NOWHERE = ["--host", "http://127.0.0.1:9", "--allow-http", "--source", "2-test", "--ledger", "{c}/out/l.db"]
 
 
-def export_neuronpedia(*extra: str, results: str = "{a}/results.jsonl") -> list[str]:
-    return ["export", "--results", results, "--format", "neuronpedia", "--out", "{c}/out", *NP_FLAGS, *extra]
+def export_neuronpedia(*extra: str, results: str = "{a}/results.jsonl", out: str = "{c}/out") -> list[str]:
+    return ["export", "--results", results, "--format", "neuronpedia", "--out", out, *NP_FLAGS, *extra]
 
 
 CASES = [
@@ -635,33 +635,13 @@ CASES = [
     ),
     Case(
         "export-neuronpedia-writes-over-its-own-results",
-        [
-            "export",
-            "--results",
-            "{c}/np/v1/config/eval_type.jsonl",
-            "--format",
-            "neuronpedia",
-            "--out",
-            "{c}/np",
-            *NP_FLAGS,
-        ],
+        export_neuronpedia(results="{c}/np/v1/config/eval_type.jsonl", out="{c}/np"),
         r"--out .*eval_type\.jsonl is the same file as --results",
         setup=lambda c, a: _results_at(c / "np/v1/config/eval_type.jsonl", a),
     ),
     Case(
         "export-neuronpedia-writes-over-its-examples",
-        [
-            "export",
-            "--results",
-            "{a}/results.jsonl",
-            "--format",
-            "neuronpedia",
-            "--out",
-            "{c}/np",
-            *NP_FLAGS,
-            "--examples",
-            "{c}/np/v1/config/eval_type.jsonl",
-        ],
+        export_neuronpedia("--examples", "{c}/np/v1/config/eval_type.jsonl", out="{c}/np"),
         r"--out .*eval_type\.jsonl is the same file as --examples",
         setup=lambda c, a: _tiny_examples(a, c / "np/v1/config/eval_type.jsonl"),
     ),
@@ -715,7 +695,7 @@ CASES = [
     ),
     Case(
         "export-beside-an-earlier-exports-files",
-        ["export", "--results", "{a}/results.jsonl", "--format", "neuronpedia", "--out", "{c}/np", *NP_FLAGS],
+        export_neuronpedia(out="{c}/np"),
         r"holds 1 files of an earlier export that this one would not replace \(activations/batch-7\.jsonl\.gz\)",
         setup=lambda c, a: (
             Path(c / "np/v1/tiny-gemma3/2-test/activations").mkdir(parents=True),

@@ -11,10 +11,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-import torch
-
 from sae_selfexplain_plugin.activation_examples import ActivationExamples, Context
-from sae_selfexplain_plugin.backend import Backend, GenerationRequest, Injection, left_pad
+from sae_selfexplain_plugin.backend import Backend, generate_texts
 from sae_selfexplain_plugin.templates import question_ids
 
 INSTRUCTION = (
@@ -53,16 +51,11 @@ def autointerp_labels(
     """One description per feature from its top explain-split contexts ("" for a feature with none)."""
     labels = {f: "" for f in features}
     todo = [f for f in features if examples[f].top]
-    pad = getattr(backend.tokenizer, "pad_token_id", None) or 0
     for start in range(0, len(todo), batch_size):
         chunk = todo[start : start + batch_size]
-        ids, mask = left_pad([explainer_prompt(backend, examples[f].top[:N_CONTEXTS]) for f in chunk], pad)
-        ids, mask = ids.to(backend.device), mask.to(backend.device)
-        nowhere = torch.zeros_like(ids, dtype=torch.bool)  # no injection: the explainer just reads
-        nothing = Injection(0, nowhere, torch.zeros(len(chunk), backend.d_model, device=ids.device))
-        result = backend.generate(GenerationRequest(ids, mask, nothing, MAX_NEW_TOKENS, stop_strings=("\n",)))
-        for f, text in zip(chunk, result.texts):
-            labels[f] = text.strip().strip('"').strip()
+        prompts = [explainer_prompt(backend, examples[f].top[:N_CONTEXTS]) for f in chunk]
+        for f, text in zip(chunk, generate_texts(backend, prompts, MAX_NEW_TOKENS, batch_size)):
+            labels[f] = text.strip('"').strip()
         if progress is not None:
             progress(len(chunk))
     return [labels[f] for f in features]

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from sae_selfexplain_plugin.activation_examples import ActivationExamples
-from sae_selfexplain_plugin.backend import Backend, Injection, ProbeModel, left_pad
+from sae_selfexplain_plugin.backend import Backend, ProbeModel, plain_prompts
 from sae_selfexplain_plugin.errors import InputError
 from sae_selfexplain_plugin.scoring import Score, detection
 from sae_selfexplain_plugin.templates import question_ids
@@ -60,13 +60,9 @@ class DetectionJudge:
         """log P(Yes) - log P(No) at the answer, one per context."""
         assert isinstance(self.backend, ProbeModel)
         out = []
-        pad = getattr(self.backend.tokenizer, "pad_token_id", None) or 0
         for start in range(0, len(contexts), self.batch_size):
             rows = [self.prompt_ids(label, c) for c in contexts[start : start + self.batch_size]]
-            ids, mask = left_pad(rows, pad)
-            ids, mask = ids.to(self.backend.device), mask.to(self.backend.device)
-            nowhere = torch.zeros_like(ids, dtype=torch.bool)  # injects nothing: a plain forward pass
-            nothing = Injection(0, nowhere, torch.zeros(len(rows), self.backend.d_model, device=ids.device))
+            ids, mask, nothing = plain_prompts(self.backend, rows)
             _, logits = self.backend.probe(ids, mask, nothing, [0])  # (the block-0 residual it also reads is unused)
             logprobs = torch.log_softmax(logits.float(), dim=-1)
             out.append((logprobs[:, self.yes] - logprobs[:, self.no]).cpu())

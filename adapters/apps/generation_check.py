@@ -11,9 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
-
-from sae_selfexplain_plugin.backend import Backend, GenerationRequest, Injection, left_pad
+from sae_selfexplain_plugin.backend import Backend, generate_texts
 from sae_selfexplain_plugin.templates import question_ids
 
 PROMPT = "Write one short sentence about: {label}"
@@ -23,17 +21,9 @@ MAX_NEW_TOKENS = 24
 def written_texts(backend: Backend, labels: Sequence[str], batch_size: int = 16) -> list[str]:
     """The text the model writes from each label ("" for an empty label); greedy, so reruns agree. A base model
     continues the request itself."""
-    tok = backend.tokenizer
-    pad = getattr(tok, "pad_token_id", None) or 0
     todo = [i for i, label in enumerate(labels) if label.strip()]
+    prompts = [question_ids(backend.tokenizer, PROMPT.format(label=labels[i].strip())) for i in todo]
     out = [""] * len(labels)
-    for start in range(0, len(todo), batch_size):
-        rows = todo[start : start + batch_size]
-        prompts = [question_ids(tok, PROMPT.format(label=labels[i].strip())) for i in rows]
-        ids, mask = left_pad(prompts, pad)
-        ids, mask = ids.to(backend.device), mask.to(backend.device)
-        nothing = Injection(0, torch.zeros_like(ids, dtype=torch.bool), torch.zeros(len(rows), backend.d_model))
-        result = backend.generate(GenerationRequest(ids, mask, nothing, MAX_NEW_TOKENS, stop_strings=("\n",)))
-        for i, text in zip(rows, result.texts):
-            out[i] = text.strip()
+    for i, text in zip(todo, generate_texts(backend, prompts, MAX_NEW_TOKENS, batch_size)):
+        out[i] = text
     return out
