@@ -144,14 +144,12 @@ def _with_interval(value: float | None, interval: list[float] | None) -> str:
 
 def _score_split(args: argparse.Namespace, sae: Any) -> Any:
     """The score split beside the examples file (None if there is none), checked to be this SAE's."""
-    from sae_selfexplain_plugin.activation_examples import EXAMPLES_FILE, ActivationExamples, score_split_path
+    from sae_selfexplain_plugin.activation_examples import ActivationExamples, score_split_path
 
-    from ..apps.demo_sae import DEMO_SAE_DIR
     from ..sae_lens import sae_identity
-    from .inputs import _checked_examples
+    from .inputs import _checked_examples, examples_path
 
-    examples = Path(args.examples) if args.examples else Path(args.sae or DEMO_SAE_DIR) / EXAMPLES_FILE
-    path = score_split_path(examples)
+    path = score_split_path(examples_path(args))
     if not path.is_file():
         return None
     return _checked_examples(ActivationExamples.load(path), path, sae_identity(sae))

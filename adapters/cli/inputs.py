@@ -32,17 +32,23 @@ def _sae_and_examples(args: argparse.Namespace, required: bool) -> tuple[Any, Ac
 def _sae_and_examples(args: argparse.Namespace, required: bool = True) -> tuple[Any, ActivationExamples | None]:
     """--sae (default: the demo SAE) and its activation examples (--examples, default: in its folder; None
     when not `required` and there are none), refused if they were collected for another SAE."""
-    from sae_selfexplain_plugin.activation_examples import EXAMPLES_FILE
-
     from ..apps.demo_sae import DEMO_SAE_DIR
     from ..sae_lens import load_sae, sae_identity
 
-    folder = Path(args.sae) if args.sae else DEMO_SAE_DIR
-    sae, _ = load_sae(str(folder))
-    path = Path(args.examples) if args.examples else folder / EXAMPLES_FILE
+    sae, _ = load_sae(str(Path(args.sae) if args.sae else DEMO_SAE_DIR))
+    path = examples_path(args)
     if not required and not path.is_file():
         return sae, None
     return sae, _checked_examples(ActivationExamples.load(path), path, sae_identity(sae))
+
+
+def examples_path(args: argparse.Namespace) -> Path:
+    """--examples, else the activation examples in the --sae folder (default: the demo SAE's)."""
+    from sae_selfexplain_plugin.activation_examples import EXAMPLES_FILE
+
+    from ..apps.demo_sae import DEMO_SAE_DIR
+
+    return Path(args.examples) if args.examples else Path(args.sae or DEMO_SAE_DIR) / EXAMPLES_FILE
 
 
 def _examples(
