@@ -25,11 +25,11 @@ class OutputError(SelfExplainError, OSError):
 
 
 @contextmanager
-def atomic_writer(path: str | Path, mode: str = "w") -> Iterator[IO[Any]]:
-    """Open a temporary file for writing; on success it replaces `path`, on error it is removed.
-
-    As a shell redirection would: a symlink at `path` is written through (the link stays, its target gets the
-    new content), an existing file keeps its permission bits, and a new file gets the umask's."""
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temporary path beside `path` for the caller to write (by any means: a file, an SQLite database); on
+    success it is synced and replaces `path`, on error it is removed. As a shell redirection would: a symlink
+    at `path` is written through (the link stays, its target gets the new content), an existing file keeps
+    its permission bits, and a new file gets the umask's."""
     path = Path(path)
     if path.is_symlink():
         path = Path(os.path.realpath(path))
@@ -38,14 +38,13 @@ def atomic_writer(path: str | Path, mode: str = "w") -> Iterator[IO[Any]]:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.fchmod(fd, mode_bits)  # mkstemp makes 0600
+        os.close(fd)
     except OSError as e:
         raise OutputError(f"cannot write {path} ({e}); choose a writable output path.") from e
     try:
-        f: IO[Any] = os.fdopen(fd, mode) if "b" in mode else os.fdopen(fd, mode, encoding="utf-8")
-        with f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
+        yield Path(tmp)
+        with open(tmp, "rb+") as synced:
+            os.fsync(synced.fileno())
         os.replace(tmp, path)
     except OSError as e:
         Path(tmp).unlink(missing_ok=True)
@@ -53,6 +52,17 @@ def atomic_writer(path: str | Path, mode: str = "w") -> Iterator[IO[Any]]:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+@contextmanager
+def atomic_writer(path: str | Path, mode: str = "w") -> Iterator[IO[Any]]:
+    """Open a temporary file for writing; on success it replaces `path`, on error it is removed (`atomic_path`:
+    symlinks and permission bits as a shell redirection would treat them)."""
+    with atomic_path(path) as tmp:
+        f: IO[Any] = open(tmp, mode) if "b" in mode else open(tmp, mode, encoding="utf-8")  # noqa: SIM115
+        with f:
+            yield f
+            f.flush()
 
 
 _UMASK_LOCK = threading.Lock()

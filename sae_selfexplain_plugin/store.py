@@ -8,12 +8,14 @@ that is not a results store (another SQLite database, an empty file) is refused,
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 from .errors import SelfExplainError
 from .files import parse_json
@@ -67,6 +69,13 @@ CREATE TABLE IF NOT EXISTS uploads (
 );
 """
 
+
+# Tables whose rows a merge carries, with their key order (claims are a live run's and are not carried).
+_RAW_TABLES = {
+    "explanations": "sae_id, feature, model_id, settings_hash",
+    "failed": "sae_id, feature, model_id, settings_hash",
+    "uploads": "host, np_model, np_source, feature, text_sha",
+}
 
 _EXPLANATION_COLUMNS = ["model_id", "sae_id", "feature", "settings_hash", "record", "created_at"]
 
@@ -223,6 +232,42 @@ class ResultsStore:
         for sae, record in cur:
             where = f"{self.path}: a stored record of {sae}"
             yield str(sae), checked_record(parse_json(str(record), where), where)
+
+    def shards(self) -> dict[str, Any] | None:
+        """The shards of one run this store holds (`record_shards`), or None for a store of a whole run."""
+        value = self._meta("shards")
+        return None if value is None else dict(parse_json(value, f"{self.path}: its shards"))
+
+    def record_shards(self, shards: dict[str, Any]) -> None:
+        """Mark this store as holding `shards` ({"count", "indices", "run"}: `shards.ShardOf`); refused when it
+        already holds others, so two shards given one store by mistake fail before either computes."""
+        value = json.dumps(shards, sort_keys=True)
+        with self._transaction():
+            self._db.execute("INSERT OR IGNORE INTO meta VALUES ('shards', ?)", (value,))
+            held = self._meta("shards")
+        if held != value:
+            raise StoreError(
+                f"the store {self.path} holds {held}, not {value}: give each shard its own store "
+                "(--out part-K.jsonl, or --store part-K.db)."
+            )
+
+    def raw_rows(self, table: str) -> list[tuple[Any, ...]]:
+        """Every row of one of the store's tables as stored (records as JSON text), in key order: what
+        `shards.merge_stores` copies."""
+        if table not in _RAW_TABLES:
+            raise ValueError(f"no table {table!r} in a results store")
+        present = {t for (t,) in self._db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if table not in present:
+            return []  # a store from before this table
+        return list(self._db.execute(f"SELECT * FROM {table} ORDER BY {_RAW_TABLES[table]}"))
+
+    def put_raw(self, rows: dict[str, list[tuple[Any, ...]]]) -> None:
+        """Insert rows of several tables as `raw_rows` returns them, in one transaction."""
+        with self._transaction():
+            for table, values in rows.items():
+                if values:
+                    marks = ", ".join("?" * len(values[0]))
+                    self._db.executemany(f"INSERT OR REPLACE INTO {table} VALUES ({marks})", values)
 
     def uploaded(self, host: str, np_model: str, np_source: str) -> set[tuple[int, str]]:
         """(feature, text hash) pairs already uploaded to this Neuronpedia source."""

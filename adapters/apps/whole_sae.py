@@ -13,6 +13,7 @@ from sae_lens import SAE
 from sae_selfexplain_plugin import Backend, SelfExplainConfig, SelfExplainer
 from sae_selfexplain_plugin.directions import bad_directions
 from sae_selfexplain_plugin.results import FeatureExplanations
+from sae_selfexplain_plugin.shards import Shard, shard_features, shard_marker
 from sae_selfexplain_plugin.store import ResultsStore
 
 from ..sae_lens import (
@@ -63,9 +64,7 @@ def explain_sae(
     todo = [f for f in features if f not in done]
     start = time.perf_counter()  # the probe counts in the run's time
     probed = dict(zip(todo, vocabulary_labels(sae, backend, todo, progress=on_probe))) if vocabulary and todo else {}
-    # features per committed batch: enough to fill one generate call with their rows
-    scales_generated = min(config.keep_top, len(config.scales)) if config.generate == "chosen" else len(config.scales)
-    per_batch = max(1, config.batch_size // (scales_generated * config.n_samples))
+    per_batch = features_per_batch(config)
     identity = sae_identity(sae)
     failed: dict[int, str] = {}
     owner = uuid.uuid4().hex  # this run, in the store's claims
@@ -94,6 +93,19 @@ def explain_sae(
     seconds = time.perf_counter() - start
     explained = len(todo) - len(failed) - elsewhere
     return RunSummary(len(features), len(features) - len(todo), explained, seconds, settings, failed, elsewhere)
+
+
+def features_per_batch(config: SelfExplainConfig) -> int:
+    """Features per committed batch: enough to fill one generate call with their rows."""
+    scales_generated = min(config.keep_top, len(config.scales)) if config.generate == "chosen" else len(config.scales)
+    return max(1, config.batch_size // (scales_generated * config.n_samples))
+
+
+def take_shard(store: ResultsStore, shard: Shard, features: list[int], config: SelfExplainConfig) -> list[int]:
+    """Shard `shard`'s part of `features` (shards.shard_features: whole batches of this config), after marking
+    `store` as that shard's: a store of another shard or run is refused before any work."""
+    store.record_shards(shard_marker(shard, features))
+    return shard_features(features, shard, features_per_batch(config))
 
 
 def stored_records(

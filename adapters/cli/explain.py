@@ -20,6 +20,7 @@ from sae_selfexplain_plugin.activation_examples import Context, FeatureExamples,
 from sae_selfexplain_plugin.config import WHOLE_SAE_CONFIG
 from sae_selfexplain_plugin.dashboard import write_dashboard
 from sae_selfexplain_plugin.files import check_writable
+from sae_selfexplain_plugin.shards import parse_shard
 
 from ..apps.contexts import DEFAULT_TOKENS, examples_beside
 from ..backends.embedded import DEFAULT_MODEL
@@ -133,12 +134,13 @@ def cmd_explain(args: argparse.Namespace) -> int:
     from sae_selfexplain_plugin.store import ResultsStore
 
     try:
-        from ..apps.whole_sae import explain_sae, stored_records
+        from ..apps.whole_sae import explain_sae, stored_records, take_shard
         from ..backends import load_model
         from ..sae_lens import load_sae
     except ImportError as e:
         raise SelfExplainError(f"`explain` needs SAELens ({e}): pip install 'sae-selfexplain[saelens]'.") from None
 
+    shard = parse_shard(args.shard) if args.shard else None
     store_path = Path(args.store) if args.store else Path(args.out).with_suffix(".db")
     inputs = command_inputs(args, **{"the results store": store_path})
     check_writable(args.out, "--out", inputs)
@@ -153,6 +155,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
     with _status("Loading the model...", "loaded the model"):
         backend = load_model(args.model, model_name=sae.cfg.metadata.model_name, device=args.device)
     config = _with_adapter(config, args, sae, backend)
+    if shard is not None:
+        features = take_shard(store, shard, features, config)
     try:
         with _progress() as progress:
             task = progress.add_task("explaining features", total=len(features))
@@ -254,6 +258,12 @@ def add_parsers(sub: Any) -> None:
     ex.add_argument("--out", required=True, help="results JSONL, written atomically at the end")
     ex.add_argument("--store", help="SQLite results store (default: OUT with .db); committed per batch")
     ex.add_argument("--resume", action="store_true", help="skip features already in the store")
+    ex.add_argument(
+        "--shard",
+        metavar="K/N",
+        help="only shard K of N (0-based) of the features, in its own store; `merge` combines the shards' stores "
+        "(docs/pipeline.md: past one machine)",
+    )
     ex.add_argument(
         "--retry-failed", action="store_true", help="with --resume: try again the features a run had to skip"
     )

@@ -1,4 +1,4 @@
-"""`dashboard`, `validate`, `export` and `upload`: what is done with results once they exist."""
+"""`dashboard`, `validate`, `merge`, `export` and `upload`: what is done with results once they exist."""
 
 from __future__ import annotations
 
@@ -59,6 +59,36 @@ def cmd_validate(args: argparse.Namespace) -> int:
         view.print(f"{len(problems)} violations in {documents} documents of {args.file}", markup=False)
         return 1
     view.print(f"{args.file}: {documents} documents, all valid", markup=False)
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from sae_selfexplain_plugin.shards import merge_stores
+
+    check_writable(args.out, "--out", {f"the input store {p}": p for p in args.stores})
+    report = merge_stores(args.stores, args.out)
+    view = Console(soft_wrap=True)
+    view.print(
+        f"{report.records} records and {report.failed} failed features from {len(args.stores)} stores: {args.out}",
+        markup=False,
+    )
+    if report.shards is not None:
+        held = ", ".join(map(str, report.shards["indices"]))
+        view.print(f"shards {held} of {report.shards['count']} (run {report.shards['run']})", markup=False)
+    if report.missing:
+        view.print(
+            f"missing shards: {', '.join(map(str, report.missing))} of {report.shards and report.shards['count']}; "
+            "run them (explain --shard K/N) and merge again.",
+            markup=False,
+        )
+    if report.differing:
+        shown = ", ".join(map(str, report.differing[:10]))
+        view.print(
+            f"{len(report.differing)} features were stored differently by two inputs ({shown}); the input named "
+            "first was kept. Same settings give the same records: a difference means another machine, library "
+            "or thread count.",
+            markup=False,
+        )
     return 0
 
 
@@ -213,6 +243,13 @@ def add_parsers(sub: Any) -> None:
     va.add_argument("file")
     va.add_argument("--schema", choices=SCHEMA_NAMES, help="default: detected from each document's keys")
     va.set_defaults(func=cmd_validate)
+
+    me = sub.add_parser(
+        "merge", help="combine the results stores of one run (its shards) into one store; atomic, idempotent"
+    )
+    me.add_argument("stores", nargs="+", help="results stores (.db) of one SAE, model and settings")
+    me.add_argument("--out", required=True, help="the merged store to write (replaced atomically)")
+    me.set_defaults(func=cmd_merge)
 
     exp = sub.add_parser("export", help="export results as Neuronpedia, neuron-explainer or our JSONL")
     _add_results_source(exp)
