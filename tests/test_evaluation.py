@@ -338,7 +338,8 @@ def test_eval_refuses_the_latents_an_adapter_was_trained_on(setup):
         AdapterMetadata.from_dict({**meta.to_dict(), "trained_latents": [[5, 3]]})
 
 
-def test_eval_cli_writes_a_table_and_json(tiny_sae: Path, tmp_path: Path, capsys):
+def test_eval_cli_writes_a_table_and_json(tiny_sae: Path, tmp_path: Path, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")  # a terminal wide enough that no labeller's name wraps
     out = tmp_path / "eval.json"
     args = ["--sae", str(tiny_sae), "--model", str(tiny_sae.parent / "tiny-model"), "--limit", "4"]
     args += ["--template", "test-open", "--scales", "1,4", "--max-new-tokens", "3", "--no-embedding", "--out", str(out)]
@@ -412,6 +413,31 @@ def test_the_detection_judge_reads_a_real_model(setup):
     margins = judge.margins("animals", contexts)
     assert margins.shape == (3,) and bool(torch.isfinite(margins).all())
     assert margins[0] == pytest.approx(float(margins[2]), abs=1e-4)
+
+
+@pytest.mark.parametrize("name", ["gemma", "gpt2", "chat"])
+def test_the_judge_computes_a_labels_prompt_once_and_reads_each_context_as_alone(name, request):
+    """Prompts of equal length batch together, unpadded: their shared start (the label's prompt) is a prefix
+    computed once per batch, and every context's margin is the one it gets alone (padding inside a row
+    would shift gemma's sliding window)."""
+    from sae_selfexplain_plugin.adapters.apps.detection import DetectionJudge
+
+    backend = request.getfixturevalue(f"{name}_backend")
+    judge = DetectionJudge(backend, batch_size=8)
+    contexts = ["cat", "a river of stone and a long road home", "sun", "cat dog", "dog", "a long road"]
+    calls: list[tuple[int, ...]] = []
+    run_prefix = backend.prefixes.run_prefix
+    backend.prefixes.run_prefix = lambda prefix: calls.append(tuple(prefix.shape)) or run_prefix(prefix)
+    backend.prefixes._caches.clear()
+    try:
+        together = judge.margins("animals", contexts)
+    finally:
+        backend.prefixes.run_prefix = run_prefix
+    lengths = [len(judge.prompt_ids("animals", c)) for c in contexts]
+    assert len(set(lengths)) < len(contexts)  # some prompts have one length: they share a batch
+    assert len(calls) == len(set(lengths))  # one prefix pass per batch, not per row
+    alone = torch.cat([judge.margins("animals", [c]) for c in contexts])
+    assert torch.allclose(together, alone, atol=1e-4), (together, alone)
 
 
 def test_eval_runs_the_detection_judge_on_every_labeller_but_single_scales(setup):

@@ -21,10 +21,12 @@ from sae_selfexplain_plugin.errors import InputError
 from sae_selfexplain_plugin.scoring import Score, detection
 from sae_selfexplain_plugin.templates import question_ids
 
+# The label and the question come before the context, so that all of one label's prompts share them as a
+# prefix computed once (DetectionJudge.margins); only the context and the answer's opening differ.
 QUESTION = (
     'A feature of a language model is described as: "{label}".\n'
-    'Text: "{context}"\n'
-    "Is this text an example of what the feature describes? Answer Yes or No."
+    "Is the following text an example of what the feature describes? Answer Yes or No.\n"
+    'Text: "{context}"'
 )
 BASE_SUFFIX = "\nAnswer:"  # for a model without a chat template; the answer token is then " Yes" / " No"
 PER_SIDE = 10  # contexts where the feature fires (5 strongest, 5 sampled) and as many where it does not
@@ -57,16 +59,25 @@ class DetectionJudge:
 
     @torch.no_grad()
     def margins(self, label: str, contexts: Sequence[str]) -> torch.Tensor:
-        """log P(Yes) - log P(No) at the answer, one per context."""
+        """log P(Yes) - log P(No) at the answer, one per context.
+
+        Prompts of equal length go together, so a batch has no padding: its rows then share the label's
+        prompt as an unpadded prefix, which the backend's PrefixCache computes once (not once a row), and
+        each row reads as it would alone (padding inside a row would shift a sliding-window model's view)."""
         assert isinstance(self.backend, ProbeModel)
-        out = []
-        for start in range(0, len(contexts), self.batch_size):
-            rows = [self.prompt_ids(label, c) for c in contexts[start : start + self.batch_size]]
-            ids, mask, nothing = plain_prompts(self.backend, rows)
-            _, logits = self.backend.probe(ids, mask, nothing, [0])  # (the block-0 residual it also reads is unused)
-            logprobs = torch.log_softmax(logits.float(), dim=-1)
-            out.append((logprobs[:, self.yes] - logprobs[:, self.no]).cpu())
-        return torch.cat(out) if out else torch.zeros(0)
+        rows = [self.prompt_ids(label, c) for c in contexts]
+        out = torch.zeros(len(rows))
+        by_length: dict[int, list[int]] = {}
+        for i, row in enumerate(rows):
+            by_length.setdefault(len(row), []).append(i)
+        for group in by_length.values():
+            for start in range(0, len(group), self.batch_size):
+                chunk = group[start : start + self.batch_size]
+                ids, mask, nothing = plain_prompts(self.backend, [rows[i] for i in chunk])
+                _, logits = self.backend.probe(ids, mask, nothing, [0])  # (its block-0 residual is unused)
+                logprobs = torch.log_softmax(logits.float(), dim=-1)
+                out[chunk] = (logprobs[:, self.yes] - logprobs[:, self.no]).cpu()
+        return out
 
 
 def _first_token(tokenizer: Any, text: str) -> int:
