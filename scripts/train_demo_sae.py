@@ -10,14 +10,16 @@ rerun the same command after an interruption and it continues where it stopped (
 Steps: corpus (scripts/demo_corpus.py, or --corpus) -> packed sequences of `context` tokens, each starting with BOS
 -> residuals at the hook, computed with the model cut after the hooked block, BOS positions dropped -> SAELens
 `SAETrainer` on a TopK SAE -> metrics on held-apart text (L0, explained variance, dead fraction, CE loss recovered)
--> `cfg.json` + fp16 `sae_weights.safetensors` (SAELens's disk format) + `activation_examples.safetensors` from a
-second held-apart split. CI never runs this on the real model; tests run it on a tiny one.
+-> `cfg.json` + fp16 `sae_weights.safetensors` (SAELens's disk format) + the activation examples of the held-apart
+documents in two splits by document (`activation_examples.safetensors`, explain; `.score.safetensors`, score).
+CI never runs this on the real model; tests run it on a tiny one.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -35,16 +37,14 @@ from sae_lens.saes.sae import SAEMetadata
 from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
 from sae_lens.training.sae_trainer import SAETrainer
 from sae_selfexplain_plugin.adapters import backends
-from sae_selfexplain_plugin.adapters.apps.contexts import finished_examples
+from sae_selfexplain_plugin.adapters.apps.contexts import collect_split_contexts
 from sae_selfexplain_plugin.adapters.apps.demo_sae import DEMO_SAE_DIR
 from sae_selfexplain_plugin.adapters.backends.embedded import EMBEDDED_MODELS, cache_root
 from sae_selfexplain_plugin.adapters.backends.transformers import TransformersBackend
-from sae_selfexplain_plugin.adapters.sae_lens import sae_identity
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from sae_selfexplain_plugin.activation_examples import EXAMPLES_FILE
-from sae_selfexplain_plugin.example_collector import ExampleCollector
 
 sys.path.insert(0, str(Path(__file__).parent))
 import demo_corpus
@@ -78,6 +78,19 @@ def pack(tokenizer: Any, docs: list[str], context: int, n_tokens: int) -> torch.
     return torch.tensor(rows)
 
 
+def document_parts(docs: list[str]) -> dict[str, list[str]]:
+    """One source's documents by split: the first 5% evaluation, the next 5% activation examples, the rest
+    training (no document in two)."""
+    cut_e, cut_x = len(docs) // 20, len(docs) // 10
+    return {"eval": docs[:cut_e], "examples": docs[cut_e:cut_x], "train": docs[cut_x:]}
+
+
+def held_documents(sources: dict[str, list[str]]) -> list[str]:
+    """The documents held apart for activation examples, every source's examples part, interleaved."""
+    parts = [document_parts(docs)["examples"] for docs in sources.values()]
+    return [d for group in itertools.zip_longest(*parts) for d in group if d is not None]
+
+
 def split_corpus(
     tokenizer: Any, sources: dict[str, list[str]], context: int, n_train: int, n_held: int, n_eval: int = 0
 ) -> dict[str, torch.Tensor]:
@@ -86,8 +99,7 @@ def split_corpus(
     share = {"train": n_train, "examples": n_held, "eval": max(n_eval or n_held // 8, context)}
     splits: dict[str, list[torch.Tensor]] = {k: [] for k in share}
     for docs in sources.values():
-        cut_e, cut_x = len(docs) // 20, len(docs) // 10  # the first 5% of documents: eval, the next 5%: examples
-        parts = {"eval": docs[:cut_e], "examples": docs[cut_e:cut_x], "train": docs[cut_x:]}
+        parts = document_parts(docs)
         for split, want in share.items():
             splits[split].append(pack(tokenizer, parts[split], context, want // len(sources)))
     g = torch.Generator().manual_seed(0)
@@ -263,15 +275,6 @@ def save_fp16(sae: SAE[Any], out: Path) -> None:
 
 
 @torch.no_grad()
-def build_examples(sae: SAE[Any], backend: TransformersBackend, rows: torch.Tensor, block: int) -> ExampleCollector:
-    collector = ExampleCollector(sae.cfg.d_sae)
-    for i in range(0, len(rows), 32):
-        ids = rows[i : i + 32]
-        resid = backend.residual(ids, torch.ones_like(ids), block)[:, 1:]
-        collector.add(ids[:, 1:], sae.encode(resid.float()))
-    return collector
-
-
 def _default_run_dir(short: str, settings: dict[str, Any]) -> Path:
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
     return cache_root() / "sae-runs" / f"{Path(short).name}-{settings['hook_layer']}-{key}"
@@ -285,6 +288,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", default=str(Path.home() / ".cache/sae-selfexplain/corpus"))
     p.add_argument("--tokens", type=int, default=2_600_000, help="training tokens (non-BOS)")
     p.add_argument("--held-tokens", type=int, default=200_000, help="tokens held apart for activation examples")
+    p.add_argument(
+        "--split-tokens", type=int, default=0, help="tokens per activation-examples split (0: --held-tokens)"
+    )
     p.add_argument("--eval-tokens", type=int, default=0, help="held-apart evaluation tokens (0: --held-tokens / 8)")
     p.add_argument("--context", type=int, default=128)
     p.add_argument("--width", type=int, default=4096)
@@ -347,11 +353,16 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     save_fp16(sae, out)
     shipped = SAE.load_from_disk(out)  # measure what ships (fp16 weights)
-    examples = build_examples(shipped, backend, split["examples"], block)
     held = residuals(backend, split["eval"], block)
     metrics = evaluate(shipped, backend, split["eval"], held, block)
-    metrics["dead_fraction"] = examples.dead_fraction()
-    finished_examples(examples, backend.tokenizer, sae_identity(shipped)).save(out / EXAMPLES_FILE)
+    # both activation-example splits (explain, score: by document) from the held-apart documents, as `contexts`
+    # collects them; resumable through their .partial checkpoints in --out
+    explain, score = collect_split_contexts(
+        shipped, backend, lambda: iter(held_documents(sources)), out / EXAMPLES_FILE,
+        max_tokens=args.split_tokens or args.held_tokens, resume=True,
+    )  # fmt: skip
+    live = set(explain.live_features()) | set(score.live_features())
+    metrics["dead_fraction"] = 1 - len(live) / shipped.cfg.d_sae  # fired in neither split
     report = {
         **metrics,
         "train_tokens": int(split["train"][:, 1:].numel()),

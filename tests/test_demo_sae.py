@@ -14,7 +14,7 @@ from sae_selfexplain_plugin.adapters.backends.transformers import TransformersBa
 from sae_selfexplain_plugin.adapters.sae_lens import check_compatible, load_sae_folder
 from safetensors.torch import load_file
 
-from sae_selfexplain_plugin.activation_examples import EXAMPLES_FILE, ActivationExamples
+from sae_selfexplain_plugin.activation_examples import EXAMPLES_FILE, ActivationExamples, score_split_path
 from sae_selfexplain_plugin.errors import InputError
 from sae_selfexplain_plugin.example_collector import ExampleCollector
 
@@ -68,6 +68,9 @@ def test_activation_examples_hold_the_features_peaks(tiny_sae: Path) -> None:
     assert peaks == sorted(peaks, reverse=True) and peaks[0] > 0
     assert all(c.max_value == 0 for c in feature.random)
     assert feature.top_tokens() and all(isinstance(t, str) for t in feature.top_tokens())
+    score = ActivationExamples.load(score_split_path(tiny_sae / EXAMPLES_FILE))  # the held-out split beside it
+    assert score.sae == examples.sae and score.live_features()
+    assert {c.text for c in examples[live[0]].top}.isdisjoint(c.text for c in score[live[0]].top)  # other documents
 
 
 def test_collector_keeps_the_true_top_contexts() -> None:

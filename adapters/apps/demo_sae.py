@@ -1,7 +1,8 @@
-"""The demo SAE that ships inside the package: a TopK SAE trained with SAELens on the default embedded model
-(scripts/train_demo_sae.py; figures in docs/demo_sae.md), and its activation examples from held-apart text.
+"""The demo SAEs that ship inside the package: TopK SAEs trained with SAELens on embedded models
+(scripts/train_demo_sae.py; figures in docs/demo_sae.md), each with its activation examples from held-apart
+text. One per model that has one (`DEMO_SAES`); the default model's is `DEMO_SAE_DIR`.
 
-Public SAEs live on a model hub this project cannot reach at run time; this one needs no network.
+Public SAEs live on a model hub this project cannot reach at run time; these need no network.
 """
 
 from __future__ import annotations
@@ -9,28 +10,43 @@ from __future__ import annotations
 import json
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from sae_lens import SAE
-
+from sae_selfexplain_plugin import InputError
 from sae_selfexplain_plugin.activation_examples import EXAMPLES_FILE, ActivationExamples
 
-from ..sae_lens import load_sae_folder
+from ..backends.embedded import DEFAULT_MODEL
 
-DEMO_SAE_DIR = Path(str(resources.files("sae_selfexplain_plugin"))) / "data" / "demo_sae"
+if TYPE_CHECKING:
+    from sae_lens import SAE
 
-
-def load_demo_sae(device: str = "cpu") -> SAE[Any]:
-    """The shipped SAE, as a SAELens `SAE` (fp16 on disk, fp32 in memory)."""
-    return load_sae_folder(DEMO_SAE_DIR, device=device)
-
-
-def demo_examples() -> ActivationExamples:
-    """The shipped SAE's activation examples (top and random non-activating contexts per feature)."""
-    return ActivationExamples.load(DEMO_SAE_DIR / EXAMPLES_FILE)
+_DATA = Path(str(resources.files("sae_selfexplain_plugin"))) / "data"
+DEMO_SAE_DIR = _DATA / "demo_sae"
+# embedded model -> the folder of the demo SAE trained on it
+DEMO_SAES = {DEFAULT_MODEL: DEMO_SAE_DIR}
 
 
-def training_report() -> dict[str, Any]:
+def demo_sae_dir(model: str = DEFAULT_MODEL) -> Path:
+    """The folder of the demo SAE shipped for embedded model `model`; InputError naming those that have one."""
+    if model not in DEMO_SAES:
+        raise InputError(f"no demo SAE ships for {model!r}; the models with one: {sorted(DEMO_SAES)}.")
+    return DEMO_SAES[model]
+
+
+def load_demo_sae(device: str = "cpu", model: str = DEFAULT_MODEL) -> SAE[Any]:
+    """The SAE shipped for `model`, as a SAELens `SAE` (fp16 on disk, fp32 in memory)."""
+    from ..sae_lens import load_sae_folder  # here: the CLI lists the demo SAEs without SAELens
+
+    return load_sae_folder(demo_sae_dir(model), device=device)
+
+
+def demo_examples(model: str = DEFAULT_MODEL) -> ActivationExamples:
+    """The explain split of the activation examples shipped with `model`'s demo SAE (top and random
+    non-activating contexts per feature)."""
+    return ActivationExamples.load(demo_sae_dir(model) / EXAMPLES_FILE)
+
+
+def training_report(model: str = DEFAULT_MODEL) -> dict[str, Any]:
     """The metrics the training script measured on held-apart text (L0, explained variance, ...)."""
-    report: dict[str, Any] = json.loads((DEMO_SAE_DIR / "training_report.json").read_text())
+    report: dict[str, Any] = json.loads((demo_sae_dir(model) / "training_report.json").read_text())
     return report

@@ -23,6 +23,7 @@ from sae_selfexplain_plugin.files import check_writable
 from sae_selfexplain_plugin.shards import parse_shard
 
 from ..apps.contexts import DEFAULT_TOKENS, examples_beside
+from ..apps.demo_sae import DEMO_SAES
 from ..backends.embedded import DEFAULT_MODEL
 from .common import (
     Interrupted,
@@ -54,11 +55,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from ..apps.whole_sae import explain_sae, stored_records
     from ..sae_lens import store_key
 
-    sae, examples = load_demo_sae(), demo_examples()
+    sae, examples = load_demo_sae(model=args.model), demo_examples(args.model)
     sae_key = store_key(sae, "demo")
     features = parse_features(args.features, sae.cfg.d_sae) if args.features else examples.live_features()[:16]
     config = config_from_args(args)
-    backend = _load(DEFAULT_MODEL)
+    backend = _load(args.model)
     config = _with_adapter(config, args, sae, backend)
     out = Path(args.out)
     store = ResultsStore(out / "results.db")
@@ -285,6 +286,12 @@ def add_parsers(sub: Any) -> None:
     """Declare this module's commands on the top parser's subparsers."""
     demo = sub.add_parser("demo", help="explain features of the shipped demo SAE on the embedded default model")
     demo.add_argument("--features", help="e.g. 0-15 or 3,7 (default: the first 16 live features)")
+    demo.add_argument(
+        "--model",
+        choices=sorted(DEMO_SAES),
+        default=DEFAULT_MODEL,
+        help="the embedded model whose shipped demo SAE to explain (default: %(default)s; docs/models.md)",
+    )
     # 16 new tokens: room for an adapter's list label, as eval and bench sae-latent (docs/adapters.md)
     add_generation_options(demo, max_new_tokens=16, template=False, layer=False)
     _add_policy_options(demo, policy="knee")  # the best measured policy (docs/scale_policies.md)
