@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 # The Qwen2.5-Coder-Instruct models (docs/models.md): optional, 1.1 GB and 0.5 GB of packages.
-.PHONY: demo test lint qwen-1.5b qwen-0.5b typecheck pytest browser bench bench-sae bench-memory bench-words bench-vocabulary clean
+.PHONY: demo test lint qwen-1.5b qwen-0.5b typecheck pytest browser bench bench-sae bench-shards bench-memory bench-words bench-vocabulary clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -61,6 +61,10 @@ bench: $(STAMP)
 
 bench-sae: $(STAMP)
 	mkdir -p out && $(BIN)/python benchmarks/bench_whole_sae.py --json out/bench_sae.json
+
+# One explain process vs its shards (at once, Ray, one after another) on the demo SAE (docs/pipeline.md).
+bench-shards: $(STAMP)
+	mkdir -p out && $(BIN)/python benchmarks/bench_shards.py --json out/bench_shards.json
 
 bench-vocabulary: $(STAMP)
 	mkdir -p out && $(BIN)/python benchmarks/bench_vocabulary.py --json out/bench_vocabulary.json
