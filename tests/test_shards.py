@@ -61,6 +61,7 @@ def test_shards_merged_equal_one_run(assets, tmp_path):  # noqa: F811
         assert store.shards() == {"count": 3, "indices": [0, 1, 2], "run": store.shards()["run"]}
     page = tmp_path / "page.html"
     assert main(["dashboard", str(merged), "--out", str(page)]) == 0 and "feature" in page.read_text()
+    assert main(["upload", "--store", str(merged), "--dry-run", "--source", "2-test"]) == 0
 
 
 def test_shard_runs_as_separate_processes_merge_to_one_run(assets, tmp_path):  # noqa: F811
