@@ -214,20 +214,45 @@ class PrefixCache:
         self.state = state
         self.enabled = True
         self._caches: dict[tuple[Any, ...], Any] = {}
+        self._primed: set[tuple[Any, ...]] = set()  # keys of `prime`d prefixes (still in _caches)
 
     def lookup(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, injection: Injection) -> tuple[int, Any]:
         """(length, one-row cache) of the batch's shared prefix, or (0, None) where there is none to reuse.
+        A batch whose own shared prefix is new but starts with a `prime`d one reuses the longest such.
 
         The first lookup of a prefix runs the model: do it before registering hooks that must not see it."""
         n = shared_prefix_length(input_ids, attention_mask, injection) if self.enabled else 0
         if n < self.min_length:
             return 0, None
-        key = (str(input_ids.device), self.state() if self.state else None, *input_ids[0, :n].tolist())
+        head, tokens = self._head(input_ids), input_ids[0, :n].tolist()
+        if (*head, *tokens) not in self._caches:
+            primed = [
+                k for k in self._primed if k[:2] == head and len(k) - 2 <= n and list(k[2:]) == tokens[: len(k) - 2]
+            ]
+            if primed:
+                longest = max(primed, key=len)
+                return len(longest) - 2, self._caches[longest]
+        return n, self._cache(head, input_ids[:1, :n])
+
+    def prime(self, ids: torch.Tensor) -> None:
+        """Compute the cache of `ids` [1, n] now (if new), for batches that start with these tokens but share
+        more among themselves (a judge's label prompt, before contexts batched by length)."""
+        if self.enabled and ids.shape[1] >= self.min_length:
+            self._cache(self._head(ids), ids)
+            self._primed.add((*self._head(ids), *ids[0].tolist()))
+
+    def _head(self, ids: torch.Tensor) -> tuple[Any, ...]:
+        return (str(ids.device), self.state() if self.state else None)
+
+    def _cache(self, head: tuple[Any, ...], ids: torch.Tensor) -> Any:
+        key = (*head, *ids[0].tolist())
         if key not in self._caches:
             if len(self._caches) >= self.size:
-                del self._caches[next(iter(self._caches))]
-            self._caches[key] = self.run_prefix(input_ids[:1, :n])
-        return n, self._caches[key]
+                evicted = next(iter(self._caches))
+                del self._caches[evicted]
+                self._primed.discard(evicted)
+            self._caches[key] = self.run_prefix(ids)
+        return self._caches[key]
 
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from sae_selfexplain_plugin.activation_examples import ActivationExamples
-from sae_selfexplain_plugin.backend import Backend, ProbeModel, plain_prompts
+from sae_selfexplain_plugin.backend import Backend, PrefixCache, ProbeModel, plain_prompts
 from sae_selfexplain_plugin.errors import InputError
 from sae_selfexplain_plugin.scoring import Score, detection
 from sae_selfexplain_plugin.templates import question_ids
@@ -61,11 +61,14 @@ class DetectionJudge:
     def margins(self, label: str, contexts: Sequence[str]) -> torch.Tensor:
         """log P(Yes) - log P(No) at the answer, one per context.
 
-        Prompts of equal length go together, so a batch has no padding: its rows then share the label's
-        prompt as an unpadded prefix, which the backend's PrefixCache computes once (not once a row), and
-        each row reads as it would alone (padding inside a row would shift a sliding-window model's view)."""
+        Prompts of equal length go together, so a batch has no padding and each row reads as it would alone
+        (padding inside a row would shift a sliding-window model's view); the label's prompt, which every
+        row starts with, is primed in the backend's PrefixCache and computed once for all batches."""
         assert isinstance(self.backend, ProbeModel)
         rows = [self.prompt_ids(label, c) for c in contexts]
+        prefixes = getattr(self.backend, "prefixes", None)  # a backend's PrefixCache, where it has one
+        if isinstance(prefixes, PrefixCache) and len(rows) > 1:  # the label's prompt: one pass for all batches
+            prefixes.prime(torch.tensor([rows[0][: _common_start(rows)]], device=self.backend.device))
         out = torch.zeros(len(rows))
         by_length: dict[int, list[int]] = {}
         for i, row in enumerate(rows):
@@ -78,6 +81,12 @@ class DetectionJudge:
                 logprobs = torch.log_softmax(logits.float(), dim=-1)
                 out[chunk] = (logprobs[:, self.yes] - logprobs[:, self.no]).cpu()
         return out
+
+
+def _common_start(rows: list[list[int]]) -> int:
+    """How many leading tokens all rows share, leaving at least one token of each after them."""
+    n = min(len(r) for r in rows) - 1
+    return next((i for i in range(n) if any(r[i] != rows[0][i] for r in rows)), max(n, 0))
 
 
 def _first_token(tokenizer: Any, text: str) -> int:
