@@ -5,8 +5,11 @@
   The benchmark's word list (data/words.txt) is left out;
 - SAE latents, from the SAE's activation examples: by default every live latent, labelled with up to 5
   distinct peak tokens of its top contexts (`peak_label`); or ("word") only token features (at least 5 of
-  10 top contexts peak on one alphabetic word of >= 3 letters), labelled with that word. Latents below
-  `held_out` never train: the demo SAE's eval, `sae-latent` benchmark and demo use latents 0..1023.
+  10 top contexts peak on one alphabetic word of >= 3 letters), labelled with that word; or
+  ("descriptions") every latent an explainer model described in words (descriptions.py: a file written by
+  `describe`, token lists and empty answers left out); or ("mixed") descriptions, but the word for token
+  features. Latents below `held_out` never train: the demo SAE's eval, `sae-latent` benchmark and demo use
+  latents 0..1023.
 
 Both are split 90/10 into training and validation by a seeded shuffle.
 """
@@ -40,6 +43,7 @@ from sae_selfexplain_plugin.errors import InputError
 from sae_selfexplain_plugin.word_recovery import CARRIER, load_words, single_token_words, word_vectors
 
 from ..sae_lens import check_compatible, decoder_rows, sae_identity, sae_layer
+from .descriptions import usable_description
 from .sae_latent import token_latents
 
 LATENT_MIN_PEAKS = 5  # a "word" training latent: >= 5 of its 10 top contexts peak on one word
@@ -47,6 +51,8 @@ LATENT_LABEL_TOKENS = 5  # a "tokens" label names up to 5 peak tokens (as many a
 LATENT_LABEL_MEANING = {
     "tokens": f"with up to {LATENT_LABEL_TOKENS} peak tokens of their top contexts",
     "word": f"with their word (token features: >= {LATENT_MIN_PEAKS} of 10 top contexts peak on it)",
+    "descriptions": "with an explainer model's descriptions of their explain-split contexts",
+    "mixed": "with an explainer model's descriptions, and token features with their word",
 }
 
 
@@ -87,12 +93,24 @@ def latent_directions(
     latents: range,
     labels: str = LATENT_LABELS[0],
     min_peaks: int = LATENT_MIN_PEAKS,
+    descriptions: dict[int, str] | None = None,
 ) -> LabelledDirections:
     """Decoder rows of latents among `latents` with their labels, by `labels`:
     "tokens": every live latent, labelled with its top contexts' distinct peak tokens (`peak_label`);
-    "word": token-feature latents only (the sae-latent benchmark's rule, with `min_peaks`), with their word."""
+    "word": token-feature latents only (the sae-latent benchmark's rule, with `min_peaks`), with their word;
+    "descriptions": the latents `descriptions` describes in words (`usable_description`), with them;
+    "mixed": as "descriptions", but a token feature's label is its word."""
     check_latent_labels(labels)
-    if labels == "word":
+    if labels in ("descriptions", "mixed"):
+        if descriptions is None:
+            raise InputError(f"--latent-labels {labels} needs the descriptions: pass --descriptions FILE (`describe`).")
+        words = dict(token_latents(examples, latents, min_peaks)) if labels == "mixed" else {}
+        found = [
+            (f, words.get(f) or descriptions[f])
+            for f in latents
+            if f in words or (f in descriptions and usable_description(descriptions[f]))
+        ]
+    elif labels == "word":
         found = token_latents(examples, latents, min_peaks)
     else:
         live = set(examples.live_features())
@@ -175,12 +193,14 @@ def train_for_sae(
     slots: int | None = None,
     n_words: int = DEFAULT_WORDS,
     latent_labels: str = LATENT_LABELS[0],
+    descriptions: tuple[str, dict[int, str]] | None = None,
     held_out: int = HELD_OUT_LATENTS,
     settings: TrainingSettings | None = None,
     checkpoint: Path | None = None,
     progress: Callable[[int, float], None] | None = None,
 ) -> tuple[DirectionAdapter, TrainingReport]:
-    """Build the training data, train an adapter (`untrained_adapter`) on the frozen model, save it to `out`."""
+    """Build the training data, train an adapter (`untrained_adapter`) on the frozen model, save it to `out`.
+    `descriptions`: (what they are, feature -> description) for the "descriptions" and "mixed" labels."""
     check_latent_labels(latent_labels)  # before the word data is built
     if n_words < 1:  # 0 would never reach `len(words) == n` and read the whole vocabulary
         raise InputError(f"n_words (--words) must be >= 1, got {n_words}; pass e.g. --words {DEFAULT_WORDS}.")
@@ -191,13 +211,16 @@ def train_for_sae(
     train_words, val_words = split(word_directions(backend, words, source), 0.1, settings.seed)
     parts = [(train_words, val_words)]
     if examples is not None and held_out < sae.cfg.d_sae:
-        latents = latent_directions(sae, examples, range(held_out, sae.cfg.d_sae), latent_labels)
+        written = None if descriptions is None else descriptions[1]
+        latents = latent_directions(sae, examples, range(held_out, sae.cfg.d_sae), latent_labels, descriptions=written)
         parts.append(split(latents, 0.1, settings.seed))
     train, validation = join(*(p[0] for p in parts)), join(*(p[1] for p in parts))
     described = f"{len(words)} vocabulary words (centred in-context residuals at block {source}, words.txt excluded)"
     if len(parts) > 1:
         n_latents = len(parts[1][0]) + len(parts[1][1])
         described += f"; {n_latents} latents >= {held_out} labelled {LATENT_LABEL_MEANING[latent_labels]}"
+        if descriptions is not None and latent_labels in ("descriptions", "mixed"):
+            described += f" ({descriptions[0]})"  # which file, by whom
         adapter.metadata.trained_latents = [[held_out, sae.cfg.d_sae - 1]]
     adapter.metadata.trained_on = described + "; 10% of each held out for validation"
     report = train_adapter(

@@ -2,7 +2,7 @@
 
 - `explain`: demo, explain, contexts;
 - `evaluate`: eval, bench word-recovery, bench sae-latent;
-- `train`: train-adapter;
+- `train`: describe, train-adapter;
 - `results`: dashboard, validate, export, upload;
 - `common`: options several commands share and the one place they become a `SelfExplainConfig`;
 - `inputs`: SAEs, activation examples and results as commands read them, and their identity checks.

@@ -258,7 +258,10 @@ def parse_features(spec: str, d_sae: int) -> list[int]:
 
 
 # The options that name files or folders a command reads (a name that is not a path matches no output).
-_INPUT_OPTIONS = ("sae", "model", "features", "adapter", "examples", "corpus", "contexts", "results", "store")
+_INPUT_OPTIONS = (
+    "sae", "model", "features", "adapter", "examples", "corpus", "contexts", "results", "store", "descriptions",
+    "explainer", "latents", "judge",
+)  # fmt: skip
 
 
 def command_inputs(args: argparse.Namespace, **more: str | Path | None) -> dict[str, str | Path | None]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -24,6 +25,7 @@ from sae_selfexplain_plugin.direction_adapter.training import (
 from sae_selfexplain_plugin.files import check_writable
 
 from .common import (
+    Interrupted,
     _positive,
     _progress,
     _status,
@@ -31,6 +33,7 @@ from .common import (
     add_prompt_options,
     command_inputs,
     config_from_args,
+    parse_features,
 )
 from .inputs import (
     _sae_and_examples,
@@ -73,6 +76,7 @@ def cmd_train_adapter(args: argparse.Namespace) -> int:
         adapter, report = train_for_sae(
             sae, cast(TrainableModel, backend), examples, out, config=config, architecture=args.architecture,
             rank=_rank(args), slots=args.slots, n_words=args.words, latent_labels=args.latent_labels,
+            descriptions=_descriptions(args, sae),
             held_out=args.held_out, settings=settings, checkpoint=checkpoint, progress=advance,
         )  # fmt: skip
     checkpoint.unlink(missing_ok=True)
@@ -88,6 +92,57 @@ def cmd_train_adapter(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_describe(args: argparse.Namespace) -> int:
+    from ..apps.descriptions import describe_latents, descriptions_header, usable_description
+    from ..backends import load_model
+    from ..sae_lens import sae_identity
+
+    out = Path(args.out)
+    check_writable(out, "--out", command_inputs(args))
+    sae, examples = _sae_and_examples(args)
+    if args.latents:
+        latents = parse_features(args.latents, sae.cfg.d_sae)
+    elif sae.cfg.d_sae > args.held_out:
+        latents = list(range(args.held_out, sae.cfg.d_sae))  # the latents train-adapter trains on
+    else:
+        raise SelfExplainError(f"the SAE has no latents at or above --held-out {args.held_out}: pass --latents.")
+    with _status(f"Loading the explainer {args.explainer}...", "loaded the explainer"):
+        backend = load_model(args.explainer)
+    header = descriptions_header(sae_identity(sae), backend.model_id)
+    start = time.perf_counter()
+    try:
+        with _progress() as progress:
+            task = progress.add_task(f"describing latents ({backend.model_id})", total=len(latents))
+            texts = describe_latents(
+                backend, examples, latents, out, header, resume=args.resume, batch_size=args.batch_size,
+                progress=lambda n: progress.advance(task, n),
+            )  # fmt: skip
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted; every finished batch is in {out}: rerun with --resume.") from None
+    usable = sum(usable_description(texts.get(f, "")) for f in latents)
+    Console().print(
+        f"{len(latents)} latents described by {backend.model_id} in {time.perf_counter() - start:.0f}s: {out}; "
+        f"{usable} usable as teacher labels (words, not a token list)",
+        markup=False,
+    )
+    return 0
+
+
+def _descriptions(args: argparse.Namespace, sae: Any) -> tuple[str, dict[int, str]] | None:
+    """--descriptions, read and checked against the SAE: (what they are, feature -> description)."""
+    from ..apps.descriptions import read_descriptions
+    from ..sae_lens import sae_identity
+
+    if args.descriptions is None:
+        return None
+    path = Path(args.descriptions)
+    if not path.is_file():
+        raise SelfExplainError(f"--descriptions {path} does not exist; write it with `sae-selfexplain describe`.")
+    header, texts = read_descriptions(path, sae=sae_identity(sae))
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    return f"{path.name}, sha256 {digest}, by {header.get('explainer')}", texts
+
+
 def _rank(args: argparse.Namespace) -> int:
     if args.rank is not None:
         return int(args.rank)
@@ -96,6 +151,19 @@ def _rank(args: argparse.Namespace) -> int:
 
 def add_parsers(sub: Any) -> None:
     """Declare this module's commands on the top parser's subparsers."""
+    de = sub.add_parser(
+        "describe", help="describe SAE latents with an explainer model (auto-interp), resumable: teacher labels"
+    )
+    de.add_argument("--sae", help="a SAELens SAE folder (default: the shipped demo SAE)")
+    de.add_argument("--examples", help="activation examples, explain split (default: in the SAE folder)")
+    de.add_argument("--explainer", default="qwen2.5-coder-1.5b-instruct", help="embedded model or folder (%(default)s)")
+    de.add_argument("--latents", help="e.g. 1024-4095 (default: the latents at or above --held-out)")
+    de.add_argument("--held-out", type=int, default=HELD_OUT_LATENTS, help="(%(default)s)")
+    de.add_argument("--out", required=True, help="descriptions file (JSONL), appended batch by batch")
+    de.add_argument("--resume", action="store_true", help="keep the descriptions already in --out, do the rest")
+    de.add_argument("--batch-size", type=_positive, default=4, help="prompts per generate (%(default)s)")
+    de.set_defaults(func=cmd_describe)
+
     tr = sub.add_parser("train-adapter", help="train a direction adapter for an SAE on the frozen model (CPU)")
     tr.add_argument("--sae", help="a SAELens SAE folder (default: the shipped demo SAE)")
     tr.add_argument("--examples", help="activation examples, for token-feature latents (default: in the SAE folder)")
@@ -113,8 +181,12 @@ def add_parsers(sub: Any) -> None:
     tr.add_argument("--words", type=_positive, default=DEFAULT_WORDS, help="vocabulary words to train on (%(default)s)")
     tr.add_argument(
         "--latent-labels", choices=LATENT_LABELS, default=LATENT_LABELS[0],
-        help="label each training latent with its top peak tokens, or train only on token features with their word",
+        help="label each training latent with its top peak tokens, train only on token features with their word, or "
+        "with the descriptions of --descriptions (mixed: the word for token features)",
     )  # fmt: skip
+    tr.add_argument(
+        "--descriptions", help="with --latent-labels descriptions or mixed: the latents' descriptions (`describe`)"
+    )
     tr.add_argument("--held-out", type=int, default=HELD_OUT_LATENTS, help="latents below this never train")
     defaults = TrainingSettings()
     tr.add_argument("--steps", type=int, default=defaults.steps, help="(%(default)s)")

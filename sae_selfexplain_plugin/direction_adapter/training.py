@@ -33,7 +33,8 @@ from . import DirectionAdapter
 DEFAULT_ARCHITECTURE = "scalar-affine-low-rank"
 DEFAULT_RANK = 64
 DEFAULT_WORDS = 2000  # vocabulary words in the training data (4,000 named fewer latents; docs/adapters.md)
-LATENT_LABELS = ("tokens", "word")  # how an SAE's training latents are labelled; the first is the default
+# how an SAE's training latents are labelled; the first is the default (adapters/apps/train_direction_adapter.py)
+LATENT_LABELS = ("tokens", "word", "descriptions", "mixed")
 
 
 @dataclass(frozen=True)
