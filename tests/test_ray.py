@@ -73,9 +73,12 @@ def test_a_killed_worker_is_retried_by_ray(assets, tmp_path, local_ray):  # noqa
         starts.append((shard, pid))
 
     model, features = str(assets[0]), list(range(D_SAE))
+    advanced: list[int] = []
     run = explain_on_ray(
-        sae, key, model, features, lambda sae, backend: config, tmp_path / "k.db", shards=2, on_start=kill_first
-    )
+        sae, key, model, features, lambda sae, backend: config, tmp_path / "k.db", shards=2, on_start=kill_first,
+        on_progress=advanced.append,
+    )  # fmt: skip
+    assert sum(advanced) == D_SAE  # the progress of the killed attempt is taken back when its shard starts over
     killed_shard, killed_pid = starts[0]
     retried = [pid for shard, pid in starts[1:] if shard == killed_shard]
     assert retried and retried[-1] != killed_pid  # Ray ran the shard again, on another worker

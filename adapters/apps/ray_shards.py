@@ -128,12 +128,14 @@ def _run(
         for k in todo
     }  # fmt: skip
     folder.mkdir(parents=True, exist_ok=True)
+    if on_progress is not None:  # the features of shards finished before
+        on_progress(sum(_stored_features(finished[k]) for k in range(count) if k not in todo))
     reported, seen_starts, results = 0, 0, {}
     while pending:
         ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.25)
         done, starts = ray.get(progress.state.remote())
-        if on_progress is not None and done > reported:
-            on_progress(done - reported)
+        if on_progress is not None and done != reported:
+            on_progress(done - reported)  # less than before when a retried shard starts over
         reported = done
         for shard, node, pid in starts[seen_starts:]:
             if on_start is not None:
@@ -149,8 +151,6 @@ def _run(
             with atomic_writer(finished[k], "wb") as f:
                 f.write(data)
             results[k] = summary
-            if on_progress is not None:
-                on_progress(summary["skipped"])
     merge = merge_stores([finished[k] for k in range(count)], store)
     workers = {k: (node, pid) for k, node, pid in ray.get(progress.state.remote())[1]}
     explained = sum(s["explained"] for s in results.values())
@@ -161,20 +161,22 @@ def _run(
 
 
 class _Progress:
-    """A Ray actor the tasks report to: features done, and which worker started which shard."""
+    """A Ray actor the tasks report to: features done per shard (an attempt that starts over counts from 0),
+    and which worker started which shard."""
 
     def __init__(self) -> None:
-        self.done = 0
+        self.done: dict[int, int] = {}
         self.starts: list[tuple[int, str, int]] = []
 
-    def advance(self, n: int) -> None:
-        self.done += n
+    def advance(self, shard: int, n: int) -> None:
+        self.done[shard] = self.done.get(shard, 0) + n
 
     def started(self, shard: int, node: str, pid: int) -> None:
+        self.done[shard] = 0
         self.starts.append((shard, node, pid))
 
     def state(self) -> tuple[int, list[tuple[int, str, int]]]:
-        return self.done, self.starts
+        return sum(self.done.values()), self.starts
 
 
 def _explain_shard(
@@ -209,7 +211,7 @@ def _explain_shard(
             mine = take_shard(store, shard, features, config)
             summary = explain_sae(
                 sae, sae_key, backend, mine, config, store, vocabulary=vocabulary,
-                on_batch=lambda n: progress.advance.remote(n),
+                on_batch=lambda n: progress.advance.remote(shard.index, n),
             )  # fmt: skip
         data = path.read_bytes()  # closed: the write-ahead log is folded into the file
     about = {"explained": summary.explained, "skipped": summary.skipped, "failed": summary.failed}
@@ -218,6 +220,12 @@ def _explain_shard(
 
 def _ray_device(ray: Any) -> str:
     return "cuda" if ray.get_gpu_ids() else "cpu"
+
+
+def _stored_features(path: Path) -> int:
+    """Features a finished shard store holds (explained or failed)."""
+    with ResultsStore(path, read_only=True) as store:
+        return len(store.raw_rows("explanations")) + len(store.raw_rows("failed"))
 
 
 def _stored_run(store: Path) -> dict[str, Any]:
