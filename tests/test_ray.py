@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -63,25 +65,41 @@ def test_a_killed_worker_is_retried_by_ray(assets, tmp_path, local_ray):  # noqa
 
     _, sae_dir = assets
     sae, key = load_sae(str(sae_dir))
-    # one feature a batch and 24 new tokens: slow enough that the kill lands while the shard runs
-    config = SelfExplainConfig(template="identity", scales=(1.0, 4.0), max_new_tokens=24, batch_size=2)
+    config = SelfExplainConfig(template="identity", scales=(1.0, 4.0), max_new_tokens=8, batch_size=2)
+    marker = tmp_path / "first-attempt"
+
+    def configure(sae, backend):  # runs on the worker: the first attempt of one shard waits there to be killed
+        try:
+            fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return config
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        time.sleep(120)
+        return config
+
+    def kill_the_waiting_worker() -> None:
+        deadline = time.time() + 120
+        while time.time() < deadline and not (marker.exists() and marker.read_text()):
+            time.sleep(0.05)
+        killed.append(int(marker.read_text()))
+        os.kill(killed[0], signal.SIGKILL)
+
+    killed: list[int] = []
     starts: list[tuple[int, int]] = []
-
-    def kill_first(shard: int, node: str, pid: int) -> None:
-        if not starts:
-            os.kill(pid, signal.SIGKILL)
-        starts.append((shard, pid))
-
+    killer = threading.Thread(target=kill_the_waiting_worker)
+    killer.start()
     model, features = str(assets[0]), list(range(D_SAE))
     advanced: list[int] = []
     run = explain_on_ray(
-        sae, key, model, features, lambda sae, backend: config, tmp_path / "k.db", shards=2, on_start=kill_first,
-        on_progress=advanced.append,
+        sae, key, model, features, configure, tmp_path / "k.db", shards=2,
+        on_start=lambda shard, node, pid: starts.append((shard, pid)), on_progress=advanced.append,
     )  # fmt: skip
+    killer.join()
     assert sum(advanced) == D_SAE  # the progress of the killed attempt is taken back when its shard starts over
-    killed_shard, killed_pid = starts[0]
-    retried = [pid for shard, pid in starts[1:] if shard == killed_shard]
-    assert retried and retried[-1] != killed_pid  # Ray ran the shard again, on another worker
+    (killed_shard,) = [shard for shard, pid in starts if pid == killed[0]]
+    retried = [pid for shard, pid in starts if shard == killed_shard and pid != killed[0]]
+    assert retried  # Ray ran the shard again, on another worker
     assert run.merge.records == D_SAE and run.merge.missing == []
     with ResultsStore(tmp_path / "s.db") as single:  # the same run in this process, without Ray
         explain_sae(sae, key, load_model(model), features, config, single)
