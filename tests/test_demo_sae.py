@@ -132,3 +132,21 @@ def test_sae_of_another_width_than_the_model(tiny_sae: Path) -> None:
     narrow = TransformersBackend(tiny_gemma(len(tok), hidden_size=32), tok)
     with pytest.raises(InputError, match="decoder width 64 != the model's d_model 32"):
         check_compatible(load_sae_folder(tiny_sae), narrow)
+
+
+def test_the_demo_explains_the_1_5b_model_where_installed_else_says_why(monkeypatch) -> None:
+    from sae_selfexplain_plugin.adapters.apps import demo_sae
+    from sae_selfexplain_plugin.adapters.backends.embedded import DEFAULT_MODEL, QWEN_1_5B
+
+    monkeypatch.setattr(type(QWEN_1_5B), "installed", lambda self: True)
+    assert demo_sae.demo_model(None) == (QWEN_1_5B.name, None)
+    monkeypatch.setattr(type(QWEN_1_5B), "installed", lambda self: False)
+    model, why = demo_sae.demo_model(None)
+    assert model == DEFAULT_MODEL and why and "make qwen-1.5b" in why
+    assert demo_sae.demo_model("smollm2-135m-instruct") == ("smollm2-135m-instruct", None)
+    with pytest.raises(InputError, match="no demo SAE ships for 'gemma-3-270m'"):
+        demo_sae.demo_sae_dir("gemma-3-270m")
+    for model, folder in demo_sae.DEMO_SAES.items():  # every listed SAE ships, with both example splits
+        assert (folder / "sae_weights.safetensors").is_file() and (folder / "cfg.json").is_file(), model
+        assert score_split_path(folder / EXAMPLES_FILE).is_file(), model
+        assert sum(f.stat().st_size for f in folder.iterdir()) < 70e6, model  # fp16 weights, uint16 token ids

@@ -63,5 +63,5 @@ def test_word_recovery_same_layer_is_near_perfect(real_backend):
 
 
 def test_cli_reports_bad_input_without_a_traceback(capsys):
-    assert main(["demo", "--scales", "1,-4"]) == 2
+    assert main(["demo", "--model", "smollm2-135m-instruct", "--scales", "1,-4"]) == 2
     assert "negative scale" in capsys.readouterr().err

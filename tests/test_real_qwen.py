@@ -36,3 +36,16 @@ def test_the_1_5b_model_describes_word_directions_through_sae_self_explain(tmp_p
     embed = Embedder().embed
     ranks = semantic_ranks([e.text for e in explanations], range(len(WORDS)), embed(WORDS), embed)
     assert int((ranks == 1).sum()) >= 3, [e.text for e in explanations]
+
+
+def test_demo_explains_the_1_5b_models_own_sae(tmp_path, capsys):
+    """`demo --model` on the SAE shipped for the 1.5B: labels beside the top contexts, and the dashboard."""
+    from sae_selfexplain_plugin.adapters.apps.demo_sae import demo_examples
+    from sae_selfexplain_plugin.adapters.cli import main
+
+    live = demo_examples(MODEL).live_features()[:2]
+    args = ["--model", MODEL, "--features", ",".join(map(str, live)), "--max-new-tokens", "8", "--out", str(tmp_path)]
+    assert main(["demo", *args]) == 0
+    printed = capsys.readouterr().out
+    assert all(f"feature {f} " in printed for f in live)
+    assert (tmp_path / "dashboard.html").is_file() and (tmp_path / "results.jsonl").is_file()

@@ -50,7 +50,7 @@ def test_demo_explains_live_features_of_the_shipped_sae(tmp_path, capsys):
     examples = demo_examples()
     live = examples.live_features()[:2]
     args = ["--features", ",".join(map(str, live)), "--scales", "2,4", "--max-new-tokens", "6"]
-    assert main(["demo", *args, "--out", str(tmp_path)]) == 0
+    assert main(["demo", "--model", "smollm2-135m-instruct", *args, "--out", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
     for f in live:
         assert f"feature {f} " in printed
@@ -76,7 +76,10 @@ def test_model_text_is_shown_verbatim_in_the_demo_table(monkeypatch, capsys, tmp
         return [FeatureExplanations(0, cands, 0, model_id=self.backend.model_id, settings_hash=self.settings_hash)]
 
     monkeypatch.setattr(SelfExplainer, "explain", fake_explain)
-    assert main(["demo", "--features", "0", "--scales", "1", "--out", str(tmp_path)]) == 0
+    assert (
+        main(["demo", "--model", "smollm2-135m-instruct", "--features", "0", "--scales", "1", "--out", str(tmp_path)])
+        == 0
+    )
     assert "[bold]Music[/bold] and [saelens]" in capsys.readouterr().out
 
 
@@ -115,7 +118,7 @@ def test_the_shipped_adapter_names_held_out_token_latents_more_often(smol):
 def test_demo_uses_the_shipped_adapter(tmp_path, capsys):
     live = demo_examples().live_features()[:2]
     args = ["--features", ",".join(map(str, live)), "--max-new-tokens", "6", "--out", str(tmp_path)]
-    assert main(["demo", *args]) == 0
+    assert main(["demo", "--model", "smollm2-135m-instruct", *args]) == 0
     status = " ".join(capsys.readouterr().err.split())  # the status line goes to stderr, wrapped
     assert "through the adapter smollm2-135m-instruct" in status
     records = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from sae_selfexplain_plugin import InputError
 from sae_selfexplain_plugin.activation_examples import EXAMPLES_FILE, ActivationExamples
 
-from ..backends.embedded import DEFAULT_MODEL
+from ..backends.embedded import DEFAULT_MODEL, QWEN_1_5B
 
 if TYPE_CHECKING:
     from sae_lens import SAE
@@ -23,7 +23,17 @@ if TYPE_CHECKING:
 _DATA = Path(str(resources.files("sae_selfexplain_plugin"))) / "data"
 DEMO_SAE_DIR = _DATA / "demo_sae"
 # embedded model -> the folder of the demo SAE trained on it
-DEMO_SAES = {DEFAULT_MODEL: DEMO_SAE_DIR}
+DEMO_SAES = {DEFAULT_MODEL: DEMO_SAE_DIR, QWEN_1_5B.name: _DATA / "demo_sae_qwen2.5-coder-1.5b"}
+
+
+def demo_model(asked: str | None) -> tuple[str, str | None]:
+    """The model `demo` explains, and why when it was not asked for: `asked`, else the 1.5B model (the one
+    big enough to explain itself; docs/models.md) when its packages are installed, else the default model."""
+    if asked is not None:
+        return asked, None
+    if QWEN_1_5B.installed():
+        return QWEN_1_5B.name, None
+    return DEFAULT_MODEL, f"{QWEN_1_5B.name} is not installed ({QWEN_1_5B.install_hint}): showing {DEFAULT_MODEL}"
 
 
 def demo_sae_dir(model: str = DEFAULT_MODEL) -> Path:

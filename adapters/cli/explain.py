@@ -50,16 +50,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from sae_selfexplain_plugin.export import export_jsonl
     from sae_selfexplain_plugin.store import ResultsStore
 
-    from ..apps.demo_sae import demo_examples, load_demo_sae
+    from ..apps.demo_sae import demo_examples, demo_model, load_demo_sae
     from ..apps.evaluation import score_records
     from ..apps.whole_sae import explain_sae, stored_records
     from ..sae_lens import store_key
 
-    sae, examples = load_demo_sae(model=args.model), demo_examples(args.model)
+    model, why = demo_model(args.model)
+    if why:
+        console.print(f"[dim]{why}[/dim]", soft_wrap=True, highlight=False)
+    sae, examples = load_demo_sae(model=model), demo_examples(model)
     sae_key = store_key(sae, "demo")
     features = parse_features(args.features, sae.cfg.d_sae) if args.features else examples.live_features()[:16]
     config = config_from_args(args)
-    backend = _load(args.model)
+    backend = _load(model)
     config = _with_adapter(config, args, sae, backend)
     out = Path(args.out)
     store = ResultsStore(out / "results.db")
@@ -284,13 +287,13 @@ def cmd_contexts(args: argparse.Namespace) -> int:
 
 def add_parsers(sub: Any) -> None:
     """Declare this module's commands on the top parser's subparsers."""
-    demo = sub.add_parser("demo", help="explain features of the shipped demo SAE on the embedded default model")
+    demo = sub.add_parser("demo", help="explain features of a shipped demo SAE on its embedded model")
     demo.add_argument("--features", help="e.g. 0-15 or 3,7 (default: the first 16 live features)")
     demo.add_argument(
         "--model",
         choices=sorted(DEMO_SAES),
-        default=DEFAULT_MODEL,
-        help="the embedded model whose shipped demo SAE to explain (default: %(default)s; docs/models.md)",
+        help="the embedded model whose shipped demo SAE to explain (default: qwen2.5-coder-1.5b-instruct where "
+        f"installed, else {DEFAULT_MODEL}; docs/models.md)",
     )
     # 16 new tokens: room for an adapter's list label, as eval and bench sae-latent (docs/adapters.md)
     add_generation_options(demo, max_new_tokens=16, template=False, layer=False)
