@@ -47,7 +47,7 @@ def write_plot(report: EvalReport, path: str | Path) -> None:
     axes = [axes] if len(keys) == 1 else list(axes)
     for ax, key in zip(axes, keys):
         data = [_values(r, key) or [float("nan")] for r in results]
-        ax.boxplot(data, vert=False, widths=0.6, showmeans=True)
+        ax.boxplot(data, orientation="horizontal", widths=0.6, showmeans=True)
         ax.axvline(0.5, color="grey", linestyle=":", linewidth=1)
         ax.set_xlim(0, 1)
         ax.set_title(SCORERS[key], fontsize=10)
