@@ -86,20 +86,19 @@ def test_a_killed_worker_is_retried_by_ray(assets, tmp_path, local_ray):  # noqa
         os.kill(killed[0], signal.SIGKILL)
 
     killed: list[int] = []
-    starts: list[tuple[int, int]] = []
     killer = threading.Thread(target=kill_the_waiting_worker)
     killer.start()
     model, features = str(assets[0]), list(range(D_SAE))
     advanced: list[int] = []
     run = explain_on_ray(
         sae, key, model, features, configure, tmp_path / "k.db", shards=2,
-        on_start=lambda shard, node, pid: starts.append((shard, pid)), on_progress=advanced.append,
+        on_progress=advanced.append,
     )  # fmt: skip
     killer.join()
     assert sum(advanced) == D_SAE  # the progress of the killed attempt is taken back when its shard starts over
-    (killed_shard,) = [shard for shard, pid in starts if pid == killed[0]]
-    retried = [pid for shard, pid in starts if shard == killed_shard and pid != killed[0]]
-    assert retried  # Ray ran the shard again, on another worker
+    # the killed attempt's shard finished anyway: Ray ran it again, on another worker (its start report may
+    # be lost with the worker, so the last start of each shard is what counts)
+    assert killed and killed[0] not in {pid for _, pid in run.workers.values()}
     assert run.merge.records == D_SAE and run.merge.missing == []
     with ResultsStore(tmp_path / "s.db") as single:  # the same run in this process, without Ray
         explain_sae(sae, key, load_model(model), features, config, single)
