@@ -226,12 +226,11 @@ class PrefixCache:
             return 0, None
         head, tokens = self._head(input_ids), input_ids[0, :n].tolist()
         if (*head, *tokens) not in self._caches:
-            primed = [
-                k for k in self._primed if k[:2] == head and len(k) - 2 <= n and list(k[2:]) == tokens[: len(k) - 2]
-            ]
+            h = len(head)
+            primed = [k for k in self._primed if k[:h] == head and list(k[h:]) == tokens[: len(k) - h]]
             if primed:
                 longest = max(primed, key=len)
-                return len(longest) - 2, self._caches[longest]
+                return len(longest) - h, self._caches[longest]
         return n, self._cache(head, input_ids[:1, :n])
 
     def prime(self, ids: torch.Tensor) -> None:

@@ -239,7 +239,7 @@ class ResultsStore:
         return None if value is None else dict(parse_json(value, f"{self.path}: its shards"))
 
     def record_shards(self, shards: dict[str, Any]) -> None:
-        """Mark this store as holding `shards` ({"count", "indices", "run"}: `shards.ShardOf`); refused when it
+        """Mark this store as holding `shards` ({"count", "indices", "run"}: `shards.shard_marker`); refused when it
         already holds others, so two shards given one store by mistake fail before either computes."""
         value = json.dumps(shards, sort_keys=True)
         with self._transaction():
@@ -254,12 +254,19 @@ class ResultsStore:
     def raw_rows(self, table: str) -> list[tuple[Any, ...]]:
         """Every row of one of the store's tables as stored (records as JSON text), in key order: what
         `shards.merge_stores` copies."""
+        if not self._has_table(table):
+            return []  # a store from before this table
+        return list(self._db.execute(f"SELECT * FROM {table} ORDER BY {_RAW_TABLES[table]}"))
+
+    def row_count(self, table: str) -> int:
+        """How many rows one of the tables `raw_rows` reads holds (without reading them)."""
+        return int(self._db.execute(f"SELECT count(*) FROM {table}").fetchone()[0]) if self._has_table(table) else 0
+
+    def _has_table(self, table: str) -> bool:
         if table not in _RAW_TABLES:
             raise ValueError(f"no table {table!r} in a results store")
         present = {t for (t,) in self._db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        if table not in present:
-            return []  # a store from before this table
-        return list(self._db.execute(f"SELECT * FROM {table} ORDER BY {_RAW_TABLES[table]}"))
+        return table in present
 
     def put_raw(self, rows: dict[str, list[tuple[Any, ...]]]) -> None:
         """Insert rows of several tables as `raw_rows` returns them, in one transaction."""

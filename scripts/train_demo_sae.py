@@ -94,9 +94,9 @@ def held_documents(sources: dict[str, list[str]]) -> list[str]:
 def split_corpus(
     tokenizer: Any, sources: dict[str, list[str]], context: int, n_train: int, n_held: int, n_eval: int = 0
 ) -> dict[str, torch.Tensor]:
-    """Disjoint train / examples / eval rows; each source gives an equal share of every split, rows shuffled.
-    `n_eval` 0: an eighth of `n_held`."""
-    share = {"train": n_train, "examples": n_held, "eval": max(n_eval or n_held // 8, context)}
+    """Disjoint train / eval rows; each source gives an equal share of every split, rows shuffled. `n_eval` 0:
+    an eighth of `n_held` (the activation examples are read from the held-apart documents: `held_documents`)."""
+    share = {"train": n_train, "eval": max(n_eval or n_held // 8, context)}
     splits: dict[str, list[torch.Tensor]] = {k: [] for k in share}
     for docs in sources.values():
         parts = document_parts(docs)

@@ -225,7 +225,7 @@ def _ray_device(ray: Any) -> str:
 def _stored_features(path: Path) -> int:
     """Features a finished shard store holds (explained or failed)."""
     with ResultsStore(path, read_only=True) as store:
-        return len(store.raw_rows("explanations")) + len(store.raw_rows("failed"))
+        return store.row_count("explanations") + store.row_count("failed")
 
 
 def _stored_run(store: Path) -> dict[str, Any]:

@@ -73,14 +73,14 @@ def cmd_merge(args: argparse.Namespace) -> int:
         markup=False,
     )
     if report.shards is not None:
-        held = ", ".join(map(str, report.shards["indices"]))
-        view.print(f"shards {held} of {report.shards['count']} (run {report.shards['run']})", markup=False)
-    if report.missing:
-        view.print(
-            f"missing shards: {', '.join(map(str, report.missing))} of {report.shards and report.shards['count']}; "
-            "run them (explain --shard K/N) and merge again.",
-            markup=False,
-        )
+        held, count = ", ".join(map(str, report.shards["indices"])), report.shards["count"]
+        view.print(f"shards {held} of {count} (run {report.shards['run']})", markup=False)
+        if report.missing:
+            view.print(
+                f"missing shards: {', '.join(map(str, report.missing))} of {count}; run them (explain --shard K/N) "
+                "and merge again.",
+                markup=False,
+            )
     if report.differing:
         shown = ", ".join(map(str, report.differing[:10]))
         view.print(
